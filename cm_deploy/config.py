@@ -30,6 +30,7 @@ class CoupledMambaConfig:
     expand: int = 2
     dt_rank: int | None = None          # None: ceil(d_model / 16), as Mamba
     coupling_scale: float | None = None
+    coupled: bool = True                # False: M independent Mamba chains (the ablation baseline)
     num_outputs: int = 1
     task: str = "regression"
     length_rule: str = "interpolate"
@@ -69,6 +70,8 @@ class CoupledMambaConfig:
         if self.coupling_scale is not None and not (
                 isinstance(self.coupling_scale, (int, float)) and self.coupling_scale > 0):
             raise ValueError(f"config: coupling_scale must be positive or None, got {self.coupling_scale!r}")
+        if not isinstance(self.coupled, bool):
+            raise ValueError("config: coupled must be true or false")
         if self.task not in TASKS:
             raise ValueError(f"config: task must be one of {TASKS}, got {self.task!r}")
         if self.length_rule not in LENGTH_RULES:

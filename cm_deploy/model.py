@@ -1,0 +1,167 @@
+"""Coupled Mamba (NeurIPS 2024, arXiv 2405.18014) in PyTorch: DESIGN.md sections 1 and 4.
+
+Per layer, every modality has its own Mamba block (norm, in/out projections, causal conv, x/dt
+projections, A, D); ONE coupled scan (cm_deploy.ops.coupled_scan) runs all M state chains together.
+
+Different input lengths: the scan needs one common length L = the longest modality. The config's
+`length_rule` brings the others to it: "interpolate" (default) resamples each shorter sequence
+linearly over time (align_corners=True) to L, "pad" zero-pads it at the end. Per-sample valid
+lengths (optional `lengths`, one int tensor (batch,) per modality) are mapped to the common axis
+(interpolate: ceil(len * L / L_m), pad: unchanged) and only valid steps enter the mean pooling.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import CoupledMambaConfig
+from .ops import coupled_scan
+
+
+class MambaBranch(nn.Module):
+    """One modality's Mamba block inside a coupled layer, up to the scan inputs and after it."""
+
+    def __init__(self, cfg: CoupledMambaConfig):
+        super().__init__()
+        d, E, N, R = cfg.d_model, cfg.d_inner, cfg.d_state, cfg.rank
+        self.norm = nn.LayerNorm(d)
+        self.in_proj = nn.Linear(d, 2 * E, bias=False)          # -> u, z
+        self.conv1d = nn.Conv1d(E, E, cfg.d_conv, groups=E, padding=cfg.d_conv - 1)
+        self.x_proj = nn.Linear(E, R + 2 * N, bias=False)       # -> dt (rank R), B, C
+        self.dt_proj = nn.Linear(R, E, bias=True)               # bias = the scan's delta_bias
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, N + 1, dtype=torch.float32)).repeat(E, 1))
+        self.D = nn.Parameter(torch.ones(E))
+        self.out_proj = nn.Linear(E, d, bias=False)
+        self.drop = nn.Dropout(cfg.dropout)
+        self._init_like_mamba(cfg)
+
+    @torch.no_grad()
+    def _init_like_mamba(self, cfg):
+        # dt_proj as Mamba: weight ~ U(-r^-1/2, r^-1/2); bias = softplus^-1(dt), dt log-uniform in
+        # [dt_min, dt_max], so that softplus(bias) starts in that range.
+        std = cfg.rank ** -0.5
+        nn.init.uniform_(self.dt_proj.weight, -std, std)
+        dt = torch.exp(torch.rand(cfg.d_inner) * (math.log(cfg.dt_max) - math.log(cfg.dt_min))
+                       + math.log(cfg.dt_min)).clamp(min=1e-4)
+        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        # GPT-2 style rescaling of the residual branch's output projection, as Mamba does.
+        nn.init.kaiming_uniform_(self.out_proj.weight, a=math.sqrt(5))
+        self.out_proj.weight /= math.sqrt(cfg.n_layers)
+
+    def scan_inputs(self, x):
+        """x (b, L, d) -> u, delta, B, C, z of this modality, each (b, L, .)."""
+        L = x.shape[1]
+        u, z = self.in_proj(self.norm(x)).chunk(2, dim=-1)
+        u = F.silu(self.conv1d(u.transpose(1, 2))[..., :L].transpose(1, 2))   # causal conv
+        R, N = self.dt_proj.in_features, self.A_log.shape[1]
+        dt, Bm, Cm = self.x_proj(u).split([R, N, N], dim=-1)
+        delta = F.linear(dt, self.dt_proj.weight)                            # bias goes to the scan
+        return u, delta, Bm, Cm, z
+
+
+class CoupledLayer(nn.Module):
+    """M Mamba branches sharing one coupled scan (or M independent scans when cfg.coupled is False)."""
+
+    def __init__(self, cfg: CoupledMambaConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.branches = nn.ModuleList(MambaBranch(cfg) for _ in cfg.modalities)
+        self.scan_impl = "auto"
+
+    def forward(self, xs):
+        parts = [br.scan_inputs(x) for br, x in zip(self.branches, xs)]
+        dtype = parts[0][0].dtype
+        u, delta, Bm, Cm, z = (torch.stack([p[i].to(dtype) for p in parts], dim=1) for i in range(5))
+        A = torch.stack([-torch.exp(br.A_log.float()) for br in self.branches])
+        D = torch.stack([br.D.float() for br in self.branches])
+        bias = torch.stack([br.dt_proj.bias.float() for br in self.branches])
+        if self.cfg.coupled:
+            y = coupled_scan(u, delta, A, Bm, Cm, D, z, bias, delta_softplus=True,
+                             coupling_scale=self.cfg.coupling_scale, impl=self.scan_impl)
+        else:   # ablation: M independent Mamba chains (each a coupled scan with M = 1, kappa = 1)
+            y = torch.cat([coupled_scan(u[:, m:m + 1], delta[:, m:m + 1], A[m:m + 1], Bm[:, m:m + 1],
+                                        Cm[:, m:m + 1], D[m:m + 1], z[:, m:m + 1], bias[m:m + 1],
+                                        delta_softplus=True, coupling_scale=1.0, impl=self.scan_impl)
+                           for m in range(len(self.branches))], dim=1)
+        return [x + br.drop(br.out_proj(y[:, m])) for m, (br, x) in enumerate(zip(self.branches, xs))]
+
+
+class CoupledMamba(nn.Module):
+    """CoupledMamba(config)(inputs, lengths=None) -> (batch, num_outputs).
+
+    inputs: a dict keyed by modality name, or a list/tuple in config order, of (batch, L_m, F_m).
+    lengths: optional, same keys/order, int tensors (batch,) of valid steps per sample.
+    Classification returns logits; regression returns the predicted values.
+    """
+
+    def __init__(self, config: CoupledMambaConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.names = list(config.modalities)
+        self.embed = nn.ModuleDict({n: nn.Linear(f, config.d_model) for n, f in config.modalities.items()})
+        self.layers = nn.ModuleList(CoupledLayer(config) for _ in range(config.n_layers))
+        self.norm_f = nn.ModuleList(nn.LayerNorm(config.d_model) for _ in self.names)
+        self.head = nn.Linear(config.n_modalities * config.d_model, config.num_outputs)
+
+    def set_scan_impl(self, impl: str) -> "CoupledMamba":
+        """Choose the CoupledScan implementation of every layer ("auto", "reference", "triton")."""
+        for layer in self.layers:
+            layer.scan_impl = impl
+        return self
+
+    def _ordered(self, inputs, what):
+        if isinstance(inputs, dict):
+            missing = [n for n in self.names if n not in inputs]
+            extra = [k for k in inputs if k not in self.names]
+            if missing or extra:
+                raise ValueError(f"CoupledMamba: {what} keys must be {self.names}; "
+                                 f"missing {missing}, unexpected {extra}")
+            return [inputs[n] for n in self.names]
+        inputs = list(inputs)
+        if len(inputs) != len(self.names):
+            raise ValueError(f"CoupledMamba: expected {len(self.names)} {what} ({self.names}), got {len(inputs)}")
+        return inputs
+
+    def forward(self, inputs, lengths=None):
+        xs = self._ordered(inputs, "inputs")
+        for name, x in zip(self.names, xs):
+            f = self.config.modalities[name]
+            if x.dim() != 3 or x.shape[-1] != f:
+                raise ValueError(f"CoupledMamba: input {name!r} must be (batch, L, {f}), got {tuple(x.shape)}")
+        batch = xs[0].shape[0]
+        L = max(x.shape[1] for x in xs)
+        hs = [self._to_length(self.embed[n](x), L) for n, x in zip(self.names, xs)]
+        for layer in self.layers:
+            hs = layer(hs)
+        masks = None
+        if lengths is not None:
+            lens = self._ordered(lengths, "lengths")
+            masks = [self._valid_mask(ln, x.shape[1], L, batch, x.device) for ln, x in zip(lens, xs)]
+        pooled = []
+        for m, h in enumerate(hs):
+            h = self.norm_f[m](h).float()
+            if masks is None:
+                pooled.append(h.mean(dim=1))
+            else:
+                w = masks[m].to(h.dtype).unsqueeze(-1)
+                pooled.append((h * w).sum(1) / w.sum(1).clamp(min=1.0))
+        return self.head(torch.cat(pooled, dim=-1).to(self.head.weight.dtype))
+
+    def _to_length(self, h, L):
+        if h.shape[1] == L:
+            return h
+        if self.config.length_rule == "pad":
+            return F.pad(h, (0, 0, 0, L - h.shape[1]))
+        return F.interpolate(h.transpose(1, 2), size=L, mode="linear", align_corners=True).transpose(1, 2)
+
+    def _valid_mask(self, length, L_m, L, batch, device):
+        length = torch.as_tensor(length, device=device).reshape(-1)
+        if length.shape[0] != batch:
+            raise ValueError(f"CoupledMamba: lengths must have one entry per sample ({batch})")
+        if self.config.length_rule == "interpolate" and L_m != L:
+            length = torch.ceil(length.float() * L / L_m)
+        return torch.arange(L, device=device)[None, :] < length.reshape(-1, 1)
