@@ -11,11 +11,13 @@ lengths (optional `lengths`, one int tensor (batch,) per modality) are mapped to
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .config import CoupledMambaConfig
 from .ops import coupled_scan
@@ -108,7 +110,7 @@ class CoupledMamba(nn.Module):
         self.head = nn.Linear(config.n_modalities * config.d_model, config.num_outputs)
 
     def set_scan_impl(self, impl: str) -> "CoupledMamba":
-        """Choose the CoupledScan implementation of every layer ("auto", "reference", "triton")."""
+        """Choose the CoupledScan implementation of every layer ("auto", "reference", "triton", "onnx")."""
         for layer in self.layers:
             layer.scan_impl = impl
         return self
@@ -133,7 +135,9 @@ class CoupledMamba(nn.Module):
             if x.dim() != 3 or x.shape[-1] != f:
                 raise ValueError(f"CoupledMamba: input {name!r} must be (batch, L, {f}), got {tuple(x.shape)}")
         batch = xs[0].shape[0]
-        L = max(x.shape[1] for x in xs)
+        # sym_max, not max: under export with dynamic lengths, max() would silently bake in which
+        # modality is the longest.
+        L = functools.reduce(torch.sym_max, (x.shape[1] for x in xs))
         hs = [self._to_length(self.embed[n](x), L) for n, x in zip(self.names, xs)]
         for layer in self.layers:
             hs = layer(hs)
@@ -152,7 +156,9 @@ class CoupledMamba(nn.Module):
         return self.head(torch.cat(pooled, dim=-1).to(self.head.weight.dtype))
 
     def _to_length(self, h, L):
-        if h.shape[1] == L:
+        # Skip only when provably equal; a symbolic (exported) length is always resampled/padded,
+        # which is the identity when it already is L.
+        if statically_known_true(h.shape[1] == L):
             return h
         if self.config.length_rule == "pad":
             return F.pad(h, (0, 0, 0, L - h.shape[1]))

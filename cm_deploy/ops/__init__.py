@@ -15,7 +15,7 @@ from .reference import coupled_scan_reference
 __all__ = ["coupled_scan", "coupled_scan_reference", "triton_available"]
 
 _ACT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-IMPLS = ("auto", "reference", "triton")
+IMPLS = ("auto", "reference", "triton", "onnx")
 
 
 def triton_available(device: torch.device | None = None) -> bool:
@@ -76,8 +76,9 @@ def coupled_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, *, delta_so
     """y = CoupledScan(u, delta, A, B, C, D, z, delta_bias); see DESIGN.md sections 2-3.
 
     coupling_scale None means 1/M (mean coupling); 1.0 is the paper's Eq. (6).
-    impl: "reference" (pure PyTorch), "triton" (fused kernels, forward and backward), or "auto"
-    (Triton where it can run, else the reference). Returns y, or (y, final_state).
+    impl: "reference" (pure PyTorch), "triton" (fused kernels, forward and backward), "auto"
+    (Triton where it can run, else the reference), or "onnx" (for export: emits the custom ONNX
+    node inside torch.onnx.export, runs the reference otherwise). Returns y, or (y, final_state).
     """
     if impl not in IMPLS:
         raise ValueError(f"coupled_scan: impl must be one of {IMPLS}, got {impl!r}")
@@ -88,6 +89,9 @@ def coupled_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, *, delta_so
                   initial_state=initial_state, return_final_state=return_final_state)
     if impl == "auto":
         impl = "triton" if (u.is_cuda and triton_available(u.device)) else "reference"
+    if impl == "onnx":   # one cm_deploy::CoupledScan node under torch.onnx.export, else the reference
+        from ..export.symbolic import coupled_scan_onnx
+        return coupled_scan_onnx(u, delta, A, B, C, D, z, delta_bias, **kwargs)
     if impl == "triton":
         if not triton_available(u.device):
             raise RuntimeError("coupled_scan: impl='triton' needs Triton and a CUDA tensor "

@@ -1,0 +1,37 @@
+"""The "onnx" implementation of CoupledScan: inside torch.onnx.export it emits ONE custom node
+`cm_deploy::CoupledScan` (DESIGN.md section 3) through torch.onnx.ops.symbolic, which the dynamo
+exporter turns into a plain ONNX node, dynamic shapes included. Outside export it runs the
+reference, so a model switched to impl="onnx" still computes the right values."""
+from __future__ import annotations
+
+import torch
+
+from ..ops.reference import coupled_scan_reference
+
+DOMAIN = "cm_deploy"
+OP_TYPE = "CoupledScan"
+DOMAIN_VERSION = 1
+INPUT_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+
+
+def coupled_scan_onnx(u, delta, A, B, C, D=None, z=None, delta_bias=None, *, delta_softplus=False,
+                      coupling_scale=None, initial_state=None, return_final_state=False):
+    if not torch.onnx.is_in_onnx_export():
+        return coupled_scan_reference(u, delta, A, B, C, D, z, delta_bias,
+                                      delta_softplus=delta_softplus, coupling_scale=coupling_scale,
+                                      initial_state=initial_state,
+                                      return_final_state=return_final_state)
+    # The exported model never streams and always has D, z and the bias; the portable function and
+    # the plugin are written for exactly that form, so refuse the rest rather than emit a node
+    # nothing can run.
+    if initial_state is not None or return_final_state:
+        raise NotImplementedError("CoupledScan export: initial_state / final_state are not exported")
+    if D is None or z is None or delta_bias is None:
+        raise NotImplementedError("CoupledScan export needs D, z and delta_bias (as the model has)")
+    M = u.shape[1]
+    # Always explicit: consumers must not have to know that "absent" means 1/M.
+    kappa = 1.0 / M if coupling_scale is None else float(coupling_scale)
+    return torch.onnx.ops.symbolic(
+        f"{DOMAIN}::{OP_TYPE}", [u, delta, A, B, C, D, z, delta_bias],
+        {"delta_softplus": int(bool(delta_softplus)), "coupling_scale": float(kappa)},
+        dtype=u.dtype, shape=u.shape, version=DOMAIN_VERSION)

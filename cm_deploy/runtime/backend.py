@@ -1,0 +1,112 @@
+"""One interface over TensorRT engines, ONNX Runtime sessions and PyTorch checkpoints, so parity and
+profiling compare backends with one code path.
+
+    b = cm_deploy.runtime.load("model.engine" | "model.portable.onnx" | "ckpt.pt", plugin=None, device=None)
+    b.inputs, b.outputs            # [TensorSpec]
+    b.run({"text": x, ...})        # -> {"output": np.ndarray}
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from ..errors import UserError
+from .specs import TensorSpec, check_feeds
+
+ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
+ONNX_SUFFIXES = (".onnx",)
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
+
+
+class Backend:
+    """Base of the three backends. Subclasses set name, kind, path, precision, inputs, outputs and
+    implement `_run(feeds, infos, **kw)`."""
+
+    kind = "?"
+    name: str
+    path: Path
+    precision: str = "float32"
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    config: dict | None = None        # the model's CoupledMambaConfig as a dict, when known
+
+    def input_ranges(self) -> dict | None:
+        """Input name -> [(min, opt, max) per axis] where the backend limits shapes (TensorRT
+        profiles); None when any shape is accepted."""
+        return None
+
+    def check(self, feeds: Mapping):
+        ranges = self.input_ranges()
+        lohi = {k: [(lo, hi) for lo, _, hi in v] for k, v in ranges.items()} if ranges else None
+        return check_feeds(self.name, self.inputs, feeds, lohi)
+
+    def run(self, feeds: Mapping, **kw) -> dict[str, np.ndarray]:
+        infos = self.check(feeds)
+        return self._run(feeds, infos, **kw)
+
+    def _run(self, feeds, infos, **kw):   # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def synchronize(self):
+        """Wait for queued device work (backends that return before the device finishes)."""
+
+    def describe(self) -> dict:
+        d = {"name": self.name, "kind": self.kind, "path": str(self.path), "precision": self.precision,
+             "inputs": [s.to_dict() for s in self.inputs], "outputs": [s.to_dict() for s in self.outputs]}
+        r = self.input_ranges()
+        if r:
+            d["profile"] = {k: {"min": [a for a, _, _ in v], "opt": [b for _, b, _ in v],
+                                "max": [c for _, _, c in v]} for k, v in r.items()}
+        return d
+
+    def close(self):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        return f"<{type(self).__name__} {self.name}>"
+
+
+def model_kind(path) -> str:
+    """'tensorrt', 'onnx' or 'torch' from a file name; UserError otherwise."""
+    p = Path(path)
+    suf = p.suffix.lower()
+    if suf in ENGINE_SUFFIXES:
+        return "tensorrt"
+    if suf in ONNX_SUFFIXES:
+        return "onnx"
+    if suf in CHECKPOINT_SUFFIXES:
+        return "torch"
+    raise UserError(f"{p}: cannot tell the model kind from {suf or 'no suffix'!r}: expected a TensorRT "
+                    f"engine ({', '.join(ENGINE_SUFFIXES)}), an ONNX file (.onnx) or a checkpoint "
+                    f"({', '.join(CHECKPOINT_SUFFIXES)})")
+
+
+def load(path, plugin=None, device=None, *, trt_module=None, cuda_graph=False, dtype=None,
+         scan_impl=None, providers=None, verbose=False) -> Backend:
+    """Open a model by file type: .engine/.plan/.trt -> TensorRT (Engine; plugin, trt_module,
+    cuda_graph), .onnx -> ONNX Runtime (providers), .pt/.pth/.ckpt -> PyTorch (dtype, scan_impl,
+    cuda_graph). `device`: None (the backend's default), "cpu", "cuda" or "cuda:N"."""
+    p = Path(path)
+    kind = model_kind(p)
+    if not p.exists():
+        raise UserError(f"model not found: {p}")
+    if p.is_dir():
+        raise UserError(f"{p} is a directory; give a model file")
+    if kind == "tensorrt":
+        from .engine import Engine
+        return Engine(p, plugin=plugin, device=device, trt_module=trt_module, cuda_graph=cuda_graph,
+                      verbose=verbose)
+    if kind == "onnx":
+        from .ort_backend import OrtBackend
+        return OrtBackend(p, device=device, providers=providers)
+    from .torch_backend import TorchBackend
+    return TorchBackend(p, device=device, dtype=dtype or "float32", scan_impl=scan_impl or "auto",
+                        cuda_graph=cuda_graph)

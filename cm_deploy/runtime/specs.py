@@ -1,0 +1,351 @@
+"""Tensor specs, dtypes, manifests and input checks shared by every backend. numpy only.
+
+Every backend describes its inputs and outputs as TensorSpec (name, shape with ints for fixed axes and
+symbol strings such as "batch" or "L_text" for dynamic ones, numpy dtype name) and validates a
+feed dict with `check_feeds` BEFORE anything reaches a device, so a wrong input is one clear
+UserError line instead of a TensorRT/ORT stack trace.
+
+Axis convention of the exported graphs (DESIGN.md section 4, export manifest): a modality input is
+(batch, L_m, F_m): axis 0 is the batch, axis 1 the modality's length. Shape choices for parity and
+profiling (`ShapeChoice`) use that convention, not the symbol names, so they also work for models
+whose dynamic axes are unnamed.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from ..errors import UserError
+
+MANIFEST_FORMAT = "cm-deploy-manifest/1"
+PRECISIONS = ("float32", "float16", "bfloat16")
+_PRECISION_ALIASES = {"fp32": "float32", "float": "float32", "float32": "float32", "f32": "float32",
+                      "fp16": "float16", "half": "float16", "float16": "float16", "f16": "float16",
+                      "bf16": "bfloat16", "bfloat16": "bfloat16"}
+
+
+def normalize_precision(p: str | None) -> str | None:
+    if p is None:
+        return None
+    key = str(p).strip().lower()
+    if key not in _PRECISION_ALIASES:
+        raise UserError(f"unknown precision {p!r}: use float32, float16 or bfloat16 (fp32/fp16/bf16)")
+    return _PRECISION_ALIASES[key]
+
+
+def np_dtype(name: str) -> np.dtype:
+    """numpy dtype of a dtype name; bfloat16 comes from ml_dtypes (numpy has none)."""
+    if name == "bfloat16":
+        try:
+            import ml_dtypes
+        except ImportError:
+            raise UserError("bfloat16 arrays need the ml_dtypes package (pip install ml_dtypes)") from None
+        return np.dtype(ml_dtypes.bfloat16)
+    try:
+        return np.dtype(name)
+    except TypeError:
+        raise UserError(f"unknown dtype {name!r}") from None
+
+
+def dtype_name(dt) -> str:
+    dt = np.dtype(dt)
+    return "bfloat16" if dt.name == "bfloat16" else dt.name
+
+
+# __cuda_array_interface__ typestr -> dtype name. bfloat16 has no standard typestr: a 2-byte void
+# ("<V2", what ml_dtypes reports) is accepted for bfloat16 inputs, as are int16/uint16 bit views
+# (torch cannot export bf16 through the interface; pass t.view(torch.int16)).
+_TYPESTR = {"f4": "float32", "f2": "float16", "f8": "float64", "i8": "int64", "i4": "int32",
+            "i2": "int16", "i1": "int8", "u1": "uint8", "u2": "uint16", "b1": "bool", "V2": "bfloat16"}
+_BF16_VIEWS = {"bfloat16", "int16", "uint16"}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple          # int for a fixed axis; str symbol or None for a dynamic one
+    dtype: str            # numpy dtype name ("float32", "float16", "bfloat16", "int64", ...)
+
+    @property
+    def rank(self) -> int:
+        return len(self.shape)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TensorSpec":
+        return cls(str(d["name"]), tuple(d["shape"]), str(d["dtype"]))
+
+    def __str__(self):
+        dims = "x".join(str(s) if s is not None else "?" for s in self.shape)
+        return f"{self.name}[{dims}] {self.dtype}"
+
+
+@dataclass
+class ArrayInfo:
+    """What check_feeds needs of one input, from a host array or a __cuda_array_interface__."""
+    shape: tuple
+    dtype: str
+    on_device: bool
+    ptr: int | None = None
+    stream: int | None = None
+    contiguous: bool = True
+
+
+def c_contiguous_strides(shape, itemsize):
+    strides, acc = [], itemsize
+    for s in reversed(shape):
+        strides.append(acc)
+        acc *= max(int(s), 1)
+    return tuple(reversed(strides))
+
+
+def cai_info(obj) -> ArrayInfo:
+    """Parse obj.__cuda_array_interface__ (version 0-3) without touching the GPU."""
+    try:
+        cai = obj.__cuda_array_interface__
+    except Exception as e:   # torch raises for dtypes it cannot describe (bfloat16)
+        raise UserError(f"{type(obj).__name__} has no usable __cuda_array_interface__: {e}") from None
+    try:
+        shape = tuple(int(s) for s in cai["shape"])
+        typestr = str(cai["typestr"])
+        ptr = int(cai["data"][0])
+    except (KeyError, TypeError, ValueError, IndexError):
+        raise UserError(f"malformed __cuda_array_interface__ on {type(obj).__name__}") from None
+    if cai.get("mask") is not None:
+        raise UserError("masked CUDA arrays are not supported")
+    code = typestr[1:]
+    if code not in _TYPESTR:
+        raise UserError(f"unsupported CUDA array typestr {typestr!r}")
+    dt = _TYPESTR[code]
+    itemsize = int(code[1:])
+    strides = cai.get("strides")
+    contiguous = True
+    if strides is not None:
+        want = c_contiguous_strides(shape, itemsize)
+        contiguous = all(s == w or d == 1 for s, w, d in zip(strides, want, shape))
+    stream = cai.get("stream")
+    return ArrayInfo(shape, dt, True, ptr, int(stream) if stream is not None else None, contiguous)
+
+
+def array_info(value) -> ArrayInfo:
+    if hasattr(value, "__cuda_array_interface__"):
+        return cai_info(value)
+    if isinstance(value, np.ndarray):
+        return ArrayInfo(tuple(value.shape), dtype_name(value.dtype), False)
+    try:
+        arr = np.asarray(value)   # CPU torch tensors, lists
+    except Exception as e:
+        raise UserError(f"cannot read an array from {type(value).__name__}: {e}") from None
+    return ArrayInfo(tuple(arr.shape), dtype_name(arr.dtype), False)
+
+
+def _fmt_shape(shape) -> str:
+    return "(" + ", ".join(str(s) for s in shape) + ")"
+
+
+def check_feeds(where: str, specs: Sequence[TensorSpec], feeds: Mapping, ranges: Mapping | None = None,
+                ) -> dict[str, ArrayInfo]:
+    """Validate feeds against specs: names, ranks, dtypes, fixed dims, one value per symbol, and
+    (when `ranges` maps input name -> [(min, max) per axis]) the engine's profile. Returns the
+    ArrayInfo of every input. Raises UserError with one line."""
+    if not isinstance(feeds, Mapping):
+        raise UserError(f"{where}: inputs must be a dict name -> array, got {type(feeds).__name__}")
+    names = [s.name for s in specs]
+    missing = [n for n in names if n not in feeds]
+    extra = [k for k in feeds if k not in names]
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append("missing " + ", ".join(map(repr, missing)))
+        if extra:
+            parts.append("unexpected " + ", ".join(map(repr, extra)))
+        raise UserError(f"{where}: wrong input names ({'; '.join(parts)}); expected {', '.join(names)}")
+    infos, symbols = {}, {}
+    for spec in specs:
+        info = array_info(feeds[spec.name])
+        if info.dtype != spec.dtype and not (spec.dtype == "bfloat16" and info.on_device
+                                             and info.dtype in _BF16_VIEWS):
+            raise UserError(f"{where}: input {spec.name!r} has dtype {info.dtype}, expected {spec.dtype}")
+        if len(info.shape) != spec.rank:
+            raise UserError(f"{where}: input {spec.name!r} has rank {len(info.shape)} {_fmt_shape(info.shape)}, "
+                            f"expected rank {spec.rank} {_fmt_shape(spec.shape)}")
+        if info.on_device and not info.contiguous:
+            raise UserError(f"{where}: CUDA input {spec.name!r} is not C-contiguous; pass a contiguous "
+                            "array (the runtime uses the pointer as is, without copying)")
+        for axis, (got, want) in enumerate(zip(info.shape, spec.shape)):
+            if isinstance(want, int) and want >= 0 and got != want:
+                raise UserError(f"{where}: input {spec.name!r} axis {axis} is {got}, expected {want} "
+                                f"(shape {_fmt_shape(info.shape)}, expected {_fmt_shape(spec.shape)})")
+            if isinstance(want, str) and want:
+                seen = symbols.setdefault(want, (got, spec.name))
+                if seen[0] != got:
+                    raise UserError(f"{where}: dimension {want!r} is {seen[0]} in {seen[1]!r} but {got} in "
+                                    f"{spec.name!r}")
+        if ranges and spec.name in ranges:
+            for axis, (got, (lo, hi)) in enumerate(zip(info.shape, ranges[spec.name])):
+                if not lo <= got <= hi:
+                    sym = spec.shape[axis]
+                    label = f" ({sym})" if isinstance(sym, str) else ""
+                    raise UserError(f"{where}: input {spec.name!r} axis {axis}{label} is {got}, outside the "
+                                    f"engine's profile [{lo}, {hi}]; rebuild with a wider profile")
+        if any(d < 0 for d in info.shape):
+            raise UserError(f"{where}: input {spec.name!r} has a negative dimension {_fmt_shape(info.shape)}")
+        infos[spec.name] = info
+    return infos
+
+
+# ---------------------------------------------------------------------------- manifests
+
+def read_json(path, what: str) -> dict:
+    path = Path(path)
+    try:
+        obj = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{what} not found: {path}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: not a readable {what}: {e}") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{path}: not a {what} (expected a JSON object)")
+    return obj
+
+
+def read_manifest(path) -> dict:
+    m = read_json(path, "export manifest")
+    if m.get("format") != MANIFEST_FORMAT:
+        raise UserError(f"{path}: not a cm-deploy export manifest (format {m.get('format')!r}, "
+                        f"expected {MANIFEST_FORMAT!r})")
+    return m
+
+
+def manifest_for(model_path) -> dict | None:
+    """The export manifest that describes an ONNX file (manifest.json beside it that lists it), or None."""
+    model_path = Path(model_path)
+    cand = model_path.parent / "manifest.json"
+    if not cand.is_file():
+        return None
+    try:
+        m = read_manifest(cand)
+    except UserError:
+        return None
+    files = m.get("files") or {}
+    if model_path.name not in files.values():
+        return None
+    m = dict(m)
+    m["_path"] = str(cand)
+    m["_role"] = next(k for k, v in files.items() if v == model_path.name)   # "tensorrt" | "portable"
+    return m
+
+
+def specs_from_manifest(entries) -> list[TensorSpec]:
+    out = []
+    for e in entries or []:
+        try:
+            out.append(TensorSpec.from_dict(e))
+        except (KeyError, TypeError) as err:
+            raise UserError(f"manifest: malformed tensor entry {e!r}: {err}") from None
+    return out
+
+
+# ---------------------------------------------------------------------------- shapes and random inputs
+
+@dataclass
+class ShapeChoice:
+    """One concrete input shape set: a batch and a length per input (axis 1), by input name."""
+    batch: int
+    lengths: dict = field(default_factory=dict)
+
+    def label(self) -> str:
+        ls = sorted(set(self.lengths.values()))
+        return f"batch={self.batch} L=" + ("/".join(f"{k}:{v}" for k, v in self.lengths.items())
+                                          if len(ls) > 1 else str(ls[0] if ls else "-"))
+
+    def common_length(self):
+        ls = set(self.lengths.values())
+        return ls.pop() if len(ls) == 1 else None
+
+
+def concrete_shape(spec: TensorSpec, choice: ShapeChoice) -> tuple:
+    shape = []
+    for axis, d in enumerate(spec.shape):
+        if isinstance(d, int) and d >= 0:
+            shape.append(d)
+        elif axis == 0:
+            shape.append(choice.batch)
+        elif axis == 1 and spec.name in choice.lengths:
+            shape.append(choice.lengths[spec.name])
+        else:
+            raise UserError(f"input {spec.name!r} axis {axis} is dynamic ({d!r}) and no value was given for it")
+    return tuple(shape)
+
+
+def random_feeds(specs: Sequence[TensorSpec], choice: ShapeChoice, seed: int = 0) -> dict[str, np.ndarray]:
+    """Standard-normal float inputs (cast to each input's dtype) of the chosen shapes, reproducible."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for spec in specs:
+        shape = concrete_shape(spec, choice)
+        dt = np_dtype(spec.dtype)
+        if dt.kind in "fV":
+            feeds[spec.name] = rng.standard_normal(shape, dtype=np.float32).astype(dt)
+        elif dt.kind == "b":
+            feeds[spec.name] = rng.integers(0, 2, shape).astype(bool)
+        else:
+            feeds[spec.name] = rng.integers(1, 4, shape).astype(dt)
+    return feeds
+
+
+def length_inputs(specs: Sequence[TensorSpec]) -> list[str]:
+    """Inputs whose axis 1 is a sequence length (rank >= 2 with a dynamic axis 1)."""
+    return [s.name for s in specs if s.rank >= 2 and not (isinstance(s.shape[1], int) and s.shape[1] >= 0)]
+
+
+def parse_int_list(text: str, what: str) -> list[int]:
+    try:
+        vals = [int(v) for v in str(text).replace(" ", "").split(",") if v]
+    except ValueError:
+        raise UserError(f"{what}: expected integers separated by commas, got {text!r}") from None
+    if not vals or any(v < 1 for v in vals):
+        raise UserError(f"{what}: expected positive integers, got {text!r}")
+    return vals
+
+
+def shape_grid(specs: Sequence[TensorSpec], batches: Sequence[int], lengths: Sequence,
+               ) -> list[ShapeChoice]:
+    """Cartesian product of batches and length settings. A length setting is an int (every length
+    input) or a dict input name -> int (others keep the first plain int, else 16)."""
+    names = length_inputs(specs)
+    out = []
+    for b in batches:
+        for ln in lengths:
+            if isinstance(ln, Mapping):
+                unknown = [k for k in ln if k not in names]
+                if unknown:
+                    raise UserError(f"--length: no input named {unknown[0]!r} with a dynamic length "
+                                    f"(inputs: {', '.join(names) or 'none'})")
+                base = next((v for v in lengths if not isinstance(v, Mapping)), 16)
+                out.append(ShapeChoice(int(b), {n: int(ln.get(n, base)) for n in names}))
+            else:
+                out.append(ShapeChoice(int(b), {n: int(ln) for n in names}))
+    return out
+
+
+def parse_length_options(values: Sequence[str]) -> list:
+    """--length values: "16,64" (every input) or "text=16" (one input; repeat for more). Entries naming
+    inputs are merged into one setting."""
+    plain, named = [], {}
+    for v in values:
+        if "=" in v:
+            k, _, n = v.partition("=")
+            named[k.strip()] = parse_int_list(n, f"--length {k}")[0]
+        else:
+            plain.extend(parse_int_list(v, "--length"))
+    out = list(plain)
+    if named:
+        out.append(named)
+    return out
