@@ -70,7 +70,11 @@ def load_checkpoint(path, map_location="cpu"):
     from .model import CoupledMamba
     config, sd, _ = read_checkpoint(path)
     model = CoupledMamba(config)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+    except RuntimeError as e:   # a tensor of the wrong shape for this config
+        raise UserError(f"{path}: weights do not match the config: "
+                        f"{str(e).strip().splitlines()[-1].strip()}") from None
     if missing or unexpected:
         raise UserError(f"{path}: weights do not match the config (missing {list(missing)[:3]}, "
                         f"unexpected {list(unexpected)[:3]})")

@@ -23,6 +23,22 @@ from .config import CoupledMambaConfig
 from .ops import coupled_scan
 
 
+def resample_linear(h, L):
+    """h (b, L_m, d) -> (b, L, d) by linear interpolation over time with aligned end points: the
+    same as F.interpolate(mode="linear", align_corners=True), but written with index arithmetic so
+    that it also exports with symbolic lengths, L = 1 included (the exporter's decomposition of
+    F.interpolate assumes L > 1 and divides by L - 1)."""
+    Lm = h.shape[1]
+    # float32 scale times the step index, as PyTorch's own kernel computes the source position
+    scale = (Lm - 1) / torch.sym_max(L - 1, 1)
+    pos = torch.arange(L, device=h.device, dtype=torch.float32) * scale
+    i0 = pos.floor().clamp(max=Lm - 1)
+    w = (pos - i0).unsqueeze(-1)                                 # weight of the right neighbour
+    i1 = (i0 + 1).clamp(max=Lm - 1)     # clamped as floats: no integer Clip in the exported graph
+    left, right = h.index_select(1, i0.long()).float(), h.index_select(1, i1.long()).float()
+    return ((1 - w) * left + w * right).to(h.dtype)
+
+
 class MambaBranch(nn.Module):
     """One modality's Mamba block inside a coupled layer, up to the scan inputs and after it."""
 
@@ -162,7 +178,7 @@ class CoupledMamba(nn.Module):
             return h
         if self.config.length_rule == "pad":
             return F.pad(h, (0, 0, 0, L - h.shape[1]))
-        return F.interpolate(h.transpose(1, 2), size=L, mode="linear", align_corners=True).transpose(1, 2)
+        return resample_linear(h, L)
 
     def _valid_mask(self, length, L_m, L, batch, device):
         length = torch.as_tensor(length, device=device).reshape(-1)

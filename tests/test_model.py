@@ -151,3 +151,14 @@ def test_bad_checkpoints(tmp_path, case):
     with pytest.raises(UserError) as e:
         load_checkpoint(path)
     assert "\n" not in str(e.value)
+
+
+def test_checkpoint_with_wrong_weight_shape(tmp_path):
+    model = CoupledMamba(small_config())
+    sd = model.state_dict()
+    sd["head.weight"] = torch.zeros(5, 5)
+    path = tmp_path / "bad.pt"
+    torch.save({"format": "cm-deploy/1", "config": small_config().to_dict(), "state_dict": sd}, path)
+    with pytest.raises(UserError, match="do not match") as e:
+        load_checkpoint(path)
+    assert "\n" not in str(e.value)

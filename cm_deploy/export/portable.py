@@ -2,7 +2,7 @@
 runs with no custom library.
 
 The function body casts every activation to float32 (state math is float32 whatever the I/O dtype,
-DESIGN.md section 2, and it keeps float16/bfloat16 files on ORT's float32 kernels), computes
+DESIGN.md section 2, and the scan of a float16/bfloat16 file runs on ORT's float32 kernels), computes
 dt = softplus(delta + delta_bias) for the whole sequence, then runs an ONNX `Scan` over the time
 axis carrying the coupled state c (batch, E, N):
 
@@ -64,7 +64,9 @@ def _scan_body() -> onnx.GraphProto:
 
 
 def coupled_scan_function(opset: int) -> onnx.FunctionProto:
-    """FunctionProto cm_deploy.CoupledScan(u, delta, A, B, C, D, z, delta_bias) -> y with attributes delta_softplus (int) and coupling_scale (float), body in ONNX opset `opset`."""
+    """FunctionProto cm_deploy.CoupledScan(u, delta, A, B, C, D, z, delta_bias) -> y with the
+    attributes delta_softplus (int), coupling_scale (float) and has_final_state (int, must be 0);
+    body in ONNX opset `opset`."""
     mk = helper.make_node
     nodes = [
         *(mk("Cast", [x], [f"{x}32"], to=FLOAT) for x in ("u", "delta", "A", "B", "C", "D", "z")),
@@ -115,7 +117,8 @@ def coupled_scan_function(opset: int) -> onnx.FunctionProto:
         outputs=["y"],
         nodes=nodes,
         opset_imports=[helper.make_opsetid("", opset)],
-        attributes=["delta_softplus", "coupling_scale"],
+        # has_final_state is declared for the TensorRT plugin's sake; this body has only y
+        attributes=["delta_softplus", "coupling_scale", "has_final_state"],
         doc_string="Coupled Mamba selective scan (cm-deploy DESIGN.md section 2) in standard ONNX.")
 
 

@@ -33,5 +33,7 @@ def coupled_scan_onnx(u, delta, A, B, C, D=None, z=None, delta_bias=None, *, del
     kappa = 1.0 / M if coupling_scale is None else float(coupling_scale)
     return torch.onnx.ops.symbolic(
         f"{DOMAIN}::{OP_TYPE}", [u, delta, A, B, C, D, z, delta_bias],
-        {"delta_softplus": int(bool(delta_softplus)), "coupling_scale": float(kappa)},
+        # has_final_state: the plugin's output count (plugins/trt_coupled_scan/README.md); 0 = y only
+        {"delta_softplus": int(bool(delta_softplus)), "coupling_scale": float(kappa),
+         "has_final_state": 0},
         dtype=u.dtype, shape=u.shape, version=DOMAIN_VERSION)

@@ -1,0 +1,340 @@
+"""Checkpoint -> DIR/model.onnx (TensorRT), DIR/model.portable.onnx (any ONNX Runtime), DIR/manifest.json.
+
+Both graphs come from ONE torch.onnx.export (dynamo) run of the model with every layer's scan set to
+impl="onnx", which emits the custom node cm_deploy::CoupledScan (symbolic.py). The TensorRT file is
+that graph as exported (no function body, so TensorRT's parser looks for the CoupledScan plugin);
+the portable file is a copy that also carries CoupledScan as a model-local ONNX function written in
+standard ops (portable.py).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import datetime
+import hashlib
+import io
+import json
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+import torch.nn as nn
+
+from .. import __version__
+from ..checkpoint import load_checkpoint
+from ..errors import UserError
+from .portable import make_portable
+from .symbolic import DOMAIN, DOMAIN_VERSION, OP_TYPE
+
+MANIFEST_FORMAT = "cm-deploy-manifest/1"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# 18: the exporter's native opset (no version conversion) and what TensorRT 10 / TensorRT-RTX and
+# ONNX Runtime >= 1.14 all read. bfloat16 needs 22: Conv has no bfloat16 before it.
+DEFAULT_OPSET = 18
+MIN_OPSET = {"float32": 18, "float16": 18, "bfloat16": 22}
+OUTPUT_NAME = "output"
+FILES = {"tensorrt": "model.onnx", "portable": "model.portable.onnx"}
+MANIFEST_NAME = "manifest.json"
+PLUGIN_NAME, PLUGIN_VERSION = "CoupledScan", "1"
+BATCH_DIM = "batch"
+# Weights that DESIGN.md section 3 keeps in float32 whatever the activation dtype (A, D, delta_bias).
+_FP32_PARAMS = ("A_log", "D", "dt_proj.bias")
+
+
+def length_dim(modality: str) -> str:
+    return f"L_{modality}"
+
+
+class _Positional(nn.Module):
+    """The model with one positional input per modality (config order): what the graph's inputs are."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *xs):
+        return self.model(list(xs))
+
+
+# ----------------------------------------------------------------------------------------------
+# options
+
+def _check_options(config, dtype, opset, batch, lengths):
+    if dtype not in DTYPES:
+        raise UserError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    lo, hi = MIN_OPSET[dtype], onnx.defs.onnx_opset_version()
+    if opset is None:
+        opset = max(DEFAULT_OPSET, lo)
+    if not isinstance(opset, int) or isinstance(opset, bool) or not lo <= opset <= hi:
+        raise UserError(f"opset must be an int in [{lo}, {hi}] for {dtype}, got {opset!r}")
+    if batch is not None and (not isinstance(batch, int) or isinstance(batch, bool) or batch < 1):
+        raise UserError(f"batch must be a positive int (or None for dynamic), got {batch!r}")
+    lengths = dict(lengths or {})
+    for name, n in lengths.items():
+        if name not in config.modalities:
+            raise UserError(f"lengths: unknown modality {name!r} (the model has {list(config.modalities)})")
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise UserError(f"lengths[{name!r}] must be a positive int, got {n!r}")
+    if OUTPUT_NAME in config.modalities:
+        raise UserError(f"a modality named {OUTPUT_NAME!r} would clash with the graph output's name")
+    return opset, lengths
+
+
+# ----------------------------------------------------------------------------------------------
+# torch -> ONNX
+
+def _prepare(model, dtype):
+    """A copy of `model` in `dtype` (A_log, D and the dt bias stay float32) with the ONNX scan."""
+    model = copy.deepcopy(model).eval()
+    keep = {k: p.detach().float().clone() for k, p in model.named_parameters()
+            if k.endswith(_FP32_PARAMS)}
+    model.to(DTYPES[dtype])
+    params = dict(model.named_parameters())
+    for k, v in keep.items():
+        params[k].data = v
+    return model.set_scan_impl("onnx")
+
+
+def _example_inputs(config, dtype, batch, lengths):
+    # Distinct example sizes (batch 2; lengths 5, 7, 9, ...) so that no two dynamic dims look alike
+    # to the tracer and none is 0 or 1 (which it would specialise).
+    b = batch if batch is not None else 2
+    xs = []
+    for i, (name, feat) in enumerate(config.modalities.items()):
+        L = lengths.get(name, 5 + 2 * i)
+        xs.append(torch.randn(b, L, feat, generator=torch.Generator().manual_seed(i)).to(DTYPES[dtype]))
+    return tuple(xs)
+
+
+def _dynamic_shapes(config, batch, lengths):
+    Dim = torch.export.Dim
+    b = Dim(BATCH_DIM, min=1) if batch is None else None
+    shapes = []
+    for name in config.modalities:
+        spec = {}
+        if b is not None:
+            spec[0] = b
+        if name not in lengths:
+            spec[1] = Dim(length_dim(name), min=1)
+        shapes.append(spec or None)
+    return (tuple(shapes),)     # one entry: forward's *xs
+
+
+def _torch_export(model, config, dtype, opset, batch, lengths) -> onnx.ModelProto:
+    wrapped = _Positional(_prepare(model, dtype))
+    args = _example_inputs(config, dtype, batch, lengths)
+    log = io.StringIO()
+    # The exporter narrates every step and torch warns about its own internals: keep that out of
+    # the user's terminal, but put it in the error when the export fails.
+    torch_log = logging.getLogger("torch.onnx")     # e.g. "torchvision is not installed"
+    level = torch_log.level
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            warnings.simplefilter("ignore")
+            torch_log.setLevel(logging.ERROR)
+            program = torch.onnx.export(
+                wrapped, args, dynamo=True, opset_version=opset,
+                input_names=list(config.modalities), output_names=[OUTPUT_NAME],
+                dynamic_shapes=_dynamic_shapes(config, batch, lengths), verbose=False)
+    except Exception as e:
+        tail = "\n".join(log.getvalue().strip().splitlines()[-20:])
+        raise RuntimeError(f"torch.onnx.export failed: {e}\n{tail}") from e
+    finally:
+        torch_log.setLevel(level)
+    return program.model_proto
+
+
+def _dims(value_info):
+    return [d.dim_param if d.HasField("dim_param") else int(d.dim_value)
+            for d in value_info.type.tensor_type.shape.dim]
+
+
+def _dtype_name(value_info):
+    return onnx.helper.tensor_dtype_to_np_dtype(value_info.type.tensor_type.elem_type).name \
+        if value_info.type.tensor_type.elem_type != onnx.TensorProto.BFLOAT16 else "bfloat16"
+
+
+def _finish_tensorrt_graph(proto, config, dtype, batch, lengths):
+    """Check the exported graph against the contract; fix what the exporter leaves open."""
+    g = proto.graph
+    names = [i.name for i in g.input]
+    if names != list(config.modalities) or [o.name for o in g.output] != [OUTPUT_NAME]:
+        raise RuntimeError(f"exporter produced inputs {names} and outputs {[o.name for o in g.output]}")
+    # Pin the symbolic dims' names to the contract's ("batch", "L_<modality>") whatever the
+    # exporter called them, on the inputs and on the output.
+    for vi, name in zip(g.input, config.modalities):
+        dims = vi.type.tensor_type.shape.dim
+        if batch is None:
+            dims[0].dim_param = BATCH_DIM
+        if name not in lengths:
+            dims[1].dim_param = length_dim(name)
+    out = g.output[0].type.tensor_type.shape
+    want = [BATCH_DIM if batch is None else batch, config.num_outputs]
+    del out.dim[:]
+    for d in want:
+        out.dim.add().CopyFrom(onnx.TensorShapeProto.Dimension(
+            **({"dim_param": d} if isinstance(d, str) else {"dim_value": d})))
+    nodes = [n for n in g.node if n.op_type == OP_TYPE]
+    expected = config.n_layers * (1 if config.coupled else config.n_modalities)
+    if len(nodes) != expected or any(n.domain != DOMAIN for n in nodes):
+        raise RuntimeError(f"expected {expected} {DOMAIN}::{OP_TYPE} nodes, found {len(nodes)}")
+    if any(f.name == OP_TYPE for f in proto.functions):
+        raise RuntimeError(f"the TensorRT graph must not define a function {OP_TYPE}")
+    if not any(o.domain == DOMAIN and o.version == DOMAIN_VERSION for o in proto.opset_import):
+        proto.opset_import.append(onnx.helper.make_opsetid(DOMAIN, DOMAIN_VERSION))
+    onnx.helper.set_model_props(proto, {
+        "cm_deploy.version": __version__,
+        "cm_deploy.config": json.dumps(config.to_dict(), sort_keys=True),
+        "cm_deploy.dtype": dtype,
+    })
+    proto.producer_name, proto.producer_version = "cm-deploy", __version__
+    return len(nodes)
+
+
+def _check(proto, what):
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except Exception as e:
+        raise RuntimeError(f"{what} fails onnx.checker: {e}") from e
+
+
+def build_onnx(model, *, dtype="float32", opset=None, batch=None, lengths=None):
+    """(tensorrt ModelProto, portable ModelProto, info) for a CoupledMamba; nothing is written."""
+    config = model.config
+    opset, lengths = _check_options(config, dtype, opset, batch, lengths)
+    trt = _torch_export(model, config, dtype, opset, batch, lengths)
+    count = _finish_tensorrt_graph(trt, config, dtype, batch, lengths)
+    portable = make_portable(trt)
+    _check(trt, FILES["tensorrt"])
+    _check(portable, FILES["portable"])
+    real_opset = next(o.version for o in trt.opset_import if o.domain in ("", "ai.onnx"))
+    return trt, portable, {"opset": real_opset, "count": count}
+
+
+# ----------------------------------------------------------------------------------------------
+# files
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _manifest(proto, config, dtype, info, checkpoint):
+    g = proto.graph
+    dyn = {}
+    for vi in list(g.input) + list(g.output):
+        dyn[vi.name] = {str(i): d for i, d in enumerate(_dims(vi)) if isinstance(d, str)}
+    return {
+        "format": MANIFEST_FORMAT,
+        "tool_version": __version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "checkpoint": checkpoint,
+        "config": config.to_dict(),
+        "dtype": dtype,
+        "opset": info["opset"],
+        "files": dict(FILES),
+        "inputs": [{"name": vi.name, "shape": _dims(vi), "dtype": _dtype_name(vi)} for vi in g.input],
+        "outputs": [{"name": vi.name, "shape": _dims(vi), "dtype": _dtype_name(vi)} for vi in g.output],
+        "dynamic_axes": dyn,
+        "custom_ops": [{"domain": DOMAIN, "op_type": OP_TYPE, "count": info["count"],
+                        "plugin_name": PLUGIN_NAME, "plugin_version": PLUGIN_VERSION}],
+        "torch_version": torch.__version__,
+        "onnx_version": onnx.__version__,
+    }
+
+
+class _Staging:
+    """A temporary folder next to (or inside) `out_dir`; commit() moves its files into place.
+    On failure the folder, and any parent folders created for it, are removed."""
+
+    def __init__(self, out_dir: Path):
+        self.out_dir = out_dir
+        self.created = []     # parent folders we made, outermost first
+        if out_dir.exists() and not out_dir.is_dir():
+            raise UserError(f"cannot write to {out_dir}: it exists and is not a folder")
+        try:
+            missing = []
+            p = out_dir.parent
+            while not p.exists():
+                missing.append(p)
+                p = p.parent
+            for p in reversed(missing):
+                p.mkdir()
+                self.created.append(p)
+            home = out_dir if out_dir.is_dir() else out_dir.parent
+            self.path = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.export-", dir=home))
+        except OSError as e:
+            self._remove_created()
+            raise UserError(f"cannot write to {out_dir}: {e.strerror or e}") from None
+
+    def _remove_created(self):
+        for p in reversed(self.created):
+            with contextlib.suppress(OSError):
+                p.rmdir()
+
+    def abort(self):
+        shutil.rmtree(self.path, ignore_errors=True)
+        self._remove_created()
+
+    def commit(self, order):
+        if not self.out_dir.exists():
+            with contextlib.suppress(OSError):
+                os.rename(self.path, self.out_dir)     # the whole folder appears at once
+                return
+        # An existing folder: replace file by file (each rename is atomic), the manifest last, so
+        # a reader never sees a half-written file and the manifest never names missing ones.
+        for name in order:
+            os.replace(self.path / name, self.out_dir / name)
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _save(proto, path: Path):
+    onnx.save_model(proto, str(path))
+
+
+def export_checkpoint(ckpt_path, out_dir, *, dtype="float32", opset=None, batch=None,
+                      lengths=None) -> dict:
+    """Export a cm-deploy checkpoint to `out_dir` and return the manifest (also written there).
+
+    dtype: "float32", "float16" or "bfloat16" for the graph's inputs, output and activations (A, D,
+        delta_bias and the scan state stay float32).
+    opset: ONNX opset (default 18).
+    batch: an int fixes the batch dimension; None keeps it dynamic ("batch").
+    lengths: {modality: int} fixes those modalities' sequence lengths; the others stay dynamic
+        ("L_<modality>").
+    Writes DIR/model.onnx, DIR/model.portable.onnx and DIR/manifest.json; all or nothing. Bad
+    input (checkpoint, options, output folder) raises cm_deploy.errors.UserError.
+    """
+    ckpt_path = Path(ckpt_path)
+    out_dir = Path(out_dir)
+    try:
+        model = load_checkpoint(ckpt_path)
+    except RuntimeError as e:   # load_state_dict: a tensor whose shape does not fit the config
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
+        detail = lines[min(1, len(lines) - 1)]     # the first "size mismatch for ..." line
+        raise UserError(f"{ckpt_path}: weights do not match the config: {detail}") from None
+    _check_options(model.config, dtype, opset, batch, lengths)     # fail before any file exists
+    checkpoint = {"path": str(ckpt_path.resolve()), "sha256": _sha256(ckpt_path)}
+    staging = _Staging(out_dir)
+    try:
+        trt, portable, info = build_onnx(model, dtype=dtype, opset=opset, batch=batch, lengths=lengths)
+        manifest = _manifest(trt, model.config, dtype, info, checkpoint)
+        try:
+            _save(trt, staging.path / FILES["tensorrt"])
+            _save(portable, staging.path / FILES["portable"])
+            (staging.path / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+            staging.commit([FILES["tensorrt"], FILES["portable"], MANIFEST_NAME])
+        except OSError as e:
+            raise UserError(f"cannot write to {out_dir}: {e.strerror or e}") from None
+    except BaseException:
+        staging.abort()
+        raise
+    return manifest
