@@ -11,7 +11,7 @@ import threading
 import numpy as np
 
 from ..errors import UserError
-from .specs import ArrayInfo, dtype_name, np_dtype
+from .specs import dtype_name, np_dtype
 
 _rt = None
 _rt_lock = threading.Lock()
@@ -104,13 +104,16 @@ def parse_device(device) -> int:
 
 
 class Stream:
-    """A non-blocking CUDA stream (owned), or a wrapper of an existing handle."""
+    """A non-blocking CUDA stream (owned), or a wrapper of an existing handle. Work from other
+    streams is ordered explicitly with wait_for (no implicit legacy-stream synchronisation, which
+    would also get in the way of CUDA graph capture)."""
 
-    def __init__(self, handle: int | None = None):
+    def __init__(self, handle: int | None = None, non_blocking: bool = True):
         rt = cudart()
         self._owned = handle is None
         if handle is None:
-            handle = check(rt.cudaStreamCreateWithFlags(rt.cudaStreamNonBlocking), "cudaStreamCreate")
+            flags = rt.cudaStreamNonBlocking if non_blocking else rt.cudaStreamDefault
+            handle = check(rt.cudaStreamCreateWithFlags(flags), "cudaStreamCreate")
         self._obj = handle
         self.handle = int(handle)
         self._event = None
@@ -313,7 +316,3 @@ class GraphCache:
         for g in self._graphs.values():
             g.close()
         self._graphs.clear()
-
-
-def device_pointer(info: ArrayInfo) -> int:
-    return int(info.ptr)

@@ -1,0 +1,475 @@
+"""cm-deploy command line (DESIGN.md section 5).
+
+    cm-deploy export  ckpt.pt [-o DIR]        DIR/model.onnx (TensorRT), DIR/model.portable.onnx, DIR/manifest.json
+    cm-deploy build   DIR/model.onnx          TensorRT engine + <engine>.json, with the plugin library
+    cm-deploy run     MODEL --inputs x.npz    outputs to the screen or -o out.npz
+    cm-deploy parity  ckpt.pt MODEL           exit 0 only within the precision's tolerance
+    cm-deploy profile MODEL [MODEL...]        latency: trtexec for engines when present, else a timer
+    cm-deploy inspect MODEL                   inputs, outputs, profile, precision
+
+MODEL is an engine (.engine/.plan/.trt), an ONNX file or a checkpoint (.pt). Exit status: 0 ok,
+1 a check failed (parity), 2 bad input or usage, with one line on stderr and no traceback; 3 an
+internal error (a bug: one line, the traceback with CM_DEPLOY_DEBUG=1). Importing this module
+imports no torch: only `export` and checkpoint models load it.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+import numpy as np
+
+from . import __version__
+from .errors import CheckFailed, UserError
+
+DEBUG_ENV = "CM_DEPLOY_DEBUG"
+
+
+def _die_line(msg: str) -> str:
+    text = " ".join(str(msg).split())
+    return text if len(text) <= 600 else text[:597] + "..."
+
+
+# ---------------------------------------------------------------------------- shared options
+
+def _model_options(f):
+    f = click.option("--plugin", type=click.Path(dir_okay=False), default=None,
+                     help="CoupledScan plugin library (default: $CM_DEPLOY_PLUGIN, the path recorded at build, "
+                          "build/ folders).")(f)
+    f = click.option("--device", default=None, help="cpu, cuda or cuda:N (default: the backend's: CUDA when "
+                                                    "available; engines always run on CUDA).")(f)
+    f = click.option("--trt-module", default=None, metavar="NAME",
+                     help="TensorRT Python module: tensorrt (default, or $CM_DEPLOY_TRT_MODULE), tensorrt_rtx, "
+                          "tensorrt_rtx_bindings.")(f)
+    return f
+
+
+def _open(path, plugin=None, device=None, trt_module=None, dtype=None, cuda_graph=False, scan_impl=None):
+    from .runtime import load
+    return load(path, plugin=plugin, device=device, trt_module=trt_module, dtype=dtype,
+                cuda_graph=cuda_graph, scan_impl=scan_impl)
+
+
+def _read_npz(path, specs=None) -> dict:
+    try:
+        z = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise UserError(f"{path}: not a readable .npz archive: {_die_line(e)}") from None
+    except Exception as e:   # zipfile.BadZipFile and friends from a damaged archive
+        raise UserError(f"{path}: not a readable .npz archive: {type(e).__name__}: {_die_line(e)}") from None
+    if not hasattr(z, "files"):   # a .npy file: one bare array
+        raise UserError(f"{path}: expected an .npz archive with one array per input name, got a single array")
+    try:
+        with z:
+            data = {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError) as e:   # e.g. object arrays, refused without pickle
+        raise UserError(f"{path}: not a readable .npz archive: {_die_line(e)}") from None
+    except Exception as e:
+        raise UserError(f"{path}: not a readable .npz archive: {type(e).__name__}: {_die_line(e)}") from None
+    if not data:
+        raise UserError(f"{path}: the archive holds no arrays")
+    if specs:   # bfloat16 is stored as 2-byte void by numpy; give it its type back
+        from .runtime.specs import np_dtype
+        for s in specs:
+            a = data.get(s.name)
+            if s.dtype == "bfloat16" and a is not None and a.dtype.kind == "V" and a.dtype.itemsize == 2:
+                data[s.name] = a.view(np_dtype("bfloat16"))
+    return data
+
+
+def _write_npz(path, arrays: dict) -> None:
+    from .runtime.trt import atomic_write
+    buf = io.BytesIO()
+    np.savez(buf, **{k: np.asarray(v) for k, v in arrays.items()})
+    atomic_write(path, buf.getvalue())
+
+
+def _echo_json(obj) -> None:
+    click.echo(json.dumps(obj, indent=2, default=_json_default))
+
+
+def _json_default(o):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    return str(o)
+
+
+def _table(rows, header) -> str:
+    rows = [tuple(str(c) for c in r) for r in rows]
+    widths = [max(len(header[i]), *(len(r[i]) for r in rows)) if rows else len(header[i]) for i in range(len(header))]
+    out = ["  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip(),
+           "  ".join("-" * w for w in widths)]
+    out += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------- the group
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="cm-deploy")
+def cli():
+    """Coupled Mamba (NeurIPS 2024) from PyTorch to TensorRT: export, build, run, check, profile.
+
+    MODEL is a TensorRT engine (.engine/.plan/.trt), an ONNX file (.onnx, run by ONNX Runtime) or a
+    checkpoint (.pt, run by PyTorch). Exit status: 0 ok, 1 a check failed, 2 bad input or usage.
+    """
+
+
+# ---------------------------------------------------------------------------- export
+
+@cli.command()
+@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
+@click.option("-o", "--output", type=click.Path(file_okay=False), default=None,
+              help="Output folder (default: <checkpoint stem>_export beside the checkpoint).")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True,
+              help="Precision of the exported graphs (a TensorRT engine built from them keeps it).")
+@click.option("--opset", type=int, default=None, help="ONNX opset (default: the exporter's).")
+@click.option("--batch", type=click.IntRange(min=1), default=None, help="Fix the batch size (default: dynamic).")
+@click.option("--length", "lengths", multiple=True, metavar="[NAME=]L",
+              help="Fix a modality's sequence length (repeatable); a bare L fixes every modality.")
+def export(checkpoint, output, dtype, opset, batch, lengths):
+    """Export CHECKPOINT to ONNX: model.onnx (CoupledScan plugin nodes, for TensorRT),
+    model.portable.onnx (stock ONNX Runtime) and manifest.json."""
+    try:
+        from .export import export_checkpoint
+    except ImportError as e:
+        missing = getattr(e, "name", None) or str(e)
+        raise UserError(f"export needs PyTorch and onnx (missing {missing}): pip install 'cm-deploy[model]'") from None
+    ckpt = Path(checkpoint)
+    out = Path(output) if output else ckpt.with_name(f"{ckpt.stem}_export")
+    fixed = None
+    if lengths:
+        fixed = {}
+        for item in lengths:
+            name, eq, value = item.partition("=")
+            if not eq:
+                name, value = "*", item
+            try:
+                n = int(value)
+            except ValueError:
+                raise UserError(f"--length: expected NAME=L or L with an integer L, got {item!r}") from None
+            if n < 1:
+                raise UserError(f"--length: L must be positive, got {item!r}")
+            fixed[name.strip()] = n
+        if "*" in fixed:
+            from .checkpoint import read_checkpoint
+            config, _, _ = read_checkpoint(ckpt)
+            every = fixed.pop("*")
+            fixed = {**{m: every for m in config.modalities}, **fixed}
+    manifest = export_checkpoint(ckpt, out, dtype=dtype, opset=opset, batch=batch, lengths=fixed)
+    files = (manifest or {}).get("files", {})
+    click.echo(f"exported {ckpt} -> {out}/")
+    for role, name in files.items():
+        click.echo(f"  {role:9s} {out / name}")
+    click.echo(f"  manifest  {out / 'manifest.json'}")
+
+
+# ---------------------------------------------------------------------------- build
+
+@cli.command()
+@click.argument("onnx", type=click.Path(exists=True))
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+              help="Engine file (default: <onnx stem>.engine beside it); <engine>.json describes it.")
+@click.option("--precision", type=click.Choice(["float32", "float16", "bfloat16", "fp32", "fp16", "bf16"]),
+              default=None, help="Default: the ONNX file's (strongly typed network). Another precision needs "
+                                 "TensorRT 10's FP16/BF16 builder flags (weak typing).")
+@click.option("--batch", default=None, metavar="MIN:OPT:MAX",
+              help="Batch range of the optimisation profile, or N for a fixed batch [default 1:8:32].")
+@click.option("--length", "lengths", multiple=True, metavar="[NAME=]MIN:OPT:MAX",
+              help="Sequence length range of every modality, or of one (repeatable) [default 1:128:1024].")
+@click.option("--timing-cache", type=click.Path(dir_okay=False), default=None,
+              help="Timing cache file: loaded when present, saved after the build.")
+@click.option("--workspace", type=click.IntRange(min=1), default=None, metavar="MiB", help="Workspace limit.")
+@click.option("--tf32/--no-tf32", default=False, show_default=True,
+              help="Allow TF32 math in float32 engines (faster, ~1e-3 relative error).")
+@click.option("--opt-level", type=click.IntRange(0, 5), default=None, help="Builder optimisation level.")
+@click.option("--quiet", is_flag=True, help="No build progress.")
+@click.option("--verbose", is_flag=True, help="TensorRT's verbose log.")
+@_model_options
+def build(onnx, output, precision, batch, lengths, timing_cache, workspace, tf32, opt_level, quiet, verbose,
+          plugin, device, trt_module):
+    """Build a TensorRT engine from ONNX (a file, or an export folder) with the CoupledScan plugin."""
+    from .runtime.builder import build_engine, parse_range
+    length, per = None, {}
+    for item in lengths:
+        if "=" in item:
+            k, _, v = item.partition("=")
+            per[k.strip()] = parse_range(v, f"--length {k}")
+        else:
+            length = parse_range(item, "--length")
+    sc = build_engine(onnx, output, plugin=plugin, precision=precision,
+                      batch=parse_range(batch, "--batch") if batch else None, length=length, lengths=per or None,
+                      timing_cache=timing_cache, workspace_mb=workspace, tf32=tf32, opt_level=opt_level,
+                      trt_module=trt_module, progress=not quiet, verbose=verbose, device=device)
+    eng = sc["engine"]
+    click.echo(f"engine {eng['path']} ({eng['bytes'] / 2**20:.1f} MiB, {sc['precision']}, {sc['typing']}ly typed, "
+               f"{sc['tensorrt']['module']} {sc['tensorrt']['version']}, built in {sc['build']['seconds']:.1f} s)")
+    for name, p in sc["profiles"][0].items():
+        click.echo(f"  profile {name}: min {p['min']} opt {p['opt']} max {p['max']}")
+
+
+# ---------------------------------------------------------------------------- run
+
+@cli.command()
+@click.argument("model", type=click.Path(exists=True, dir_okay=False))
+@click.option("--inputs", "inputs_path", type=click.Path(exists=True, dir_okay=False), required=True,
+              help=".npz archive with one array per input name.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="Write the outputs to this .npz.")
+@click.option("--dtype", default=None, help="Precision of a checkpoint model (default float32).")
+@click.option("--cuda-graph", is_flag=True, help="Replay CUDA graphs (engines and checkpoints on CUDA).")
+@_model_options
+def run(model, inputs_path, output, dtype, cuda_graph, plugin, device, trt_module):
+    """Run MODEL on the arrays of an .npz archive."""
+    with _open(model, plugin, device, trt_module, dtype, cuda_graph) as m:
+        feeds = _read_npz(inputs_path, m.inputs)
+        outs = m.run(feeds)
+    if output:
+        _write_npz(output, outs)
+        click.echo(f"wrote {', '.join(f'{k} {tuple(np.shape(v))}' for k, v in outs.items())} to {output}")
+        return
+    for k, v in outs.items():
+        v = np.asarray(v)
+        click.echo(f"{k}: shape {tuple(v.shape)} {v.dtype}")
+        shown = v.astype(np.float32) if v.dtype.kind == "V" or v.dtype.name == "bfloat16" else v
+        click.echo(np.array2string(shown, precision=6, threshold=64, suppress_small=False))
+
+
+# ---------------------------------------------------------------------------- parity
+
+def _shape_choices(specs, batch, lengths):
+    from .runtime.specs import parse_int_list, parse_length_options, shape_grid
+    if not batch and not lengths:
+        return None
+    bs = parse_int_list(batch, "--batch") if batch else [2]
+    ls = parse_length_options(lengths) if lengths else [16]
+    return shape_grid(specs, bs, ls)
+
+
+@cli.command()
+@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
+@click.argument("model", type=click.Path(exists=True, dir_okay=False))
+@click.option("--inputs", "inputs_path", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Check on these inputs (.npz) instead of random ones.")
+@click.option("--batch", default=None, metavar="B[,B...]", help="Batch sizes to check (with --length: a grid).")
+@click.option("--length", "lengths", multiple=True, metavar="[NAME=]L[,L...]",
+              help="Sequence lengths to check (repeatable). Default: a few shapes inside every profile.")
+@click.option("--atol", type=float, default=None, help="Absolute tolerance (default by precision: 1e-4 / 1e-2 / 6e-2).")
+@click.option("--rtol", type=float, default=None, help="Relative tolerance (default by precision: 1e-4 / 1e-2 / 6e-2).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random inputs.")
+@click.option("--dtype", default=None, help="Precision of MODEL when it is a checkpoint (default float32).")
+@click.option("--ref-device", default="cpu", show_default=True, help="Device of the float32 reference.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (for scripts).")
+@_model_options
+def parity(checkpoint, model, inputs_path, batch, lengths, atol, rtol, seed, dtype, ref_device, as_json,
+           plugin, device, trt_module):
+    """Compare MODEL with CHECKPOINT's PyTorch reference (float32, reference scan). Exit 1 when any
+    output is out of tolerance."""
+    from .runtime.parity import default_shapes, format_report, run_parity
+    from .runtime.torch_backend import TorchBackend
+    with _open(model, plugin, device, trt_module, dtype) as m, \
+            TorchBackend(checkpoint, device=ref_device, dtype="float32", scan_impl="reference") as ref:
+        if inputs_path:
+            cases = [(Path(inputs_path).name, _read_npz(inputs_path, m.inputs))]
+        else:
+            cases = _shape_choices(m.inputs, batch, lengths) or default_shapes([m])
+        report = run_parity(ref, m, cases, atol=atol, rtol=rtol, seed=seed)
+    if as_json:
+        _echo_json(report)
+    else:
+        click.echo(format_report(report))
+    if not report["ok"]:
+        worst = max((o for c in report["cases"] for o in c["outputs"]), key=lambda o: o["score"])
+        raise CheckFailed(f"parity failed: {model} differs from {checkpoint} beyond tolerance "
+                          f"(worst max abs {worst['max_abs']:.3e}, score {worst['score']:.3g} > 1)")
+
+
+# ---------------------------------------------------------------------------- profile
+
+@cli.command()
+@click.argument("models", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--batch", default="1,8", show_default=True, metavar="B[,B...]", help="Batch sizes.")
+@click.option("--length", "lengths", multiple=True, metavar="[NAME=]L[,L...]",
+              help="Sequence lengths (repeatable) [default 128].")
+@click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True, help="Untimed runs (built-in timer).")
+@click.option("--iters", type=click.IntRange(min=1), default=50, show_default=True, help="Timed runs.")
+@click.option("--timer", type=click.Choice(["auto", "builtin", "trtexec"]), default="auto", show_default=True,
+              help="auto: trtexec for engines when it is on PATH ($CM_DEPLOY_TRTEXEC), else the built-in timer.")
+@click.option("--cuda-graph", is_flag=True, help="CUDA graph replay (engines, checkpoints on CUDA, trtexec).")
+@click.option("--dtype", default=None, help="Precision of checkpoint models (default float32).")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
+              help="Write latency vs batch size (or vs length when one batch is given) to this PNG.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@_model_options
+def profile(models, batch, lengths, warmup, iters, timer, cuda_graph, dtype, plot_path, as_json, plugin, device,
+            trt_module):
+    """Latency of one or more MODELs (side by side) over batch sizes and lengths."""
+    from .runtime.backend import model_kind
+    from .runtime.engine import EngineInfo
+    from .runtime.profiling import find_trtexec, plot, run_trtexec, time_backend
+    from .runtime.specs import (concrete_shape, parse_int_list, parse_length_options, random_feeds,
+                                shape_grid)
+    from .runtime.trt import find_plugin
+    bs = parse_int_list(batch, "--batch")
+    ls = parse_length_options(lengths) if lengths else [128]
+    trtexec = find_trtexec() if timer in ("auto", "trtexec") else None
+    if timer == "trtexec" and not trtexec:
+        raise UserError("--timer trtexec: trtexec not found on PATH (or $CM_DEPLOY_TRTEXEC)")
+    results = []
+    for path in models:
+        use_trtexec = trtexec is not None and model_kind(path) == "tensorrt"
+        if timer == "trtexec" and not use_trtexec:
+            raise UserError(f"--timer trtexec profiles engines only, not {path}")
+        backend = EngineInfo(path) if use_trtexec else _open(path, plugin, device, trt_module, dtype, cuda_graph)
+        try:
+            ranges = backend.input_ranges() or {}
+            plugin_path = None
+            if use_trtexec:
+                rec = (backend.plugin or {}).get("path")
+                plugin_path = find_plugin(plugin, recorded=rec, required=bool(backend.plugin))
+            for choice in shape_grid(backend.inputs, bs, ls):
+                row = {"model": backend.name, "path": str(path), "batch": choice.batch, "length": choice.common_length(),
+                       "shape": choice.label()}
+                shapes = {s.name: concrete_shape(s, choice) for s in backend.inputs}
+                outside = [n for n, shp in shapes.items() if n in ranges and
+                           any(not lo <= d <= hi for d, (lo, _, hi) in zip(shp, ranges[n]))]
+                if outside:
+                    row["skipped"] = f"outside the engine profile ({outside[0]})"
+                    results.append(row)
+                    continue
+                if use_trtexec:
+                    row.update(run_trtexec(path, plugin_path, shapes, choice.batch, iterations=iters,
+                                           cuda_graph=cuda_graph, trtexec=trtexec))
+                else:
+                    feeds = random_feeds(backend.inputs, choice)
+                    row.update(time_backend(backend, feeds, warmup=warmup, iters=iters))
+                results.append(row)
+        finally:
+            backend.close()
+    timed = [r for r in results if "p50_ms" in r]
+    if plot_path and timed:
+        x = "batch" if len(bs) > 1 else "length"
+        series = []
+        for r in timed:
+            r2 = dict(r)
+            if len(bs) > 1 and len(ls) > 1:
+                r2["model"] = f"{r['model']} {('L=' + str(r['length'])) if r['length'] else r['shape']}"
+            series.append(r2)
+        plot(series, plot_path, x=x)
+    if as_json:
+        _echo_json(results)
+    else:
+        rows = []
+        order = {m: i for i, m in enumerate(dict.fromkeys(r["model"] for r in results))}
+        # grouped by shape, models side by side
+        for r in sorted(results, key=lambda r: (r["batch"], r["shape"], order[r["model"]])):
+            if "skipped" in r:
+                rows.append((r["model"], r["batch"], r["length"] or r["shape"], "-", "-", "-", "-", "-", r["skipped"]))
+                continue
+            tp = f"{r['throughput']:.1f}" if r.get("throughput") else "-"
+            rows.append((r["model"], r["batch"], r["length"] or r["shape"], f"{r['p50_ms']:.3f}", f"{r['p90_ms']:.3f}",
+                         f"{r['p99_ms']:.3f}", f"{r['mean_ms']:.3f}", tp, r["timer"]))
+        click.echo(_table(rows, ("model", "batch", "length", "p50 ms", "p90 ms", "p99 ms", "mean ms", "samples/s",
+                                 "timer")))
+        for r in results:
+            prof = r.get("profile")
+            if prof and prof.get("layers"):
+                click.echo(f"\nslowest layers of {r['model']} at {r['shape']} (trtexec, {prof.get('count')} iterations):")
+                click.echo(_table([(lay["name"][:60], f"{lay['average_ms'] or 0:.4f}", f"{lay['percentage'] or 0:.1f}")
+                                   for lay in prof["layers"][:5]], ("layer", "avg ms", "%")))
+        if plot_path and timed:
+            click.echo(f"plot: {plot_path}")
+
+
+# ---------------------------------------------------------------------------- inspect
+
+@cli.command()
+@click.argument("model", type=click.Path(exists=True, dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@_model_options
+def inspect(model, as_json, plugin, device, trt_module):
+    """Show MODEL's inputs, outputs, precision and (engines) optimisation profile."""
+    from .runtime.backend import model_kind
+    from .runtime.engine import EngineInfo
+    if model_kind(model) == "tensorrt":
+        b = EngineInfo(model)       # the sidecar: no TensorRT or GPU needed
+    else:
+        b = _open(model, plugin, device, trt_module)
+    with b:
+        d = b.describe()
+        if isinstance(b, EngineInfo):
+            d["built_with"] = {k: b.sidecar.get(k) for k in ("tensorrt", "device", "plugin", "typing", "created")}
+    if as_json:
+        _echo_json(d)
+        return
+    click.echo(f"{d['name']}  ({d['kind']}, {d['precision']})")
+    click.echo(_table([("in", s["name"], s["shape"], s["dtype"]) for s in d["inputs"]] +
+                      [("out", s["name"], s["shape"], s["dtype"]) for s in d["outputs"]],
+                      ("", "name", "shape", "dtype")))
+    for name, p in (d.get("profile") or {}).items():
+        click.echo(f"profile {name}: min {p['min']} opt {p['opt']} max {p['max']}")
+
+
+# ---------------------------------------------------------------------------- entry point
+
+def main(argv=None) -> int:
+    """Entry point: run the CLI and turn every error into an exit status and one stderr line."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    prog = "cm-deploy"
+    debug = os.environ.get(DEBUG_ENV) == "1"
+    try:
+        if not args:
+            args = ["--help"]
+        rv = cli.main(args=args, prog_name=prog, standalone_mode=False)
+        return _exit(rv if isinstance(rv, int) else 0)
+    except click.exceptions.Exit as e:
+        return _exit(e.exit_code)
+    except click.exceptions.Abort:
+        click.echo(f"{prog}: aborted", err=True)
+        return _exit(130)
+    except click.ClickException as e:     # usage errors: one line, not click's usage block
+        where = e.ctx.command_path if getattr(e, "ctx", None) is not None else prog
+        hint = f" (see '{where} --help')" if isinstance(e, click.UsageError) else ""
+        click.echo(f"{where}: error: {_die_line(e.format_message())}{hint}", err=True)
+        return _exit(e.exit_code if e.exit_code else 2)
+    except CheckFailed as e:
+        click.echo(f"{prog}: {_die_line(e)}", err=True)
+        return _exit(1)
+    except UserError as e:
+        if debug:
+            import traceback
+            traceback.print_exc()
+        click.echo(f"{prog}: error: {_die_line(e)}", err=True)
+        return _exit(2)
+    except KeyboardInterrupt:
+        click.echo(f"{prog}: interrupted", err=True)
+        return _exit(130)
+    except BrokenPipeError:
+        return _exit(0)
+    except (OSError, MemoryError) as e:   # unreadable/unwritable files, full disks: the user's to fix
+        if debug:
+            import traceback
+            traceback.print_exc()
+        click.echo(f"{prog}: error: {_die_line(e)}", err=True)
+        return _exit(2)
+    except Exception as e:                # a bug: still one line; the traceback on request
+        if debug:
+            import traceback
+            traceback.print_exc()
+        click.echo(f"{prog}: internal error: {type(e).__name__}: {_die_line(e)} "
+                   f"(set {DEBUG_ENV}=1 for the traceback)", err=True)
+        return _exit(3)
+
+
+def _exit(code) -> int:
+    # the console-script wrapper passes main()'s return value to sys.exit
+    return int(code or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""PyTorch backend: a cm-deploy checkpoint run by CoupledMamba. torch is imported here only, so the
+rest of the runtime stays torch-free.
+
+It is the parity reference (device "cpu", dtype float32, scan_impl "reference") and, on a GPU, a
+backend of its own: CUDA arrays from any producer (__cuda_array_interface__: torch, CuPy, Numba,
+cm-deploy DeviceArray) are wrapped with torch.as_tensor on the device without a copy, outputs can stay
+on the device (device_outputs=True returns torch tensors), and cuda_graph=True replays one CUDA graph
+per input shape (torch.cuda.CUDAGraph; inputs are copied into the graph's static buffers, one
+device-to-device copy, because a graph's addresses are fixed).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import UserError
+from .backend import Backend
+from .specs import PRECISIONS, TensorSpec, normalize_precision, np_dtype
+
+
+def _import_torch():
+    try:
+        import torch
+    except ImportError:
+        raise UserError("checkpoints run on PyTorch, which is not installed here "
+                        "(pip install 'cm-deploy[model]'); use an ONNX file or an engine") from None
+    return torch
+
+
+class TorchBackend(Backend):
+    kind = "torch"
+
+    def __init__(self, path, device=None, dtype="float32", scan_impl="auto", cuda_graph=False,
+                 graph_max_batch: int = 64):
+        torch = _import_torch()
+        from ..checkpoint import load_checkpoint
+        self._torch = torch
+        self.path = Path(path)
+        self.precision = normalize_precision(dtype) or "float32"
+        if self.precision not in PRECISIONS:
+            raise UserError(f"unsupported dtype {dtype!r}")
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        try:
+            self.device = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise UserError(f"unknown device {device!r}: use cpu, cuda or cuda:N") from None
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise UserError(f"device {device}: torch sees no CUDA device here")
+        self.model = load_checkpoint(self.path, map_location=self.device)
+        if scan_impl not in ("auto", "reference", "triton"):
+            raise UserError(f"scan_impl must be auto, reference or triton, not {scan_impl!r}")
+        self.model.set_scan_impl(scan_impl)
+        self.scan_impl = scan_impl
+        self._tdtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[self.precision]
+        self.model.to(self._tdtype)
+        cfg = self.model.config
+        self.config = cfg.to_dict()
+        self.inputs = [TensorSpec(n, ("batch", f"L_{n}", f), self.precision) for n, f in cfg.modalities.items()]
+        self.outputs = [TensorSpec("output", ("batch", cfg.num_outputs), self.precision)]
+        self.cuda_graph = bool(cuda_graph) and self.device.type == "cuda"
+        self.graph_max_batch = graph_max_batch
+        self._graphs = {}
+        self.graph_stats = {"captures": 0, "replays": 0}
+        self.last_input_pointers: dict[str, int] = {}
+        self.name = f"torch[{self.device},{self.precision},{scan_impl}]:{self.path.name}"
+
+    # -- conversion
+    def _to_tensor(self, spec: TensorSpec, value, info):
+        torch = self._torch
+        if isinstance(value, torch.Tensor):
+            t = value
+        elif info.on_device:
+            if info.dtype != spec.dtype:          # a bfloat16 bit view (int16/uint16/V2)
+                t = torch.as_tensor(_ViewAsInt16(value), device=self.device).view(torch.bfloat16)
+            else:
+                t = torch.as_tensor(value, device=self.device)    # zero copy on the same device
+            if info.stream is not None and self.device.type == "cuda":
+                # __cuda_array_interface__ v3: order our stream after the producer's
+                ext = torch.cuda.ExternalStream(info.stream) if info.stream not in (1, 2) else None
+                if ext is not None:
+                    torch.cuda.current_stream(self.device).wait_stream(ext)
+                else:
+                    torch.cuda.synchronize(self.device)
+        else:
+            arr = np.ascontiguousarray(value)
+            if spec.dtype == "bfloat16":
+                t = torch.from_numpy(arr.view(np.int16)).view(torch.bfloat16)
+            else:
+                t = torch.from_numpy(arr)
+        if t.device != self.device:
+            t = t.to(self.device)
+        if t.dtype != self._tdtype and t.is_floating_point():
+            raise UserError(f"{self.name}: input {spec.name!r} has dtype {t.dtype}, expected {self._tdtype}")
+        return t
+
+    def _to_numpy(self, t):
+        t = t.detach()
+        if t.dtype == self._torch.bfloat16:
+            return t.view(self._torch.int16).cpu().numpy().view(np_dtype("bfloat16"))
+        return t.cpu().numpy()
+
+    def _run(self, feeds, infos, device_outputs=False):
+        torch = self._torch
+        xs = {s.name: self._to_tensor(s, feeds[s.name], infos[s.name]) for s in self.inputs}
+        self.last_input_pointers = {k: int(v.data_ptr()) for k, v in xs.items()}
+        batch = next(iter(xs.values())).shape[0]
+        with torch.inference_mode():
+            if self.cuda_graph and batch <= self.graph_max_batch:
+                out = self._graph_run(xs)
+            else:
+                out = self.model(xs)
+        if device_outputs:
+            return {"output": out}
+        return {"output": self._to_numpy(out)}
+
+    def _graph_run(self, xs):
+        torch = self._torch
+        key = tuple((k, tuple(v.shape)) for k, v in xs.items())
+        entry = self._graphs.get(key)
+        if entry is None:
+            static = {k: v.clone() for k, v in xs.items()}
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                for _ in range(2):          # warm-up: Triton compiles/autotunes outside the capture
+                    self.model(static)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = self.model(static)
+            entry = self._graphs[key] = (graph, static, out)
+            self.graph_stats["captures"] += 1
+        graph, static, out = entry
+        for k, v in xs.items():
+            static[k].copy_(v)
+        graph.replay()
+        self.graph_stats["replays"] += 1
+        return out.clone()
+
+    def synchronize(self):
+        if self.device.type == "cuda":
+            self._torch.cuda.synchronize(self.device)
+
+    def close(self):
+        self._graphs.clear()
+        self.model = None
+
+
+class _ViewAsInt16:
+    """Re-describe a 2-byte CUDA array (a bfloat16 bit pattern) as int16 so torch.as_tensor takes it."""
+
+    def __init__(self, obj):
+        cai = dict(obj.__cuda_array_interface__)
+        cai["typestr"] = "<i2"
+        self.__cuda_array_interface__ = cai
+        self._obj = obj
