@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Configures, builds and tests the CoupledScan TensorRT plugin (what CI runs).
+#
+#   scripts/build_plugin.sh [BUILD_DIR] [extra cmake args...]     # default BUILD_DIR: build/plugin
+#
+# TensorRT headers: TensorRT_ROOT (env) when set, else a TensorRT install CMake finds, else the headers
+# are fetched into BUILD_DIR/trt by scripts/fetch_trt_headers.sh (pip download of a pinned wheel).
+# GPU code: CUDA_ARCHITECTURES (env) — default "80" (one architecture, with PTX that newer GPUs JIT),
+# "all" for the project's default list (Ampere to Blackwell, incl. Jetson Orin), or e.g. "90".
+# The unit tests need no GPU. Output: BUILD_DIR/plugins/trt_coupled_scan/libcoupled_scan_plugin.so.
+set -euo pipefail
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+build=${1:-build/plugin}
+[[ $# -gt 0 ]] && shift
+mkdir -p "$build"
+build=$(cd "$build" && pwd)
+start=$(date +%s)
+
+trt=${TensorRT_ROOT:-}
+if [[ -z "$trt" ]]; then
+  # A system TensorRT (e.g. the Debian/Ubuntu packages) is found by CMake itself; otherwise fetch headers.
+  found=""
+  for c in /usr/include /usr/include/x86_64-linux-gnu /usr/include/aarch64-linux-gnu /usr/local/include; do
+    [[ -f "$c/NvInfer.h" ]] && { found=$c; break; }
+  done
+  if [[ -z "$found" ]]; then
+    "$repo/scripts/fetch_trt_headers.sh" "$build/trt"
+    trt=$build/trt
+  fi
+fi
+
+arch=${CUDA_ARCHITECTURES:-80}
+args=(-S "$repo" -B "$build" -DCMAKE_BUILD_TYPE="${CMAKE_BUILD_TYPE:-Release}" -DBUILD_TESTING=ON -DCM_DEPLOY_REQUIRE_GTEST=ON)
+[[ -n "$trt" ]] && args+=(-DTensorRT_ROOT="$trt")
+[[ "$arch" != all ]] && args+=(-DCMAKE_CUDA_ARCHITECTURES="$arch")
+jobs=${JOBS:-$(nproc 2>/dev/null || echo 2)}
+
+echo "== configure ($build, CUDA architectures: $arch)"
+cmake "${args[@]}" "$@"
+echo "== build (-j $jobs)"
+cmake --build "$build" -j "$jobs"
+echo "== test"
+(cd "$build" && ctest --output-on-failure -j "$jobs")
+echo "== done in $(( $(date +%s) - start )) s: $build/plugins/trt_coupled_scan/libcoupled_scan_plugin.so"
