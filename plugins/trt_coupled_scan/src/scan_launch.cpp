@@ -1,0 +1,125 @@
+// Host side of the kernel launch: device limits, shared-memory opt-in, tuning overrides.
+#include "scan_launch.h"
+
+#include <cstdlib>
+#include <map>
+#include <mutex>
+#include <utility>
+
+namespace cm_deploy
+{
+namespace scan
+{
+
+cudaError_t launchCoupledScan(ActType type, ScanArgs const& a, ScanGeometry const& g, cudaStream_t stream)
+{
+    switch (type)
+    {
+    case ActType::kFLOAT32: return launchCoupledScanF32(a, g, stream);
+    case ActType::kFLOAT16: return launchCoupledScanF16(a, g, stream);
+    case ActType::kBFLOAT16: return launchCoupledScanBF16(a, g, stream);
+    }
+    return cudaErrorInvalidValue;
+}
+
+namespace
+{
+std::mutex gMutex;
+std::map<int, DeviceLimits> gLimits;                    // by device ordinal
+std::map<std::pair<void const*, int>, size_t> gSmemSet; // (kernel, device) -> bytes allowed so far
+} // namespace
+
+bool currentDeviceLimits(DeviceLimits& out, std::string* why)
+{
+    int dev = 0;
+    cudaError_t err = cudaGetDevice(&dev);
+    if (err != cudaSuccess)
+    {
+        if (why != nullptr)
+        {
+            *why = std::string("cudaGetDevice failed: ") + cudaGetErrorString(err);
+        }
+        return false;
+    }
+    std::lock_guard<std::mutex> lock(gMutex);
+    auto it = gLimits.find(dev);
+    if (it != gLimits.end())
+    {
+        out = it->second;
+        return true;
+    }
+    int sms = 0, optin = 0, perSM = 0;
+    if ((err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev)) != cudaSuccess
+        || (err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev)) != cudaSuccess
+        || (err = cudaDeviceGetAttribute(&perSM, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev)) != cudaSuccess)
+    {
+        if (why != nullptr)
+        {
+            *why = std::string("cudaDeviceGetAttribute failed: ") + cudaGetErrorString(err);
+        }
+        return false;
+    }
+    DeviceLimits d;
+    d.smCount = sms;
+    d.smemOptinPerBlock = static_cast<size_t>(optin);
+    d.smemPerSM = static_cast<size_t>(perSM);
+    gLimits[dev] = d;
+    out = d;
+    return true;
+}
+
+cudaError_t ensureDynamicSmem(void const* func, size_t bytes)
+{
+    if (bytes <= 48 * 1024)
+    {
+        return cudaSuccess; // below the default limit no opt-in is needed
+    }
+    int dev = 0;
+    cudaError_t err = cudaGetDevice(&dev);
+    if (err != cudaSuccess)
+    {
+        return err;
+    }
+    std::lock_guard<std::mutex> lock(gMutex);
+    size_t& allowed = gSmemSet[{func, dev}];
+    if (allowed >= bytes)
+    {
+        return cudaSuccess;
+    }
+    err = cudaFuncSetAttribute(func, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+    if (err == cudaSuccess)
+    {
+        allowed = bytes;
+    }
+    return err;
+}
+
+namespace
+{
+int32_t envInt(char const* name)
+{
+    char const* v = std::getenv(name);
+    if (v == nullptr || *v == '\0')
+    {
+        return 0;
+    }
+    char* end = nullptr;
+    long const x = std::strtol(v, &end, 10);
+    return (end != nullptr && *end == '\0' && x > 0 && x < 1000000) ? static_cast<int32_t>(x) : 0;
+}
+} // namespace
+
+ScanOverrides const& envOverrides()
+{
+    static ScanOverrides const ov = [] {
+        ScanOverrides o;
+        o.npt = envInt("CM_DEPLOY_SCAN_NPT");
+        o.tc = envInt("CM_DEPLOY_SCAN_TC");
+        o.targetWarpsPerSM = envInt("CM_DEPLOY_SCAN_TARGET_WARPS");
+        return o;
+    }();
+    return ov;
+}
+
+} // namespace scan
+} // namespace cm_deploy

@@ -1,0 +1,33 @@
+// Host entry points of the CoupledScan kernels.
+#pragma once
+
+#include "scan_types.h"
+
+#include <cuda_runtime_api.h>
+
+#include <string>
+
+namespace cm_deploy
+{
+namespace scan
+{
+
+// Launches the kernel on `stream` with geometry `g` (from chooseGeometry). No synchronization.
+cudaError_t launchCoupledScan(ActType type, ScanArgs const& a, ScanGeometry const& g, cudaStream_t stream);
+
+// Per activation type, defined in scan_kernel_{f32,f16,bf16}.cu.
+cudaError_t launchCoupledScanF32(ScanArgs const& a, ScanGeometry const& g, cudaStream_t stream);
+cudaError_t launchCoupledScanF16(ScanArgs const& a, ScanGeometry const& g, cudaStream_t stream);
+cudaError_t launchCoupledScanBF16(ScanArgs const& a, ScanGeometry const& g, cudaStream_t stream);
+
+// Limits of the current device, queried once per device.
+bool currentDeviceLimits(DeviceLimits& out, std::string* why);
+
+// Raises a kernel's dynamic shared memory limit on the current device when `bytes` needs it.
+cudaError_t ensureDynamicSmem(void const* func, size_t bytes);
+
+// Tuning overrides from the environment, read once.
+ScanOverrides const& envOverrides();
+
+} // namespace scan
+} // namespace cm_deploy

@@ -1,0 +1,130 @@
+#!/usr/bin/env bash
+# GPU checks of the CoupledScan plugin, for a machine with a GPU (the lent H100). Run from anywhere:
+#
+#   TensorRT_ROOT=.carry/trt bash plugins/trt_coupled_scan/tests/run_gpu_checks.sh
+#
+# 1. builds the plugin and the harness library with CMake for one architecture (sm_90 unless
+#    CUDA_ARCH says otherwise), unless CM_PLUGIN_LIB_DIR names a folder with both prebuilt libraries;
+# 2. runs the CPU unit tests (ctest) when GoogleTest was found;
+# 3. runs gpu_harness.py: every case and dtype against the PyTorch reference, plus timings (--bench);
+# 4. runs gpu_harness.py --sanitize under compute-sanitizer memcheck, then racecheck and synccheck
+#    (the kernel is warp-specialized: producers and consumers share shared memory through barriers).
+#
+# TensorRT headers only are needed (no TensorRT library): TensorRT_ROOT/include/NvInfer.h. Without
+# network access, carry the folder that scripts/fetch_trt_headers.sh wrote here (e.g. .carry/trt).
+# Logs and JSON go to $OUT (or build/gpu-checks). Exit status: 0 all passed, 1 a check failed,
+# 2 setup problem. Environment: PYTHON (default python3), CUDA_ARCH (90), JOBS, SKIP_SANITIZERS=1,
+# TUNE=1 (also time every states-per-thread setting), CM_PLUGIN_LIB_DIR (skip the build).
+set -uo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+repo=$(cd "$here/../../.." && pwd)
+cd "$repo"
+out=${OUT:-$repo/build/gpu-checks}
+mkdir -p "$out"
+py=${PYTHON:-python3}
+arch=${CUDA_ARCH:-90}
+jobs=${JOBS:-$(nproc 2>/dev/null || echo 8)}
+build=${BUILD_DIR:-$repo/build/gpu-sm$arch}
+t0=$(date +%s)
+status=0
+summary=()
+note() { echo "== $*" | tee -a "$out/summary.txt"; }
+: > "$out/summary.txt"
+
+note "repo $repo, out $out, $(date -u +%FT%TZ)"
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,compute_cap --format=csv,noheader | tee -a "$out/summary.txt"
+
+# --- 1. build ----------------------------------------------------------------------------------------
+if [[ -n "${CM_PLUGIN_LIB_DIR:-}" ]]; then
+  libdir=$(cd "$CM_PLUGIN_LIB_DIR" && pwd)
+  note "using prebuilt libraries in $libdir"
+else
+  trt=${TensorRT_ROOT:-}
+  if [[ -z "$trt" ]]; then
+    for c in "$repo/.carry/trt" "$repo/build/trt"; do [[ -f "$c/include/NvInfer.h" ]] && { trt=$c; break; }; done
+  fi
+  if [[ -z "$trt" || ! -f "$trt/include/NvInfer.h" ]]; then
+    note "SETUP: TensorRT headers not found: set TensorRT_ROOT to a folder with include/NvInfer.h (carry build/trt from a machine that ran scripts/fetch_trt_headers.sh)"
+    exit 2
+  fi
+  trt=$(cd "$trt" && pwd)
+  for tool in cmake nvcc; do
+    if ! command -v "$tool" >/dev/null; then
+      [[ $tool == nvcc && -x /usr/local/cuda/bin/nvcc ]] && { export PATH=/usr/local/cuda/bin:$PATH; continue; }
+      note "SETUP: $tool not found; build elsewhere with -DCMAKE_CUDA_ARCHITECTURES=$arch and set CM_PLUGIN_LIB_DIR"
+      exit 2
+    fi
+  done
+  note "building for sm_$arch in $build (TensorRT headers: $trt)"
+  tb=$(date +%s)
+  if ! cmake -S "$repo" -B "$build" -DCMAKE_BUILD_TYPE=Release -DTensorRT_ROOT="$trt" \
+        -DCMAKE_CUDA_ARCHITECTURES="$arch" -DBUILD_TESTING=ON > "$out/cmake_configure.log" 2>&1; then
+    tail -n 30 "$out/cmake_configure.log"; note "SETUP: cmake configure failed (log: cmake_configure.log)"; exit 2
+  fi
+  if ! cmake --build "$build" -j "$jobs" > "$out/cmake_build.log" 2>&1; then
+    grep -E "error|Error" "$out/cmake_build.log" | head -n 30; note "FAIL: build failed (log: cmake_build.log)"; exit 1
+  fi
+  note "build: $(( $(date +%s) - tb )) s"
+  libdir=$build/plugins/trt_coupled_scan
+  # --- 2. CPU unit tests ---------------------------------------------------------------------------
+  if [[ -x "$build/plugins/trt_coupled_scan/tests/test_plugin" ]]; then
+    if (cd "$build" && ctest --output-on-failure -j "$jobs" > "$out/ctest.log" 2>&1); then
+      note "ctest: $(grep -E 'tests passed' "$out/ctest.log")"
+    else
+      note "FAIL: ctest ($(grep -E 'tests passed' "$out/ctest.log")), log: ctest.log"; status=1
+    fi
+  else
+    note "ctest skipped (GoogleTest not installed here)"
+  fi
+fi
+for f in libcoupled_scan_plugin.so libcoupled_scan_harness.so; do
+  [[ -f "$libdir/$f" ]] || { note "SETUP: $libdir/$f missing"; exit 2; }
+done
+cp "$libdir/libcoupled_scan_plugin.so" "$out/" 2>/dev/null || true
+
+# --- 3. harness ------------------------------------------------------------------------------------
+harness=("$py" "$here/gpu_harness.py" --lib-dir "$libdir")
+bench_args=(--bench)
+[[ "${TUNE:-0}" == 1 ]] && bench_args+=(--tune)
+note "gpu_harness: correctness of every case and dtype, then timings"
+th=$(date +%s)
+"${harness[@]}" "${bench_args[@]}" --out "$out/gpu_harness.json" 2>&1 | tee "$out/gpu_harness.log"
+rc=${PIPESTATUS[0]}
+if [[ $rc -eq 0 ]]; then note "gpu_harness: PASS ($(( $(date +%s) - th )) s)"; else note "FAIL: gpu_harness exit $rc"; status=1; fi
+
+# --- 4. compute-sanitizer ------------------------------------------------------------------------------
+san=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)
+if [[ "${SKIP_SANITIZERS:-0}" == 1 ]]; then
+  note "sanitizers skipped (SKIP_SANITIZERS=1)"
+elif [[ -z "$san" ]]; then
+  note "sanitizers skipped: compute-sanitizer not found"
+else
+  filter=()
+  if "$san" --help 2>/dev/null | grep -q -- "--kernel-name"; then filter=(--kernel-name kns=coupledScanKernel); fi
+  for tool in memcheck racecheck synccheck; do
+    ts=$(date +%s)
+    extra=()
+    [[ $tool == memcheck ]] && extra=(--leak-check no)
+    [[ $tool == racecheck ]] && extra=(--racecheck-report all)
+    # memcheck checks every kernel (torch's too); the others only ours (they are slow).
+    f=(); [[ $tool != memcheck ]] && f=("${filter[@]}")
+    timeout "${SANITIZER_TIMEOUT:-100}" "$san" --tool "$tool" "${f[@]}" "${extra[@]}" --error-exitcode 9 \
+      "${harness[@]}" --sanitize --out "$out/sanitize_$tool.json" > "$out/sanitize_$tool.log" 2>&1
+    rc=$?
+    errs=$(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$out/sanitize_$tool.log" | tail -n 1)
+    if [[ $rc -eq 0 ]]; then
+      note "compute-sanitizer $tool: PASS ${errs} ($(( $(date +%s) - ts )) s)"
+    elif [[ $rc -eq 124 ]]; then
+      note "compute-sanitizer $tool: TIMEOUT after ${SANITIZER_TIMEOUT:-100} s (log: sanitize_$tool.log)"
+      [[ $tool == memcheck ]] && status=1
+    else
+      note "FAIL: compute-sanitizer $tool exit $rc ${errs} (log: sanitize_$tool.log)"
+      grep -E "=========" "$out/sanitize_$tool.log" | head -n 20
+      status=1
+    fi
+  done
+fi
+
+note "total $(( $(date +%s) - t0 )) s, status $status"
+exit $status
