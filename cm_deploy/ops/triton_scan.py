@@ -1,9 +1,12 @@
 """Fused Triton kernels for CoupledScan, forward and backward (DESIGN.md sections 2-3).
 
-Layout of the work: one program owns a tile of the coupled state, BLOCK_E channels x all N states
+Layout of the work: one program owns a tile of the coupled state, all N states x BLOCK_E channels
 (float32, in registers), for one batch item and one segment of time, and walks t sequentially; for
 each t it runs the M modalities (M is a constexpr, the loop is unrolled) against the shared state.
-Inputs are read once, y is written once.
+Inputs are read once, y is written once. The tile is [BLOCK_N, BLOCK_E] with e the contiguous axis
+of every 2-D buffer the kernels touch (A, the states and checkpoints are passed as (.., N, E)):
+Triton then puts a warp's lanes along e, so the per-channel math (softplus, gates, the y and
+gradient vectors) runs once per lane instead of being repeated on every lane that holds another n.
 
 Long sequences at small batch do not give enough (batch, E-block) programs to fill the GPU, and a
 sequential scan is then bound by latency. The time axis is then cut into segments: the recurrence
@@ -11,22 +14,23 @@ c[t] = a[t] * c[t-1] + b[t] is linear and elementwise in (e, n), so a first pass
 segment's transition (P = prod a, S = its end state from zero), a tiny sequential pass over
 segments gives every segment's start state, and the main pass runs all segments in parallel. This
 costs a second read of the inputs and a second exp per element, so it is only used when the
-(batch, E-block) grid is too small.
+(batch, E-block) grid fills less than half the GPU.
 
 Backward: a reverse scan of the state adjoint g[t] = dL/dc[t],
     dh[m,t] = dyr[m,t] * C[m,t] + kappa * g[t]         (dyr = dy * silu(z))
     g[t-1]  = sum_m dh[m,t] * exp(dt[m,t] * A[m])
 which needs c[t-1] at every t in reverse order. The forward (when grad is needed) stores c every
 `chunk` steps; the backward recomputes one chunk's states into a per-program scratch buffer and
-walks the chunk in reverse. Memory for that, per batch item: ceil(L / chunk) * E * N * 4 bytes of
-checkpoints plus n_seg * chunk * E * N * 4 bytes of scratch, with chunk ~ sqrt(L / n_seg); never
-O(L * E * N). The adjoint recurrence is linear too, so long sequences split it into segments the
-same way (a pre-pass computes each segment's local adjoint and transition).
+walks the chunk in reverse. Memory for that: batch * ceil(L / chunk) * E * N * 4 bytes of
+checkpoints plus batch * n_seg * chunk * E * N * 4 bytes of scratch, chunk ~ sqrt(L / n_seg)
+(paper shape, batch 64, L 500: 92 + 88 MB, against 2 GB for all states); never O(L * E * N).
+The adjoint recurrence is linear too, so long sequences split it into segments the same way (a
+pre-pass computes each segment's local adjoint and transition).
 
 Reductions: dB and dC (per b, m, t, n) sum over e across E-block programs: float32 atomics by
-default, or, when torch.use_deterministic_algorithms(True) is on, per-E-block partials summed
-afterwards (deterministic, more memory). dA, dD and d_delta_bias are written per (batch, segment)
-program and summed afterwards (deterministic).
+default (run-to-run bit differences), or, under torch.use_deterministic_algorithms(True), per
+E-block partials summed afterwards (deterministic; n_eblk times the memory). dA, dD and
+d_delta_bias are written per (batch, segment) program and summed afterwards (deterministic).
 """
 from __future__ import annotations
 
@@ -45,54 +49,39 @@ __all__ = ["coupled_scan_triton", "tuning"]
 _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
 
+
+@triton.jit
+def _sum_combine(a, b):
+    return a + b
+
+
+# tl.reduce with triton's own sum combiner is tl.sum for float32, and the interpreter runs it with
+# numpy; tl.sum itself is a @jit function, which the interpreter re-patches at every call.
+_SUM = getattr(tl.standard, "_sum_combine", _sum_combine)
+
 # ---------------------------------------------------------------------------------------------
-# jit helpers
+# kernels
+#
+# Notes that hold for all of them:
+#  * Per-modality parameters (A pre-scaled by log2(e), D, delta_bias) of the first four modalities
+#    are held in registers and picked with compile-time `if m == k` chains (m is a static_range
+#    constexpr); modalities past four re-read theirs from cache each step.
+#  * Hot loops call no @jit helper: under TRITON_INTERPRET every helper call re-patches
+#    triton.language (milliseconds each), which made the CPU tests several times slower.
+#  * softplus is torch's (beta 1, threshold 20): x above 20, else log1p(exp(x)), with
+#    log1p(w) = log(v) - ((v - 1) - w) / v, v = 1 + w rounded: the correction restores the bits
+#    of w that 1 + w dropped (dt = softplus(-7) ~ 1e-3 is typical in Mamba and plain log(1 + w)
+#    would be off by ~1e-4 relative). No log1p exists in tl for both the interpreter and 3.6.
 # ---------------------------------------------------------------------------------------------
 
 
 @triton.jit
-def _softplus(x):
-    # torch.nn.functional.softplus (beta 1, threshold 20). log1p(exp(x)) = max(x, 0) + log1p(w),
-    # w = exp(-|x|) <= 1; log1p(w) via log(1+w) * w / ((1+w) - 1), exact to round-off even where
-    # 1 + w loses w's low bits (no log1p in tl that exists in both the interpreter and 3.6).
-    w = tl.exp(-tl.abs(x))
-    v = 1.0 + w
-    d = v - 1.0
-    lp = tl.where(d == 0.0, w, tl.log(v) * (w / tl.where(d == 0.0, 1.0, d)))
-    return tl.where(x > 20.0, x, tl.maximum(x, 0.0) + lp)
-
-
-@triton.jit
-def _pick(m: tl.constexpr, x0, x1, x2, x3):
-    # Compile-time selection of a per-modality value kept in registers (m is a constexpr).
-    if m == 0:
-        r = x0
-    elif m == 1:
-        r = x1
-    elif m == 2:
-        r = x2
+def _load_a(A_ptr, m: tl.constexpr, E, N, offs_ne, m2, ENABLED: tl.constexpr):
+    if ENABLED:
+        r = tl.load(A_ptr + m * E * N + offs_ne, mask=m2, other=0.0) * _LOG2E
     else:
-        r = x3
+        r = tl.zeros(offs_ne.shape, dtype=tl.float32)
     return r
-
-
-@triton.jit
-def _add_at(m: tl.constexpr, v, x0, x1, x2, x3):
-    if m == 0:
-        x0 = x0 + v
-    elif m == 1:
-        x1 = x1 + v
-    elif m == 2:
-        x2 = x2 + v
-    elif m == 3:
-        x3 = x3 + v
-    return x0, x1, x2, x3
-
-
-@triton.jit
-def _load_a(A_ptr, m: tl.constexpr, E, N, offs_en, m2):
-    # A[m] pre-scaled by log2(e) so that exp(dt * A) is one exp2.
-    return tl.load(A_ptr + m * E * N + offs_en, mask=m2, other=0.0) * _LOG2E
 
 
 @triton.jit
@@ -102,39 +91,6 @@ def _load_vec(ptr, m: tl.constexpr, E, offs_e, me, ENABLED: tl.constexpr):
     else:
         r = tl.zeros(offs_e.shape, dtype=tl.float32)
     return r
-
-
-@triton.jit
-def _a_for(m: tl.constexpr, A_ptr, E, N, offs_en, m2, a0, a1, a2, a3):
-    # The first four modalities' A live in registers; more are re-read (from cache) every step.
-    if m < 4:
-        a = _pick(m, a0, a1, a2, a3)
-    else:
-        a = _load_a(A_ptr, m, E, N, offs_en, m2)
-    return a
-
-
-@triton.jit
-def _vec_for(m: tl.constexpr, ptr, E, offs_e, me, ENABLED: tl.constexpr, v0, v1, v2, v3):
-    if m < 4:
-        v = _pick(m, v0, v1, v2, v3)
-    else:
-        v = _load_vec(ptr, m, E, offs_e, me, ENABLED)
-    return v
-
-
-@triton.jit
-def _dt_of(x, SOFTPLUS: tl.constexpr):
-    if SOFTPLUS:
-        dt = _softplus(x)
-    else:
-        dt = x
-    return dt
-
-
-# ---------------------------------------------------------------------------------------------
-# forward
-# ---------------------------------------------------------------------------------------------
 
 
 @triton.jit
@@ -151,61 +107,78 @@ def _fwd_kernel(u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
     offs_n = tl.arange(0, BLOCK_N)
     me = offs_e < E
     mn = offs_n < N
-    m2 = me[:, None] & mn[None, :]
-    offs_en = offs_e[:, None] * N + offs_n[None, :]
-
-    a0 = _load_a(A_ptr, 0, E, N, offs_en, m2)
-    a1 = a0
-    a2 = a0
-    a3 = a0
-    if M > 1:
-        a1 = _load_a(A_ptr, 1, E, N, offs_en, m2)
-    if M > 2:
-        a2 = _load_a(A_ptr, 2, E, N, offs_en, m2)
-    if M > 3:
-        a3 = _load_a(A_ptr, 3, E, N, offs_en, m2)
+    m2 = mn[:, None] & me[None, :]
+    offs_ne = offs_n[:, None] * E + offs_e[None, :]
+    a0 = _load_a(A_ptr, 0, E, N, offs_ne, m2, True)
+    a1 = _load_a(A_ptr, 1, E, N, offs_ne, m2, M > 1)
+    a2 = _load_a(A_ptr, 2, E, N, offs_ne, m2, M > 2)
+    a3 = _load_a(A_ptr, 3, E, N, offs_ne, m2, M > 3)
     d0 = _load_vec(D_ptr, 0, E, offs_e, me, HAS_D)
-    d1 = _load_vec(D_ptr, 1 % M, E, offs_e, me, HAS_D)
-    d2 = _load_vec(D_ptr, 2 % M, E, offs_e, me, HAS_D)
-    d3 = _load_vec(D_ptr, 3 % M, E, offs_e, me, HAS_D)
+    d1 = _load_vec(D_ptr, 1, E, offs_e, me, HAS_D and M > 1)
+    d2 = _load_vec(D_ptr, 2, E, offs_e, me, HAS_D and M > 2)
+    d3 = _load_vec(D_ptr, 3, E, offs_e, me, HAS_D and M > 3)
     q0 = _load_vec(bias_ptr, 0, E, offs_e, me, HAS_BIAS)
-    q1 = _load_vec(bias_ptr, 1 % M, E, offs_e, me, HAS_BIAS)
-    q2 = _load_vec(bias_ptr, 2 % M, E, offs_e, me, HAS_BIAS)
-    q3 = _load_vec(bias_ptr, 3 % M, E, offs_e, me, HAS_BIAS)
+    q1 = _load_vec(bias_ptr, 1, E, offs_e, me, HAS_BIAS and M > 1)
+    q2 = _load_vec(bias_ptr, 2, E, offs_e, me, HAS_BIAS and M > 2)
+    q3 = _load_vec(bias_ptr, 3, E, offs_e, me, HAS_BIAS and M > 3)
 
     if HAS_C0:
-        c = tl.load(c0_ptr + (pid_b * n_seg + pid_s) * E * N + offs_en, mask=m2, other=0.0)
+        c = tl.load(c0_ptr + (pid_b * n_seg + pid_s) * E * N + offs_ne, mask=m2, other=0.0)
     else:
-        c = tl.zeros([BLOCK_E, BLOCK_N], dtype=tl.float32)
+        c = tl.zeros([BLOCK_N, BLOCK_E], dtype=tl.float32)
     t_lo = pid_s * seg_len
     t_hi = tl.minimum(t_lo + seg_len, L)
     for t in range(t_lo, t_hi):
         if SAVE_CKPT:
             if t % chunk == 0:
-                tl.store(ckpt_ptr + (pid_b * n_ck + t // chunk) * E * N + offs_en, c, mask=m2)
-        acc = tl.zeros([BLOCK_E, BLOCK_N], dtype=tl.float32)
+                tl.store(ckpt_ptr + (pid_b * n_ck + t // chunk) * E * N + offs_ne, c, mask=m2)
+        acc = tl.zeros([BLOCK_N, BLOCK_E], dtype=tl.float32)
         for m in tl.static_range(M):
             row = (pid_b * M + m) * L + t
-            a = _a_for(m, A_ptr, E, N, offs_en, m2, a0, a1, a2, a3)
+            if m == 0:
+                a = a0
+                dm = d0
+                qm = q0
+            elif m == 1:
+                a = a1
+                dm = d1
+                qm = q1
+            elif m == 2:
+                a = a2
+                dm = d2
+                qm = q2
+            elif m == 3:
+                a = a3
+                dm = d3
+                qm = q3
+            else:
+                a = _load_a(A_ptr, m, E, N, offs_ne, m2, True)
+                dm = _load_vec(D_ptr, m, E, offs_e, me, HAS_D)
+                qm = _load_vec(bias_ptr, m, E, offs_e, me, HAS_BIAS)
             u = tl.load(u_ptr + row * E + offs_e, mask=me, other=0.0).to(tl.float32)
             x = tl.load(dl_ptr + row * E + offs_e, mask=me, other=0.0).to(tl.float32)
             if HAS_BIAS:
-                x = x + _vec_for(m, bias_ptr, E, offs_e, me, HAS_BIAS, q0, q1, q2, q3)
-            dt = _dt_of(x, SOFTPLUS)
+                x += qm
+            if SOFTPLUS:
+                w = tl.exp(tl.minimum(x, 20.0))
+                v = 1.0 + w
+                dt = tl.where(x > 20.0, x, tl.log(v) - ((v - 1.0) - w) / v)
+            else:
+                dt = x
             bb = tl.load(B_ptr + row * N + offs_n, mask=mn, other=0.0).to(tl.float32)
             cc = tl.load(C_ptr + row * N + offs_n, mask=mn, other=0.0).to(tl.float32)
-            h = tl.exp2(dt[:, None] * a) * c + (dt * u)[:, None] * bb[None, :]
+            h = tl.exp2(dt[None, :] * a) * c + bb[:, None] * (dt * u)[None, :]
             acc += h
-            yv = tl.sum(h * cc[None, :], axis=1)
+            yv = tl.reduce(h * cc[:, None], 0, _SUM)
             if HAS_D:
-                yv += _vec_for(m, D_ptr, E, offs_e, me, HAS_D, d0, d1, d2, d3) * u
+                yv += dm * u
             if HAS_Z:
                 zz = tl.load(z_ptr + row * E + offs_e, mask=me, other=0.0).to(tl.float32)
-                yv = yv * (zz * tl.sigmoid(zz))
+                yv = yv * (zz * (1.0 / (1.0 + tl.exp(-zz))))
             tl.store(y_ptr + row * E + offs_e, yv.to(y_ptr.dtype.element_ty), mask=me)
         c = acc * kappa
     if pid_s == n_seg - 1:
-        tl.store(final_ptr + pid_b * E * N + offs_en, c, mask=m2)
+        tl.store(final_ptr + pid_b * E * N + offs_ne, c, mask=m2)
 
 
 @triton.jit
@@ -213,7 +186,7 @@ def _fwd_seg_kernel(u_ptr, dl_ptr, A_ptr, B_ptr, bias_ptr, P_ptr, S_ptr,
                     L, E, N, seg_len, n_seg, kappa,
                     M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr,
                     SOFTPLUS: tl.constexpr, HAS_BIAS: tl.constexpr):
-    # Segment summary: P = prod_t kappa * sum_m exp(dt A), S = end state of the segment from 0.
+    # Segment summary: P = prod_t kappa * sum_m exp(dt A), S = the segment's end state from 0.
     pid_e = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     pid_s = tl.program_id(2)  # the last segment needs no summary: the grid stops before it
@@ -221,45 +194,58 @@ def _fwd_seg_kernel(u_ptr, dl_ptr, A_ptr, B_ptr, bias_ptr, P_ptr, S_ptr,
     offs_n = tl.arange(0, BLOCK_N)
     me = offs_e < E
     mn = offs_n < N
-    m2 = me[:, None] & mn[None, :]
-    offs_en = offs_e[:, None] * N + offs_n[None, :]
-    a0 = _load_a(A_ptr, 0, E, N, offs_en, m2)
-    a1 = a0
-    a2 = a0
-    a3 = a0
-    if M > 1:
-        a1 = _load_a(A_ptr, 1, E, N, offs_en, m2)
-    if M > 2:
-        a2 = _load_a(A_ptr, 2, E, N, offs_en, m2)
-    if M > 3:
-        a3 = _load_a(A_ptr, 3, E, N, offs_en, m2)
+    m2 = mn[:, None] & me[None, :]
+    offs_ne = offs_n[:, None] * E + offs_e[None, :]
+    a0 = _load_a(A_ptr, 0, E, N, offs_ne, m2, True)
+    a1 = _load_a(A_ptr, 1, E, N, offs_ne, m2, M > 1)
+    a2 = _load_a(A_ptr, 2, E, N, offs_ne, m2, M > 2)
+    a3 = _load_a(A_ptr, 3, E, N, offs_ne, m2, M > 3)
     q0 = _load_vec(bias_ptr, 0, E, offs_e, me, HAS_BIAS)
-    q1 = _load_vec(bias_ptr, 1 % M, E, offs_e, me, HAS_BIAS)
-    q2 = _load_vec(bias_ptr, 2 % M, E, offs_e, me, HAS_BIAS)
-    q3 = _load_vec(bias_ptr, 3 % M, E, offs_e, me, HAS_BIAS)
+    q1 = _load_vec(bias_ptr, 1, E, offs_e, me, HAS_BIAS and M > 1)
+    q2 = _load_vec(bias_ptr, 2, E, offs_e, me, HAS_BIAS and M > 2)
+    q3 = _load_vec(bias_ptr, 3, E, offs_e, me, HAS_BIAS and M > 3)
 
-    s = tl.zeros([BLOCK_E, BLOCK_N], dtype=tl.float32)
-    p = tl.full([BLOCK_E, BLOCK_N], 1.0, dtype=tl.float32)
+    s = tl.zeros([BLOCK_N, BLOCK_E], dtype=tl.float32)
+    p = tl.full([BLOCK_N, BLOCK_E], 1.0, dtype=tl.float32)
     t_lo = pid_s * seg_len
     t_hi = tl.minimum(t_lo + seg_len, L)
     for t in range(t_lo, t_hi):
-        acc_s = tl.zeros([BLOCK_E, BLOCK_N], dtype=tl.float32)
-        acc_p = tl.zeros([BLOCK_E, BLOCK_N], dtype=tl.float32)
+        acc_s = tl.zeros([BLOCK_N, BLOCK_E], dtype=tl.float32)
+        acc_p = tl.zeros([BLOCK_N, BLOCK_E], dtype=tl.float32)
         for m in tl.static_range(M):
             row = (pid_b * M + m) * L + t
-            a = _a_for(m, A_ptr, E, N, offs_en, m2, a0, a1, a2, a3)
+            if m == 0:
+                a = a0
+                qm = q0
+            elif m == 1:
+                a = a1
+                qm = q1
+            elif m == 2:
+                a = a2
+                qm = q2
+            elif m == 3:
+                a = a3
+                qm = q3
+            else:
+                a = _load_a(A_ptr, m, E, N, offs_ne, m2, True)
+                qm = _load_vec(bias_ptr, m, E, offs_e, me, HAS_BIAS)
             u = tl.load(u_ptr + row * E + offs_e, mask=me, other=0.0).to(tl.float32)
             x = tl.load(dl_ptr + row * E + offs_e, mask=me, other=0.0).to(tl.float32)
             if HAS_BIAS:
-                x = x + _vec_for(m, bias_ptr, E, offs_e, me, HAS_BIAS, q0, q1, q2, q3)
-            dt = _dt_of(x, SOFTPLUS)
+                x += qm
+            if SOFTPLUS:
+                w = tl.exp(tl.minimum(x, 20.0))
+                v = 1.0 + w
+                dt = tl.where(x > 20.0, x, tl.log(v) - ((v - 1.0) - w) / v)
+            else:
+                dt = x
             bb = tl.load(B_ptr + row * N + offs_n, mask=mn, other=0.0).to(tl.float32)
-            da = tl.exp2(dt[:, None] * a)
-            acc_s += da * s + (dt * u)[:, None] * bb[None, :]
+            da = tl.exp2(dt[None, :] * a)
+            acc_s += da * s + bb[:, None] * (dt * u)[None, :]
             acc_p += da
         s = acc_s * kappa
         p = p * (acc_p * kappa)
-    out = (pid_b * n_seg + pid_s) * E * N + offs_en
+    out = (pid_b * n_seg + pid_s) * E * N + offs_ne
     tl.store(P_ptr + out, p, mask=m2)
     tl.store(S_ptr + out, s, mask=m2)
 
@@ -285,18 +271,13 @@ def _fwd_combine_kernel(P_ptr, S_ptr, c0_ptr, start_ptr, EN, n_seg,
         tl.store(start_ptr + base + (j + 1) * EN, c, mask=mask)
 
 
-# ---------------------------------------------------------------------------------------------
-# backward
-# ---------------------------------------------------------------------------------------------
-
-
 @triton.jit
 def _bwd_seg_kernel(dl_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, dy_ptr, P_ptr, R_ptr,
                     L, E, N, seg_len, n_seg, kappa,
                     M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr,
                     SOFTPLUS: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr):
-    # Segment summary of the adjoint recurrence: R = adjoint at the segment start given a zero
-    # adjoint at its end, P = the segment's transition (same as the forward's).
+    # Segment summary of the adjoint recurrence: R = adjoint at the segment's start given a zero
+    # adjoint at its end, P = the segment's transition (the same as the forward's).
     pid_e = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     pid_s = tl.program_id(2) + 1  # segment 0 needs no summary
@@ -304,49 +285,63 @@ def _bwd_seg_kernel(dl_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, dy_ptr, P_ptr, R_ptr,
     offs_n = tl.arange(0, BLOCK_N)
     me = offs_e < E
     mn = offs_n < N
-    m2 = me[:, None] & mn[None, :]
-    offs_en = offs_e[:, None] * N + offs_n[None, :]
-    a0 = _load_a(A_ptr, 0, E, N, offs_en, m2)
-    a1 = a0
-    a2 = a0
-    a3 = a0
-    if M > 1:
-        a1 = _load_a(A_ptr, 1, E, N, offs_en, m2)
-    if M > 2:
-        a2 = _load_a(A_ptr, 2, E, N, offs_en, m2)
-    if M > 3:
-        a3 = _load_a(A_ptr, 3, E, N, offs_en, m2)
+    m2 = mn[:, None] & me[None, :]
+    offs_ne = offs_n[:, None] * E + offs_e[None, :]
+    a0 = _load_a(A_ptr, 0, E, N, offs_ne, m2, True)
+    a1 = _load_a(A_ptr, 1, E, N, offs_ne, m2, M > 1)
+    a2 = _load_a(A_ptr, 2, E, N, offs_ne, m2, M > 2)
+    a3 = _load_a(A_ptr, 3, E, N, offs_ne, m2, M > 3)
     q0 = _load_vec(bias_ptr, 0, E, offs_e, me, HAS_BIAS)
-    q1 = _load_vec(bias_ptr, 1 % M, E, offs_e, me, HAS_BIAS)
-    q2 = _load_vec(bias_ptr, 2 % M, E, offs_e, me, HAS_BIAS)
-    q3 = _load_vec(bias_ptr, 3 % M, E, offs_e, me, HAS_BIAS)
+    q1 = _load_vec(bias_ptr, 1, E, offs_e, me, HAS_BIAS and M > 1)
+    q2 = _load_vec(bias_ptr, 2, E, offs_e, me, HAS_BIAS and M > 2)
+    q3 = _load_vec(bias_ptr, 3, E, offs_e, me, HAS_BIAS and M > 3)
 
-    g = tl.zeros([BLOCK_E, BLOCK_N], dtype=tl.float32)
-    p = tl.full([BLOCK_E, BLOCK_N], 1.0, dtype=tl.float32)
+    g = tl.zeros([BLOCK_N, BLOCK_E], dtype=tl.float32)
+    p = tl.full([BLOCK_N, BLOCK_E], 1.0, dtype=tl.float32)
     t_lo = pid_s * seg_len
     t_hi = tl.minimum(t_lo + seg_len, L)
     for tt in range(t_hi - t_lo):
         t = t_hi - 1 - tt
-        acc_g = tl.zeros([BLOCK_E, BLOCK_N], dtype=tl.float32)
-        acc_p = tl.zeros([BLOCK_E, BLOCK_N], dtype=tl.float32)
+        acc_g = tl.zeros([BLOCK_N, BLOCK_E], dtype=tl.float32)
+        acc_p = tl.zeros([BLOCK_N, BLOCK_E], dtype=tl.float32)
+        kg = kappa * g
         for m in tl.static_range(M):
             row = (pid_b * M + m) * L + t
-            a = _a_for(m, A_ptr, E, N, offs_en, m2, a0, a1, a2, a3)
+            if m == 0:
+                a = a0
+                qm = q0
+            elif m == 1:
+                a = a1
+                qm = q1
+            elif m == 2:
+                a = a2
+                qm = q2
+            elif m == 3:
+                a = a3
+                qm = q3
+            else:
+                a = _load_a(A_ptr, m, E, N, offs_ne, m2, True)
+                qm = _load_vec(bias_ptr, m, E, offs_e, me, HAS_BIAS)
             x = tl.load(dl_ptr + row * E + offs_e, mask=me, other=0.0).to(tl.float32)
             if HAS_BIAS:
-                x = x + _vec_for(m, bias_ptr, E, offs_e, me, HAS_BIAS, q0, q1, q2, q3)
-            dt = _dt_of(x, SOFTPLUS)
+                x += qm
+            if SOFTPLUS:
+                w = tl.exp(tl.minimum(x, 20.0))
+                v = 1.0 + w
+                dt = tl.where(x > 20.0, x, tl.log(v) - ((v - 1.0) - w) / v)
+            else:
+                dt = x
             dyr = tl.load(dy_ptr + row * E + offs_e, mask=me, other=0.0).to(tl.float32)
             if HAS_Z:
                 zz = tl.load(z_ptr + row * E + offs_e, mask=me, other=0.0).to(tl.float32)
-                dyr = dyr * (zz * tl.sigmoid(zz))
+                dyr = dyr * (zz * (1.0 / (1.0 + tl.exp(-zz))))
             cc = tl.load(C_ptr + row * N + offs_n, mask=mn, other=0.0).to(tl.float32)
-            da = tl.exp2(dt[:, None] * a)
-            acc_g += da * (dyr[:, None] * cc[None, :] + kappa * g)
+            da = tl.exp2(dt[None, :] * a)
+            acc_g += da * (cc[:, None] * dyr[None, :] + kg)
             acc_p += da
         g = acc_g
         p = p * (acc_p * kappa)
-    out = (pid_b * n_seg + pid_s) * E * N + offs_en
+    out = (pid_b * n_seg + pid_s) * E * N + offs_ne
     tl.store(P_ptr + out, p, mask=m2)
     tl.store(R_ptr + out, g, mask=m2)
 
@@ -390,34 +385,35 @@ def _bwd_kernel(u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dy_p
     offs_n = tl.arange(0, BLOCK_N)
     me = offs_e < E
     mn = offs_n < N
-    m2 = me[:, None] & mn[None, :]
-    offs_en = offs_e[:, None] * N + offs_n[None, :]
+    m2 = mn[:, None] & me[None, :]
+    offs_ne = offs_n[:, None] * E + offs_e[None, :]
     TILE: tl.constexpr = BLOCK_E * BLOCK_N
-    scr = (scr_ptr + ((pid_b * n_seg + pid_s) * n_eblk + pid_e) * chunk * TILE
-           + tl.arange(0, BLOCK_E)[:, None] * BLOCK_N + offs_n[None, :])
-
-    a0 = _load_a(A_ptr, 0, E, N, offs_en, m2)
-    a1 = a0
-    a2 = a0
-    a3 = a0
-    if M > 1:
-        a1 = _load_a(A_ptr, 1, E, N, offs_en, m2)
-    if M > 2:
-        a2 = _load_a(A_ptr, 2, E, N, offs_en, m2)
-    if M > 3:
-        a3 = _load_a(A_ptr, 3, E, N, offs_en, m2)
+    # this program's scratch: chunk x (BLOCK_N x BLOCK_E) float32 states, padded, unmasked
+    scr = scr_ptr + ((pid_b * n_seg + pid_s) * n_eblk + pid_e) * chunk * TILE
+    scr_off = tl.arange(0, BLOCK_N)[:, None] * BLOCK_E + tl.arange(0, BLOCK_E)[None, :]
+    a0 = _load_a(A_ptr, 0, E, N, offs_ne, m2, True)
+    a1 = _load_a(A_ptr, 1, E, N, offs_ne, m2, M > 1)
+    a2 = _load_a(A_ptr, 2, E, N, offs_ne, m2, M > 2)
+    a3 = _load_a(A_ptr, 3, E, N, offs_ne, m2, M > 3)
     d0 = _load_vec(D_ptr, 0, E, offs_e, me, HAS_D)
-    d1 = _load_vec(D_ptr, 1 % M, E, offs_e, me, HAS_D)
-    d2 = _load_vec(D_ptr, 2 % M, E, offs_e, me, HAS_D)
-    d3 = _load_vec(D_ptr, 3 % M, E, offs_e, me, HAS_D)
+    d1 = _load_vec(D_ptr, 1, E, offs_e, me, HAS_D and M > 1)
+    d2 = _load_vec(D_ptr, 2, E, offs_e, me, HAS_D and M > 2)
+    d3 = _load_vec(D_ptr, 3, E, offs_e, me, HAS_D and M > 3)
     q0 = _load_vec(bias_ptr, 0, E, offs_e, me, HAS_BIAS)
-    q1 = _load_vec(bias_ptr, 1 % M, E, offs_e, me, HAS_BIAS)
-    q2 = _load_vec(bias_ptr, 2 % M, E, offs_e, me, HAS_BIAS)
-    q3 = _load_vec(bias_ptr, 3 % M, E, offs_e, me, HAS_BIAS)
+    q1 = _load_vec(bias_ptr, 1, E, offs_e, me, HAS_BIAS and M > 1)
+    q2 = _load_vec(bias_ptr, 2, E, offs_e, me, HAS_BIAS and M > 2)
+    q3 = _load_vec(bias_ptr, 3, E, offs_e, me, HAS_BIAS and M > 3)
+    if DETERMINISTIC:
+        # per-E-block partials (n_eblk, batch, M, L, N), summed on the host
+        dB_base = dB_ptr + pid_e.to(tl.int64) * n_rows * N
+        dC_base = dC_ptr + pid_e.to(tl.int64) * n_rows * N
+    else:
+        dB_base = dB_ptr
+        dC_base = dC_ptr
 
-    # Per-modality gradient accumulators over this program's time range (first 4 in registers,
-    # later ones read-modify-write their own slice of the zero-initialised partial buffers).
-    ga0 = tl.zeros([BLOCK_E, BLOCK_N], dtype=tl.float32)
+    # Per-modality gradient accumulators over this program's time range: the first four in
+    # registers; later modalities read-modify-write their own slice of the zeroed partials.
+    ga0 = tl.zeros([BLOCK_N, BLOCK_E], dtype=tl.float32)
     ga1 = ga0
     ga2 = ga0
     ga3 = ga0
@@ -429,12 +425,12 @@ def _bwd_kernel(u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dy_p
     gq1 = gd0
     gq2 = gd0
     gq3 = gd0
-    part = (pid_b * n_seg + pid_s) * M  # row of this program in the (batch*n_seg, M, ...) partials
+    part = (pid_b * n_seg + pid_s) * M  # this program's row in the (batch*n_seg, M, ...) partials
 
     if HAS_G:
-        g = tl.load(g_ptr + (pid_b * n_seg + pid_s) * E * N + offs_en, mask=m2, other=0.0)
+        g = tl.load(g_ptr + (pid_b * n_seg + pid_s) * E * N + offs_ne, mask=m2, other=0.0)
     else:
-        g = tl.zeros([BLOCK_E, BLOCK_N], dtype=tl.float32)
+        g = tl.zeros([BLOCK_N, BLOCK_E], dtype=tl.float32)
     t_lo = pid_s * seg_len  # a multiple of chunk
     t_hi = tl.minimum(t_lo + seg_len, L)
     n_sub = tl.cdiv(t_hi - t_lo, chunk)
@@ -442,50 +438,92 @@ def _bwd_kernel(u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dy_p
         k = n_sub - 1 - kk
         t0 = t_lo + k * chunk
         t1 = tl.minimum(t0 + chunk, t_hi)
-        # 1) recompute the chunk's states c[t-1], t0 <= t < t1, into scratch
-        c = tl.load(ckpt_ptr + (pid_b * n_ck + t0 // chunk) * E * N + offs_en, mask=m2, other=0.0)
-        tl.store(scr, c)
+        # 1) recompute the chunk's states c[t-1], t0 <= t < t1, from its checkpoint into scratch
+        c = tl.load(ckpt_ptr + (pid_b * n_ck + t0 // chunk) * E * N + offs_ne, mask=m2, other=0.0)
+        tl.store(scr + scr_off, c)
         for t in range(t0, t1 - 1):
-            acc = tl.zeros([BLOCK_E, BLOCK_N], dtype=tl.float32)
+            acc = tl.zeros([BLOCK_N, BLOCK_E], dtype=tl.float32)
             for m in tl.static_range(M):
                 row = (pid_b * M + m) * L + t
-                a = _a_for(m, A_ptr, E, N, offs_en, m2, a0, a1, a2, a3)
+                if m == 0:
+                    a = a0
+                    qm = q0
+                elif m == 1:
+                    a = a1
+                    qm = q1
+                elif m == 2:
+                    a = a2
+                    qm = q2
+                elif m == 3:
+                    a = a3
+                    qm = q3
+                else:
+                    a = _load_a(A_ptr, m, E, N, offs_ne, m2, True)
+                    qm = _load_vec(bias_ptr, m, E, offs_e, me, HAS_BIAS)
                 u = tl.load(u_ptr + row * E + offs_e, mask=me, other=0.0).to(tl.float32)
                 x = tl.load(dl_ptr + row * E + offs_e, mask=me, other=0.0).to(tl.float32)
                 if HAS_BIAS:
-                    x = x + _vec_for(m, bias_ptr, E, offs_e, me, HAS_BIAS, q0, q1, q2, q3)
-                dt = _dt_of(x, SOFTPLUS)
+                    x += qm
+                if SOFTPLUS:
+                    w = tl.exp(tl.minimum(x, 20.0))
+                    v = 1.0 + w
+                    dt = tl.where(x > 20.0, x, tl.log(v) - ((v - 1.0) - w) / v)
+                else:
+                    dt = x
                 bb = tl.load(B_ptr + row * N + offs_n, mask=mn, other=0.0).to(tl.float32)
-                acc += tl.exp2(dt[:, None] * a) * c + (dt * u)[:, None] * bb[None, :]
+                acc += tl.exp2(dt[None, :] * a) * c + bb[:, None] * (dt * u)[None, :]
             c = acc * kappa
-            tl.store(scr + (t + 1 - t0) * TILE, c)
-        # threads may read back elements other threads wrote: make the writes visible
+            tl.store(scr + (t + 1 - t0) * TILE + scr_off, c)
+        # threads may read back elements that other threads wrote: make the writes visible
         tl.debug_barrier()
         # 2) walk the chunk in reverse
         for tt in range(t1 - t0):
             t = t1 - 1 - tt
-            cp = tl.load(scr + (t - t0) * TILE)
-            gn = tl.zeros([BLOCK_E, BLOCK_N], dtype=tl.float32)
+            cp = tl.load(scr + (t - t0) * TILE + scr_off)
+            kg = kappa * g
+            gn = tl.zeros([BLOCK_N, BLOCK_E], dtype=tl.float32)
             for m in tl.static_range(M):
                 row = (pid_b * M + m) * L + t
-                a = _a_for(m, A_ptr, E, N, offs_en, m2, a0, a1, a2, a3)
+                if m == 0:
+                    a = a0
+                    dm = d0
+                    qm = q0
+                elif m == 1:
+                    a = a1
+                    dm = d1
+                    qm = q1
+                elif m == 2:
+                    a = a2
+                    dm = d2
+                    qm = q2
+                elif m == 3:
+                    a = a3
+                    dm = d3
+                    qm = q3
+                else:
+                    a = _load_a(A_ptr, m, E, N, offs_ne, m2, True)
+                    dm = _load_vec(D_ptr, m, E, offs_e, me, HAS_D)
+                    qm = _load_vec(bias_ptr, m, E, offs_e, me, HAS_BIAS)
                 u = tl.load(u_ptr + row * E + offs_e, mask=me, other=0.0).to(tl.float32)
                 x = tl.load(dl_ptr + row * E + offs_e, mask=me, other=0.0).to(tl.float32)
                 if HAS_BIAS:
-                    x = x + _vec_for(m, bias_ptr, E, offs_e, me, HAS_BIAS, q0, q1, q2, q3)
-                dt = _dt_of(x, SOFTPLUS)
+                    x += qm
+                if SOFTPLUS:
+                    w = tl.exp(tl.minimum(x, 20.0))
+                    v = 1.0 + w
+                    dt = tl.where(x > 20.0, x, tl.log(v) - ((v - 1.0) - w) / v)
+                else:
+                    dt = x
                 bb = tl.load(B_ptr + row * N + offs_n, mask=mn, other=0.0).to(tl.float32)
                 cc = tl.load(C_ptr + row * N + offs_n, mask=mn, other=0.0).to(tl.float32)
                 dy = tl.load(dy_ptr + row * E + offs_e, mask=me, other=0.0).to(tl.float32)
-                da = tl.exp2(dt[:, None] * a)
+                da = tl.exp2(dt[None, :] * a)
                 xu = dt * u
-                h = da * cp + xu[:, None] * bb[None, :]
-                if HAS_D:
-                    dm = _vec_for(m, D_ptr, E, offs_e, me, HAS_D, d0, d1, d2, d3)
+                h = da * cp + bb[:, None] * xu[None, :]
                 if HAS_Z:
                     zz = tl.load(z_ptr + row * E + offs_e, mask=me, other=0.0).to(tl.float32)
-                    sz = tl.sigmoid(zz)
-                    yraw = tl.sum(h * cc[None, :], axis=1)
+                    sz = (1.0 / (1.0 + tl.exp(-zz)))
+                    yraw = tl.reduce(h * cc[:, None], 0, _SUM)
                     if HAS_D:
                         yraw += dm * u
                     dz = dy * yraw * (sz * (1.0 + zz * (1.0 - sz)))
@@ -493,57 +531,83 @@ def _bwd_kernel(u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dy_p
                     dyr = dy * (zz * sz)
                 else:
                     dyr = dy
-                dh = dyr[:, None] * cc[None, :] + kappa * g
+                dh = cc[:, None] * dyr[None, :] + kg
                 dhda = dh * da
                 gn += dhda
-                w = dhda * cp
-                s1 = tl.sum(dh * bb[None, :], axis=1)
-                s2 = tl.sum(w * a, axis=1) * _LN2
-                ddt = s2 + u * s1
+                wc = dhda * cp
+                s1 = tl.reduce(dh * bb[:, None], 0, _SUM)
+                ddt = tl.reduce(wc * a, 0, _SUM) * _LN2 + u * s1
                 du = dt * s1
                 if HAS_D:
                     du += dyr * dm
                 if SOFTPLUS:
-                    ddl = ddt * tl.where(x > 20.0, 1.0, tl.sigmoid(x))
-                else:
-                    ddl = ddt
+                    ddt = ddt * tl.where(x > 20.0, 1.0, w / v)  # softplus' = sigmoid = w / (1 + w)
                 tl.store(du_ptr + row * E + offs_e, du.to(du_ptr.dtype.element_ty), mask=me)
-                tl.store(ddl_ptr + row * E + offs_e, ddl.to(ddl_ptr.dtype.element_ty), mask=me)
-                gA = w * dt[:, None]
-                if m < 4:
-                    ga0, ga1, ga2, ga3 = _add_at(m, gA, ga0, ga1, ga2, ga3)
-                    gd0, gd1, gd2, gd3 = _add_at(m, dyr * u, gd0, gd1, gd2, gd3)
-                    gq0, gq1, gq2, gq3 = _add_at(m, ddl, gq0, gq1, gq2, gq3)
+                tl.store(ddl_ptr + row * E + offs_e, ddt.to(ddl_ptr.dtype.element_ty), mask=me)
+                gA = wc * dt[None, :]
+                gD = dyr * u
+                if m == 0:
+                    ga0 += gA
+                    gd0 += gD
+                    gq0 += ddt
+                elif m == 1:
+                    ga1 += gA
+                    gd1 += gD
+                    gq1 += ddt
+                elif m == 2:
+                    ga2 += gA
+                    gd2 += gD
+                    gq2 += ddt
+                elif m == 3:
+                    ga3 += gA
+                    gd3 += gD
+                    gq3 += ddt
                 else:
-                    pa = dA_ptr + (part + m) * E * N + offs_en
+                    pa = dA_ptr + (part + m) * E * N + offs_ne
                     tl.store(pa, tl.load(pa, mask=m2, other=0.0) + gA, mask=m2)
                     pd = dD_ptr + (part + m) * E + offs_e
-                    tl.store(pd, tl.load(pd, mask=me, other=0.0) + dyr * u, mask=me)
+                    tl.store(pd, tl.load(pd, mask=me, other=0.0) + gD, mask=me)
                     pq = dbias_ptr + (part + m) * E + offs_e
-                    tl.store(pq, tl.load(pq, mask=me, other=0.0) + ddl, mask=me)
+                    tl.store(pq, tl.load(pq, mask=me, other=0.0) + ddt, mask=me)
                 if NEED_DB:
-                    db = tl.sum(dh * xu[:, None], axis=0)
+                    db = tl.reduce(dh * xu[None, :], 1, _SUM)
                     if DETERMINISTIC:
-                        tl.store(dB_ptr + (pid_e * n_rows + row) * N + offs_n, db, mask=mn)
+                        tl.store(dB_base + row * N + offs_n, db, mask=mn)
                     else:
-                        tl.atomic_add(dB_ptr + row * N + offs_n, db, mask=mn, sem="relaxed")
+                        tl.atomic_add(dB_base + row * N + offs_n, db, mask=mn, sem="relaxed")
                 if NEED_DC:
-                    dc = tl.sum(dyr[:, None] * h, axis=0)
+                    dc = tl.reduce(dyr[None, :] * h, 1, _SUM)
                     if DETERMINISTIC:
-                        tl.store(dC_ptr + (pid_e * n_rows + row) * N + offs_n, dc, mask=mn)
+                        tl.store(dC_base + row * N + offs_n, dc, mask=mn)
                     else:
-                        tl.atomic_add(dC_ptr + row * N + offs_n, dc, mask=mn, sem="relaxed")
+                        tl.atomic_add(dC_base + row * N + offs_n, dc, mask=mn, sem="relaxed")
             g = gn
         # the next chunk overwrites scratch that other threads may still be reading
         tl.debug_barrier()
     if NEED_DINIT:
         if pid_s == 0:
-            tl.store(dinit_ptr + pid_b * E * N + offs_en, g, mask=m2)
+            tl.store(dinit_ptr + pid_b * E * N + offs_ne, g, mask=m2)
     for m in tl.static_range(M):
+        if m == 0:
+            ga = ga0
+            gd = gd0
+            gq = gq0
+        elif m == 1:
+            ga = ga1
+            gd = gd1
+            gq = gq1
+        elif m == 2:
+            ga = ga2
+            gd = gd2
+            gq = gq2
+        else:
+            ga = ga3
+            gd = gd3
+            gq = gq3
         if m < 4:
-            tl.store(dA_ptr + (part + m) * E * N + offs_en, _pick(m, ga0, ga1, ga2, ga3), mask=m2)
-            tl.store(dD_ptr + (part + m) * E + offs_e, _pick(m, gd0, gd1, gd2, gd3), mask=me)
-            tl.store(dbias_ptr + (part + m) * E + offs_e, _pick(m, gq0, gq1, gq2, gq3), mask=me)
+            tl.store(dA_ptr + (part + m) * E * N + offs_ne, ga, mask=m2)
+            tl.store(dD_ptr + (part + m) * E + offs_e, gd, mask=me)
+            tl.store(dbias_ptr + (part + m) * E + offs_e, gq, mask=me)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -551,19 +615,18 @@ def _bwd_kernel(u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dy_p
 # ---------------------------------------------------------------------------------------------
 
 # Overrides for the heuristics below (tests force small blocks and several segments; benchmarks
-# sweep). Keys: block_e, bwd_block_e, num_warps, bwd_num_warps, n_seg, bwd_n_seg, chunk,
-# deterministic.
+# sweep). Keys (bwd_* for the backward): block_e, num_warps, maxnreg, n_seg; chunk; deterministic.
+_KEYS = ("block_e", "num_warps", "maxnreg", "n_seg", "bwd_block_e", "bwd_num_warps",
+         "bwd_maxnreg", "bwd_n_seg", "chunk", "deterministic")
 _OVERRIDES: dict = {}
 
 
 @contextlib.contextmanager
 def tuning(**kw):
     """Temporarily override launch parameters, e.g. `with tuning(block_e=8, n_seg=3): ...`."""
-    allowed = {"block_e", "bwd_block_e", "num_warps", "bwd_num_warps", "n_seg", "bwd_n_seg",
-               "chunk", "deterministic"}
-    bad = set(kw) - allowed
+    bad = set(kw) - set(_KEYS)
     if bad:
-        raise ValueError(f"tuning: unknown keys {sorted(bad)}")
+        raise ValueError(f"tuning: unknown keys {sorted(bad)}; known: {', '.join(_KEYS)}")
     old = dict(_OVERRIDES)
     _OVERRIDES.update({k: v for k, v in kw.items() if v is not None})
     try:
@@ -586,36 +649,59 @@ class _Plan:
     block_e: int
     block_n: int
     num_warps: int
+    maxnreg: int | None
     n_seg: int
     seg_len: int
 
+    def launch_opts(self):
+        opts = {"num_warps": self.num_warps}
+        if self.maxnreg and not _interpreting():
+            opts["maxnreg"] = self.maxnreg
+        return opts
 
-def _plan(batch, L, E, N, device, *, bwd, chunk=1):
-    """Block sizes and time segmentation. The tile is BLOCK_E x BLOCK_N float32 state, ~8 elements
-    per thread; segments only when the (batch, E-block) grid cannot fill the GPU."""
+
+# Resident warps per SM the kernels reach (sm_90 compile of the M=3, N=64 kernels, 8 warps:
+# forward <= 128 registers/thread -> 2 programs, backward ~255 -> 1): the occupancy the planner
+# aims to fill before it splits time into segments.
+_WARPS_PER_SM = {False: 16, True: 8}
+
+
+def _plan(batch, M, L, E, N, device, *, bwd, chunk=1):
+    """Block sizes and time segmentation. A program's tile is BLOCK_N x BLOCK_E float32 state, 2048
+    elements on 8 warps (8 per thread); BLOCK_E >= 16 where N allows, so that a warp's lanes lie
+    along e (per-channel math is then done once per lane, not repeated across the n lanes)."""
     pre = "bwd_" if bwd else ""
     block_n = _pow2(N)
-    if _interpreting() or device.type != "cuda":
+    gpu = device.type == "cuda" and not _interpreting()
+    if gpu:
+        block_e = max(1, min(_pow2(E), 128, 2048 // block_n))
+    else:
         # The interpreter's cost is per program and per op, not per element: few large programs.
         block_e = min(_pow2(E), 32)
-        n_seg = 1
-    else:
-        tile = 2048 if bwd else 1024  # bwd: larger tiles halve the dB/dC cross-block reductions
-        block_e = max(1, min(_pow2(E), tile // block_n))
-        threads = batch * E * block_n // 8
-        target = torch.cuda.get_device_properties(device).multi_processor_count * 1024
-        n_seg = 1
-        if 2 * threads < target:
-            n_seg = max(1, min(-(-target // threads), L // 128))
     block_e = int(_OVERRIDES.get(pre + "block_e", block_e))
-    n_seg = int(_OVERRIDES.get(pre + "n_seg", n_seg))
     num_warps = int(_OVERRIDES.get(pre + "num_warps",
                                    max(1, min(8, block_e * block_n // 256))))
+    maxnreg = None
+    if gpu and not bwd and num_warps == 8 and M <= 4:
+        # ptxas gives the forward 110-190 registers (by Triton version): capped at 128, two
+        # 8-warp programs fit an SM (no spills on Triton 3.6 or 3.9 at M=3, N=64)
+        maxnreg = 128
+    maxnreg = _OVERRIDES.get(pre + "maxnreg", maxnreg) or None  # override 0: no cap
+    n_seg = 1
+    if gpu:
+        threads = batch * (-(-E // block_e)) * num_warps * 32
+        target = (torch.cuda.get_device_properties(device).multi_processor_count
+                  * _WARPS_PER_SM[bwd] * 32)
+        # Segments double the exp work (a summary pass, then the real one): worth it only when
+        # the (batch, E-block) grid fills under half the GPU; then aim at ~2 waves.
+        if 2 * threads < target:
+            n_seg = max(1, min(-(-2 * target // threads), L // 64))
+    n_seg = int(_OVERRIDES.get(pre + "n_seg", n_seg))
     n_seg = max(1, min(n_seg, L))
     seg_len = -(-L // n_seg)
     seg_len = -(-seg_len // chunk) * chunk  # backward segments start on checkpoints
     n_seg = -(-L // seg_len)
-    return _Plan(block_e, block_n, num_warps, n_seg, seg_len)
+    return _Plan(block_e, block_n, num_warps, maxnreg, n_seg, seg_len)
 
 
 def _chunk_for(L, n_seg_bwd):
@@ -634,40 +720,47 @@ def _deterministic():
 # ---------------------------------------------------------------------------------------------
 
 
-def _forward(u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, kappa, save,
-             chunk=None):
+def _t(x):
+    # (.., E, N) <-> (.., N, E). Every state-shaped buffer the kernels touch is (N, E): e is the
+    # contiguous axis, which makes Triton lay the tile's threads along e (see the kernels' notes).
+    return x.transpose(-1, -2).contiguous() if x is not None else None
+
+
+def _forward(u, delta, At, B, C, D, z, delta_bias, init_t, softplus, kappa, save, chunk=None):
+    """At: A as (M, N, E); init_t: initial_state as (batch, N, E). Returns y, final (batch, N, E)
+    and, when save, the checkpoints (batch, ceil(L / chunk), N, E)."""
     batch, M, L, E = u.shape
-    N = A.shape[2]
+    N = At.shape[1]
     dev = u.device
-    p = _plan(batch, L, E, N, dev, bwd=False)
+    p = _plan(batch, M, L, E, N, dev, bwd=False)
     n_eblk = -(-E // p.block_e)
     y = torch.empty_like(u)
-    final = torch.empty(batch, E, N, device=dev, dtype=torch.float32)
+    final = torch.empty(batch, N, E, device=dev, dtype=torch.float32)
     if save:
         n_ck = -(-L // chunk)
-        ckpt = torch.empty(batch, n_ck, E, N, device=dev, dtype=torch.float32)
+        ckpt = torch.empty(batch, n_ck, N, E, device=dev, dtype=torch.float32)
     else:
         n_ck, chunk = 1, 1
         ckpt = final  # never touched (SAVE_CKPT off)
     meta = dict(M=M, BLOCK_E=p.block_e, BLOCK_N=p.block_n, SOFTPLUS=softplus,
-                num_warps=p.num_warps)
-    dummy = A
-    c0 = initial_state
+                **p.launch_opts())
+    dummy = At
+    c0 = init_t
     if p.n_seg > 1:
         grid = (n_eblk, batch, p.n_seg - 1)
-        P = torch.empty(batch, p.n_seg, E, N, device=dev, dtype=torch.float32)
+        P = torch.empty(batch, p.n_seg, N, E, device=dev, dtype=torch.float32)
         S = torch.empty_like(P)
-        _fwd_seg_kernel[grid](u, delta, A, B, delta_bias if delta_bias is not None else dummy,
+        _fwd_seg_kernel[grid](u, delta, At, B, delta_bias if delta_bias is not None else dummy,
                               P, S, L, E, N, p.seg_len, p.n_seg, kappa,
                               HAS_BIAS=delta_bias is not None, **meta)
         c0 = torch.empty_like(P)
         BLK = 1024
         _fwd_combine_kernel[(triton.cdiv(E * N, BLK), batch)](
-            P, S, initial_state if initial_state is not None else dummy, c0, E * N, p.n_seg,
-            HAS_C0=initial_state is not None, BLOCK=BLK, num_warps=4)
+            P, S, init_t if init_t is not None else dummy, c0, E * N, p.n_seg,
+            HAS_C0=init_t is not None, BLOCK=BLK, num_warps=4)
         del P, S
     _fwd_kernel[(n_eblk, batch, p.n_seg)](
-        u, delta, A, B, C,
+        u, delta, At, B, C,
         D if D is not None else dummy, z if z is not None else u,
         delta_bias if delta_bias is not None else dummy,
         y, c0 if c0 is not None else dummy, ckpt, final,
@@ -678,29 +771,29 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, kappa
 
 
 def _backward(ctx, dy, dfinal):
-    u, delta, A, B, C, D, z, delta_bias, ckpt = ctx.saved_tensors
+    u, delta, At, B, C, D, z, delta_bias, ckpt = ctx.saved_tensors
     softplus, kappa, chunk = ctx.softplus, ctx.kappa, ctx.chunk
     need = ctx.needs_input_grad
     batch, M, L, E = u.shape
-    N = A.shape[2]
+    N = At.shape[1]
     dev = u.device
-    p = _plan(batch, L, E, N, dev, bwd=True, chunk=chunk)
+    p = _plan(batch, M, L, E, N, dev, bwd=True, chunk=chunk)
     n_eblk = -(-E // p.block_e)
     f32 = torch.float32
     dy = torch.zeros_like(u) if dy is None else dy.contiguous()
     if dfinal is not None:
-        dfinal = dfinal.contiguous().float()
+        dfinal = _t(dfinal.float())
     det = _deterministic()
-    dummy = A
+    dummy = At
     meta = dict(M=M, BLOCK_E=p.block_e, BLOCK_N=p.block_n, SOFTPLUS=softplus,
-                num_warps=p.num_warps)
+                **p.launch_opts())
 
     g = dfinal
     if p.n_seg > 1:
-        P = torch.empty(batch, p.n_seg, E, N, device=dev, dtype=f32)
+        P = torch.empty(batch, p.n_seg, N, E, device=dev, dtype=f32)
         R = torch.empty_like(P)
         _bwd_seg_kernel[(n_eblk, batch, p.n_seg - 1)](
-            delta, A, C, z if z is not None else u,
+            delta, At, C, z if z is not None else u,
             delta_bias if delta_bias is not None else dummy, dy, P, R,
             L, E, N, p.seg_len, p.n_seg, kappa,
             HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, **meta)
@@ -723,15 +816,15 @@ def _backward(ctx, dy, dfinal):
         dB = torch.zeros(batch, M, L, N, device=dev, dtype=f32) if need_db else None
         dC = torch.zeros(batch, M, L, N, device=dev, dtype=f32) if need_dc else None
     parts = batch * p.n_seg
-    dA = torch.zeros(parts, M, E, N, device=dev, dtype=f32)
+    dA = torch.zeros(parts, M, N, E, device=dev, dtype=f32)
     dD = torch.zeros(parts, M, E, device=dev, dtype=f32)
     dbias = torch.zeros(parts, M, E, device=dev, dtype=f32)
     need_dinit = initial_state_needs_grad = need[8]
-    dinit = torch.empty(batch, E, N, device=dev, dtype=f32) if need_dinit else None
+    dinit = torch.empty(batch, N, E, device=dev, dtype=f32) if need_dinit else None
     scratch = torch.empty(batch * p.n_seg * n_eblk * chunk * p.block_e * p.block_n,
                           device=dev, dtype=f32)
     _bwd_kernel[(n_eblk, batch, p.n_seg)](
-        u, delta, A, B, C, D if D is not None else dummy, z if z is not None else u,
+        u, delta, At, B, C, D if D is not None else dummy, z if z is not None else u,
         delta_bias if delta_bias is not None else dummy, dy,
         ckpt, g if g is not None else dummy, scratch,
         du, ddelta, dz if dz is not None else du,
@@ -747,13 +840,13 @@ def _backward(ctx, dy, dfinal):
         dC = dC.sum(0) if dC is not None else None
     return (du if need[0] else None,
             ddelta if need[1] else None,
-            dA.sum(0) if need[2] else None,
+            _t(dA.sum(0)) if need[2] else None,
             dB.to(B.dtype) if dB is not None else None,
             dC.to(C.dtype) if dC is not None else None,
             dD.sum(0) if need[5] else None,
             dz if need[6] else None,
             dbias.sum(0) if need[7] else None,
-            dinit)
+            _t(dinit))
 
 
 class _CoupledScanFn(torch.autograd.Function):
@@ -761,14 +854,15 @@ class _CoupledScanFn(torch.autograd.Function):
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, kappa):
         batch, M, L, E = u.shape
         N = A.shape[2]
-        pb = _plan(batch, L, E, N, u.device, bwd=True)
+        pb = _plan(batch, M, L, E, N, u.device, bwd=True)
         chunk = _chunk_for(L, pb.n_seg)
-        y, final, ckpt = _forward(u, delta, A, B, C, D, z, delta_bias, initial_state, softplus,
-                                  kappa, save=True, chunk=chunk)
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, ckpt)
+        At = _t(A)
+        y, final, ckpt = _forward(u, delta, At, B, C, D, z, delta_bias, _t(initial_state),
+                                  softplus, kappa, save=True, chunk=chunk)
+        ctx.save_for_backward(u, delta, At, B, C, D, z, delta_bias, ckpt)
         ctx.softplus, ctx.kappa, ctx.chunk = softplus, kappa, chunk
         ctx.set_materialize_grads(False)
-        return y, final
+        return y, _t(final)
 
     @staticmethod
     @once_differentiable
@@ -799,5 +893,8 @@ def coupled_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, *,
     if needs_grad:
         y, final = _CoupledScanFn.apply(*cont, softplus, kappa)
     else:
-        y, final, _ = _forward(*cont, softplus, kappa, save=False)
+        u, delta, A, B, C, D, z, delta_bias, init = cont
+        y, final, _ = _forward(u, delta, _t(A), B, C, D, z, delta_bias, _t(init), softplus, kappa,
+                               save=False)
+        final = _t(final)
     return (y, final) if return_final_state else y
