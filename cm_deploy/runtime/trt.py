@@ -44,7 +44,7 @@ def import_tensorrt(name: str | None = None):
         return _modules[name]
     if name == "tensorrt_rtx_bindings":
         try:   # the bindings wheel finds its shared libraries through this package
-            importlib.import_module("tensorrt_rtx_libs")
+            _rtx_soname_fix(importlib.import_module("tensorrt_rtx_libs"))
         except ImportError:
             pass
     try:
@@ -54,6 +54,21 @@ def import_tensorrt(name: str | None = None):
                         f"(pip install tensorrt) or choose another with --trt-module / {MODULE_ENV}") from None
     _modules[name] = mod
     return mod
+
+
+def _rtx_soname_fix(libs_pkg) -> None:
+    """TensorRT-RTX 1.7's ONNX parser dlopen()s "libtensorrt_rtx.so", a name its pip wheel does not
+    ship (only libtensorrt_rtx.so.1); the failure crosses a noexcept function and the process aborts
+    ("terminate called without an active exception") as soon as a plugin node is parsed. The wheel's
+    libraries carry RPATH $ORIGIN, so a symlink beside them is found; make it when we may."""
+    folder = Path(getattr(libs_pkg, "__file__", "") or ".").parent
+    real, link = folder / "libtensorrt_rtx.so.1", folder / "libtensorrt_rtx.so"
+    if real.exists() and not link.exists():
+        try:
+            link.symlink_to(real.name)
+        except OSError as e:
+            print(f"warning: TensorRT-RTX: cannot create {link} ({e}); parsing plugin nodes may abort: "
+                  f"create that symlink to {real.name}", file=sys.stderr)
 
 
 def tensorrt_available(name: str | None = None) -> tuple[bool, str]:
