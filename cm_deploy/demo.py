@@ -116,7 +116,9 @@ def main(argv=None):
     from .errors import CmDeployError
     try:
         from .export import export_checkpoint
-        from .runtime.parity import check_parity
+        from .runtime import load
+        from .runtime.parity import default_shapes, format_report, run_parity
+        from .runtime.torch_backend import TorchBackend
     except ImportError as e:  # export/runtime extras not installed
         print(f"[2/3] skipped export and parity: {e}")
         return 0
@@ -126,13 +128,17 @@ def main(argv=None):
         print(f"      wrote {out / 'export'}: model.onnx ({manifest['custom_ops'][0]['count']} CoupledScan "
               "nodes), model.portable.onnx, manifest.json")
         print("[3/3] parity: portable ONNX in ONNX Runtime vs the PyTorch reference")
-        report = check_parity(ckpt, out / "export" / "model.portable.onnx")
+        with load(out / "export" / "model.portable.onnx") as onnx_model, \
+                TorchBackend(ckpt, device="cpu", dtype="float32", scan_impl="reference") as ref:
+            report = run_parity(ref, onnx_model, default_shapes([onnx_model]))
     except CmDeployError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     (out / "parity.json").write_text(json.dumps(report, indent=2, default=str))
-    print(report.get("table", ""))
-    return 0 if report.get("passed") else 1
+    print(format_report(report))
+    print(f"      parity {'PASSED' if report['ok'] else 'FAILED'} (tolerance atol {report['atol']:g}, "
+          f"rtol {report['rtol']:g}); next: cm-deploy build {out / 'export' / 'model.onnx'} on a TensorRT machine")
+    return 0 if report["ok"] else 1
 
 
 if __name__ == "__main__":
