@@ -467,3 +467,19 @@ def test_tuning_rejects_unknown_keys():
     with pytest.raises(ValueError, match="unknown keys"):
         with tuning(blok_e=8):
             pass
+
+
+@needs_triton
+@pytest.mark.parametrize("tune", [dict(block_e=8, num_warps=1, pf_bc=True, n_seg=2),
+                                  dict(block_e=4, num_warps=1, pf_bc=False)],
+                         ids=["pf_bc-eblk8-seg2", "eblk4"])
+def test_triton_forward_gpu_tile_shapes(tune):
+    # the GPU planner's forward tiles (one warp, BLOCK_E = 512 / BLOCK_N, rows permuted over n),
+    # with B/C prefetch on and off, against the reference; N = 64 as in the model
+    inp = make_inputs(1, 3, 11, 8, 64, init=True, seed=11)
+    kw = dict(softplus=True, kappa=None, return_final=True)
+    y_r, f_r, _ = run_scan("reference", inp, **kw)
+    with tuning(**tune):
+        y_t, f_t, _ = run_scan("triton", inp, **kw)
+    assert_close(y_t, y_r, 1e-5, "y")
+    assert_close(f_t, f_r, 1e-5, "final_state")
