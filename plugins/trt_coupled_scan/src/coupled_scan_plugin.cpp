@@ -608,11 +608,23 @@ int32_t CoupledScanPlugin::configurePlugin(
     return 0;
 }
 
-size_t CoupledScanPlugin::getWorkspaceSize(DynamicPluginTensorDesc const* /*inputs*/, int32_t /*nbInputs*/,
+size_t CoupledScanPlugin::getWorkspaceSize(DynamicPluginTensorDesc const* inputs, int32_t nbInputs,
     DynamicPluginTensorDesc const* /*outputs*/, int32_t /*nbOutputs*/) const noexcept
 {
     CM_TRACE("getWorkspaceSize");
-    return 0; // the state lives in registers, chunks in shared memory
+    // The state lives in registers, chunks in shared memory; the workspace holds only the per-segment
+    // summaries of a launch that splits L (small batch), at most kMaxSegmentRows * E * N float2.
+    if (inputs == nullptr || nbInputs <= kA)
+    {
+        return 0;
+    }
+    int64_t const E = inputs[kU].max.nbDims == 4 ? inputs[kU].max.d[3] : -1;
+    int64_t const N = inputs[kA].max.nbDims == 3 ? inputs[kA].max.d[2] : -1;
+    if (E < 1 || N < 1 || N > scan::kMaxStates)
+    {
+        return 0;
+    }
+    return scan::segmentWorkspaceBytes(E, N);
 }
 
 int32_t CoupledScanPlugin::onShapeChange(
@@ -642,7 +654,7 @@ int32_t CoupledScanPlugin::onShapeChange(
 }
 
 int32_t CoupledScanPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTensorDesc const* outputDesc,
-    void const* const* inputs, void* const* outputs, void* /*workspace*/, cudaStream_t stream) noexcept
+    void const* const* inputs, void* const* outputs, void* workspace, cudaStream_t stream) noexcept
 {
     CM_TRACE("enqueue");
     try
@@ -706,11 +718,18 @@ int32_t CoupledScanPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTens
             return -1;
         }
         scan::ScanGeometry g;
-        if (!scan::chooseGeometry(a.batch, a.M, a.L, a.E, a.N, dev, scan::envOverrides(), g, &why))
+        // L is split into segments only with a workspace (TensorRT passes the one getWorkspaceSize asked for).
+        scan::ScanOverrides ov = scan::envOverrides();
+        if (workspace == nullptr)
+        {
+            ov.segs = 1;
+        }
+        if (!scan::chooseGeometry(a.batch, a.M, a.L, a.E, a.N, dev, ov, g, &why))
         {
             logError("enqueue: " + why);
             return -1;
         }
+        a.work = g.segs > 1 ? static_cast<float*>(workspace) : nullptr;
         scan::ActType const t = inputDesc[kU].type == DataType::kFLOAT
             ? scan::ActType::kFLOAT32
             : (inputDesc[kU].type == DataType::kHALF ? scan::ActType::kFLOAT16 : scan::ActType::kBFLOAT16);
@@ -719,7 +738,8 @@ int32_t CoupledScanPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTens
             std::ostringstream s;
             s << "launch batch=" << a.batch << " M=" << a.M << " L=" << a.L << " E=" << a.E << " N=" << a.N
               << " npt=" << g.npt << " lpc=" << g.lpc << " ch=" << g.ch << " threads=" << g.nc << "+" << g.np
-              << " tc=" << g.tc << " smem=" << g.smemBytes << " blocks=" << g.blocks;
+              << " tc=" << g.tc << " smem=" << g.smemBytes << " blocks=" << g.blocks << " segs=" << g.segs
+              << " segLen=" << g.segLen;
             traceCall("enqueue", s.str());
         }
         cudaError_t const err = scan::launchCoupledScan(t, a, g, stream);

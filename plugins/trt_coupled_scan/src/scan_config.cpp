@@ -86,7 +86,28 @@ bool chooseGeometry(int64_t batch, int32_t M, int64_t L, int32_t E, int32_t N, D
         g.S = partialStride(g.lpc);
         g.etiles = ceilDiv(E, g.ch);
         g.blocks = batch * g.etiles;
-        int64_t const warps = g.blocks * (g.nc / 32);
+        // Batch x channels too small to fill the GPU: split L into segments (scanned in parallel after a
+        // first pass that summarises each segment as a linear map of its initial state).
+        g.segs = 1;
+        int64_t const warps1 = g.blocks * (g.nc / 32);
+        if (ov.segs != 1 && batch > 0 && L >= 2 && (ov.segs > 1 || L >= 2 * kMinSegmentLen))
+        {
+            // Forced (ov.segs > 1, tests and tuning): any segment length; automatic: long segments only.
+            int64_t want = ov.segs > 1 ? ov.segs : ceilDiv(targetWarps, std::max<int64_t>(warps1, 1));
+            want = std::min<int64_t>(want, kMaxSegmentRows / batch);
+            want = std::min<int64_t>(want, ov.segs > 1 ? L : L / kMinSegmentLen);
+            if (want > 1)
+            {
+                g.segLen = ceilDiv(L, want);
+                g.segs = static_cast<int32_t>(ceilDiv(L, g.segLen)); // every segment non-empty
+            }
+        }
+        if (g.segs <= 1)
+        {
+            g.segs = 1;
+            g.segLen = L;
+        }
+        int64_t const warps = warps1 * g.segs;
         if (warps >= targetWarps)
         {
             best = g;
@@ -115,7 +136,7 @@ bool chooseGeometry(int64_t batch, int32_t M, int64_t L, int32_t E, int32_t N, D
     // barriers, longer producer lead), at most 64; at least enough rows for every producer thread.
     ScanGeometry& g = best;
     int64_t const byThreads = std::max<int64_t>(1, 2048 / (g.nc + g.np));
-    int64_t const wanted = std::clamp<int64_t>(ceilDiv(std::max<int64_t>(g.blocks, 1), dev.smCount), 1,
+    int64_t const wanted = std::clamp<int64_t>(ceilDiv(std::max<int64_t>(g.blocks * g.segs, 1), dev.smCount), 1,
         std::min<int64_t>(byThreads, 4));
     size_t const optin = dev.smemOptinPerBlock;
     size_t const budget = std::min(optin, dev.smemPerSM / static_cast<size_t>(wanted) - 1024);
@@ -142,7 +163,7 @@ bool chooseGeometry(int64_t batch, int32_t M, int64_t L, int32_t E, int32_t N, D
     {
         tc = std::min(ov.tc, tcOptin);
     }
-    tc = static_cast<int32_t>(std::min<int64_t>(tc, std::max<int64_t>(L, 1)));
+    tc = static_cast<int32_t>(std::min<int64_t>(tc, std::max<int64_t>(g.segLen, 1)));
     g.tc = tc;
     g.smemBytes = smemBytesFor(g, M, tc);
     out = g;

@@ -39,9 +39,20 @@ constexpr float kLog2e = 1.4426950408889634f;
 template <typename T>
 struct ActIO;
 
+// load: one element as float. Raw / loadRaw / toFloat: the element's bits, converted later, so that a
+// batch of loads is issued before the first conversion waits on one (the producer's loads).
 template <>
 struct ActIO<float>
 {
+    using Raw = float;
+    static CMS_HD Raw loadRaw(void const* p, int64_t i)
+    {
+        return static_cast<float const*>(p)[i];
+    }
+    static CMS_HD float toFloat(Raw r)
+    {
+        return r;
+    }
     static CMS_HD float load(void const* p, int64_t i)
     {
         return static_cast<float const*>(p)[i];
@@ -55,6 +66,17 @@ struct ActIO<float>
 template <>
 struct ActIO<__half>
 {
+    using Raw = unsigned short;
+    static CMS_HD Raw loadRaw(void const* p, int64_t i)
+    {
+        return static_cast<unsigned short const*>(p)[i];
+    }
+    static CMS_HD float toFloat(Raw r)
+    {
+        __half_raw h;
+        h.x = r;
+        return __half2float(__half(h));
+    }
     static CMS_HD float load(void const* p, int64_t i)
     {
         return __half2float(static_cast<__half const*>(p)[i]);
@@ -68,6 +90,17 @@ struct ActIO<__half>
 template <>
 struct ActIO<__nv_bfloat16>
 {
+    using Raw = unsigned short;
+    static CMS_HD Raw loadRaw(void const* p, int64_t i)
+    {
+        return static_cast<unsigned short const*>(p)[i];
+    }
+    static CMS_HD float toFloat(Raw r)
+    {
+        __nv_bfloat16_raw h;
+        h.x = r;
+        return __bfloat162float(__nv_bfloat16(h));
+    }
     static CMS_HD float load(void const* p, int64_t i)
     {
         return __bfloat162float(static_cast<__nv_bfloat16 const*>(p)[i]);
@@ -91,14 +124,23 @@ CMS_HD float fastExp2(float x)
 }
 
 // PyTorch's F.softplus (beta 1, threshold 20), which the reference uses.
+CMS_HD float fastExp(float x)
+{
+#if defined(__CUDA_ARCH__)
+    return __expf(x);
+#else
+    return std::exp(x);
+#endif
+}
+
 CMS_HD float softplus(float x)
 {
-    return x > 20.f ? x : log1pf(expf(x));
+    return x > 20.f ? x : log1pf(fastExp(x));
 }
 
 CMS_HD float silu(float x)
 {
-    return x / (1.f + expf(-x));
+    return x / (1.f + fastExp(-x));
 }
 
 CMS_HD float4 load4(float const* p)
@@ -152,12 +194,16 @@ struct Walk
     }
 };
 
-// Per-block context: which batch row and channels, and where the two pipeline stages live. The
-// stage is picked by arithmetic, not by indexing an array of pointers (which would go to local memory).
+// Per-block context: which batch row, channels and segment of L, and where the two pipeline stages
+// live. The stage is picked by arithmetic, not by indexing an array of pointers (which would go to
+// local memory).
 struct BlockCtx
 {
     int64_t b;
     int32_t e0;
+    int32_t seg;     // segment of L (0 when L is not split)
+    int64_t tBase;   // first time step of the segment
+    int64_t len;     // steps of the segment
     int64_t nchunks;
     float* smem;
     SmemLayout l;
@@ -184,20 +230,29 @@ struct BlockCtx
     }
 };
 
-CMS_HD BlockCtx makeBlockCtx(float* smem, ScanArgs const& a, ScanGeometry const& g, int64_t blockIndex)
+// Block index -> (batch row, segment, channel tile). The summary pass (SUMMARY) launches segments
+// 0..segs-2 only (the last segment's summary is never needed); the main pass all of them.
+CMS_HD BlockCtx makeBlockCtx(float* smem, ScanArgs const& a, ScanGeometry const& g, int64_t blockIndex, bool summary)
 {
+    int64_t const segsInGrid = summary ? g.segs - 1 : g.segs;
     BlockCtx k;
-    k.b = blockIndex / g.etiles;
-    k.e0 = static_cast<int32_t>((blockIndex % g.etiles) * g.ch);
-    k.nchunks = a.L > 0 ? (a.L + g.tc - 1) / g.tc : 0;
+    int64_t const et = blockIndex % g.etiles;
+    int64_t const r = blockIndex / g.etiles;
+    k.seg = static_cast<int32_t>(r % segsInGrid);
+    k.b = r / segsInGrid;
+    k.e0 = static_cast<int32_t>(et * g.ch);
+    k.tBase = static_cast<int64_t>(k.seg) * g.segLen;
+    int64_t const left = a.L - k.tBase;
+    k.len = left < 0 ? 0 : (left < g.segLen ? left : g.segLen);
+    k.nchunks = k.len > 0 ? (k.len + g.tc - 1) / g.tc : 0;
     k.smem = smem;
     k.l = smemLayout(g, a.M);
     return k;
 }
 
-CMS_HD int32_t chunkSteps(ScanArgs const& a, ScanGeometry const& g, int64_t chunk)
+CMS_HD int32_t chunkSteps(BlockCtx const& k, ScanGeometry const& g, int64_t chunk)
 {
-    int64_t const left = a.L - chunk * g.tc;
+    int64_t const left = k.len - chunk * g.tc;
     return static_cast<int32_t>(left < g.tc ? left : g.tc);
 }
 
@@ -205,7 +260,8 @@ CMS_HD int32_t chunkSteps(ScanArgs const& a, ScanGeometry const& g, int64_t chun
 template <int NPT, int MT>
 struct Consumer
 {
-    float c[NPT];      // coupled state c[t-1] of each owned (e, n)
+    float c[NPT];      // coupled state c[t-1] of each owned (e, n); the offset in the summary pass
+    float P[NPT];      // summary pass: product of the transitions kappa * sum_m exp(dt A) so far
     float a2[MT][NPT]; // A[m, e, n] * log2(e); 0 for padding
     int32_t chl;
     int32_t j;
@@ -220,7 +276,15 @@ struct Consumer
         return NPT == 1 ? j : 2 * (j + lpc * (s / 2)) + (s & 1);
     }
 
-    CMS_HD void init(ScanArgs const& a, ScanGeometry const& g, BlockCtx const& k, int32_t tid)
+    static CMS_HD int64_t workIndex(ScanArgs const& a, ScanGeometry const& g, int64_t b, int32_t seg, int32_t e,
+        int32_t n)
+    {
+        return ((b * g.segs + seg) * a.E + e) * static_cast<int64_t>(a.N) + n;
+    }
+
+    // summary: start from c = 0, P = 1. Otherwise start from the segment's true initial state: the
+    // operator's initial state carried through the summaries {P, off} of the segments before it.
+    CMS_HD void init(ScanArgs const& a, ScanGeometry const& g, BlockCtx const& k, int32_t tid, bool summary)
     {
         active = tid < g.ch * g.lpc;
         chl = active ? tid / g.lpc : 0;
@@ -237,17 +301,29 @@ struct Consumer
             {
                 a2[m][s] = (ok && m < a.M) ? a.A[(static_cast<int64_t>(m) * a.E + e) * a.N + n] * kLog2e : 0.f;
             }
-            c[s] = (ok && a.initialState != nullptr) ? a.initialState[(k.b * a.E + e) * a.N + n] : 0.f;
+            P[s] = 1.f;
+            float cv = 0.f;
+            if (!summary && ok)
+            {
+                cv = a.initialState != nullptr ? a.initialState[(k.b * a.E + e) * a.N + n] : 0.f;
+                for (int32_t q = 0; q < k.seg; ++q)
+                {
+                    float2 const pw = reinterpret_cast<float2 const*>(a.work)[workIndex(a, g, k.b, q, e, n)];
+                    cv = fmaf(pw.x, cv, pw.y);
+                }
+            }
+            c[s] = cv;
         }
     }
 
+    template <bool SUMMARY>
     CMS_HD void compute(ScanArgs const& a, ScanGeometry const& g, BlockCtx const& k, int64_t chunk)
     {
         if (!active)
         {
             return;
         }
-        int32_t const tcur = chunkSteps(a, g, chunk);
+        int32_t const tcur = chunkSteps(k, g, chunk);
         float2 const* xf = k.xf(chunk);
         float2 const* bc = k.bc(chunk);
         float* part = k.part(chunk);
@@ -256,10 +332,12 @@ struct Consumer
         for (int32_t t = 0; t < tcur; ++t)
         {
             float cs[NPT];
+            float ts[NPT];
 #pragma unroll
             for (int s = 0; s < NPT; ++s)
             {
                 cs[s] = 0.f;
+                ts[s] = 0.f;
             }
 #pragma unroll
             for (int m = 0; m < MT; ++m)
@@ -289,29 +367,69 @@ struct Consumer
                             cv[2 * p + 1] = q.w;
                         }
                     }
-                    float acc = 0.f;
-#pragma unroll
-                    for (int s = 0; s < NPT; ++s)
+                    if constexpr (SUMMARY)
                     {
-                        float const decay = fastExp2(d.x * a2[m][s]);
-                        float const h = fmaf(decay, c[s], d.y * bv[s]);
-                        acc = fmaf(cv[s], h, acc);
-                        cs[s] = (m == 0) ? h : cs[s] + h;
+                        // c' = (kappa sum_m exp(dt A)) c + kappa sum_m dt B u: track both parts.
+#pragma unroll
+                        for (int s = 0; s < NPT; ++s)
+                        {
+                            ts[s] += fastExp2(d.x * a2[m][s]);
+                            cs[s] = fmaf(d.y, bv[s], cs[s]);
+                        }
                     }
-                    part[static_cast<size_t>(row * g.ch + chl) * g.S + j] = acc;
+                    else
+                    {
+                        float acc = 0.f;
+#pragma unroll
+                        for (int s = 0; s < NPT; ++s)
+                        {
+                            float const decay = fastExp2(d.x * a2[m][s]);
+                            float const h = fmaf(decay, c[s], d.y * bv[s]);
+                            acc = fmaf(cv[s], h, acc);
+                            cs[s] = (m == 0) ? h : cs[s] + h;
+                        }
+                        part[static_cast<size_t>(row * g.ch + chl) * g.S + j] = acc;
+                    }
                 }
             }
 #pragma unroll
             for (int s = 0; s < NPT; ++s)
             {
-                c[s] = kappa * cs[s];
+                if constexpr (SUMMARY)
+                {
+                    float const tr = kappa * ts[s];
+                    P[s] *= tr;
+                    c[s] = fmaf(tr, c[s], kappa * cs[s]);
+                }
+                else
+                {
+                    c[s] = kappa * cs[s];
+                }
             }
         }
     }
 
-    CMS_HD void finish(ScanArgs const& a, ScanGeometry const& g, BlockCtx const& k) const
+    // Main pass: final_state from the last segment. Summary pass: {P, off} of this segment.
+    CMS_HD void finish(ScanArgs const& a, ScanGeometry const& g, BlockCtx const& k, bool summary) const
     {
-        if (!validE || a.finalState == nullptr)
+        if (!validE)
+        {
+            return;
+        }
+        if (summary)
+        {
+#pragma unroll
+            for (int s = 0; s < NPT; ++s)
+            {
+                int32_t const n = stateOf(j, s, g.lpc);
+                if (n < a.N)
+                {
+                    reinterpret_cast<float2*>(a.work)[workIndex(a, g, k.b, k.seg, e, n)] = make_float2(P[s], c[s]);
+                }
+            }
+            return;
+        }
+        if (a.finalState == nullptr || k.seg != g.segs - 1)
         {
             return;
         }
@@ -331,12 +449,18 @@ template <typename T>
 struct Producer
 {
     using IO = ActIO<T>;
+    // Rows (or B/C elements) loaded per batch: all loads of a batch are issued before any is used, so
+    // a producer thread keeps several global loads in flight instead of one.
+    static constexpr int kRowBatch = 4;
+    static constexpr int kBcBatch = 8;
 
-    // Stage chunk `chunk`: activations of the block's channels and B, C of all states, as float.
+    // Stage chunk `chunk`: activations of the block's channels and B, C of all states, as float. The
+    // summary pass needs neither z nor C.
+    template <bool SUMMARY>
     static CMS_HD void stage(ScanArgs const& a, ScanGeometry const& g, BlockCtx const& k, int64_t chunk, int32_t ptid)
     {
-        int32_t const tcur = chunkSteps(a, g, chunk);
-        int64_t const t0 = chunk * g.tc;
+        int32_t const tcur = chunkSteps(k, g, chunk);
+        int64_t const t0 = k.tBase + chunk * g.tc;
         float2* xf = k.xf(chunk);
         float2* ep = k.ep(chunk);
         float2* bc = k.bc(chunk);
@@ -344,34 +468,87 @@ struct Producer
         int32_t const E = a.E;
         int32_t const N = a.N;
         int32_t i = ptid;
-        for (Walk w(ptid, g.np, g.ch, M); w.t < tcur; w.advance(), i += g.np)
+        for (Walk w(ptid, g.np, g.ch, M); w.t < tcur; i += kRowBatch * g.np)
         {
-            int32_t const e = k.e0 + w.x;
-            float2 x = make_float2(0.f, 0.f);
-            float2 q = make_float2(0.f, 0.f);
-            if (e < E)
+            typename IO::Raw uu[kRowBatch], dl[kRowBatch], zz[kRowBatch];
+            int32_t mm[kRowBatch], ee[kRowBatch];
+            bool in[kRowBatch], ok[kRowBatch];
+#pragma unroll
+            for (int r = 0; r < kRowBatch; ++r)
             {
-                int64_t const gi = ((k.b * M + w.m) * a.L + t0 + w.t) * E + e;
-                int64_t const me = static_cast<int64_t>(w.m) * E + e;
-                float const uu = IO::load(a.u, gi);
-                float const raw = IO::load(a.delta, gi) + a.deltaBias[me];
-                float const dt = a.deltaSoftplus ? softplus(raw) : raw;
-                x = make_float2(dt, dt * uu);
-                q = make_float2(a.D[me] * uu, silu(IO::load(a.z, gi)));
+                in[r] = w.t < tcur;
+                ee[r] = k.e0 + w.x;
+                mm[r] = w.m;
+                ok[r] = in[r] && ee[r] < E;
+                uu[r] = dl[r] = zz[r] = typename IO::Raw(0);
+                if (ok[r])
+                {
+                    int64_t const gi = ((k.b * M + w.m) * a.L + t0 + w.t) * E + ee[r];
+                    uu[r] = IO::loadRaw(a.u, gi);
+                    dl[r] = IO::loadRaw(a.delta, gi);
+                    if constexpr (!SUMMARY)
+                    {
+                        zz[r] = IO::loadRaw(a.z, gi);
+                    }
+                }
+                w.advance();
             }
-            xf[i] = x;
-            ep[i] = q;
+#pragma unroll
+            for (int r = 0; r < kRowBatch; ++r)
+            {
+                if (in[r])
+                {
+                    float2 x = make_float2(0.f, 0.f);
+                    float2 q = make_float2(0.f, 0.f);
+                    if (ok[r])
+                    {
+                        int64_t const me = static_cast<int64_t>(mm[r]) * E + ee[r];
+                        float const uf = IO::toFloat(uu[r]);
+                        float const raw = IO::toFloat(dl[r]) + a.deltaBias[me];
+                        float const dt = a.deltaSoftplus ? softplus(raw) : raw;
+                        x = make_float2(dt, dt * uf);
+                        if constexpr (!SUMMARY)
+                        {
+                            q = make_float2(a.D[me] * uf, silu(IO::toFloat(zz[r])));
+                        }
+                    }
+                    xf[i + r * g.np] = x;
+                    if constexpr (!SUMMARY)
+                    {
+                        ep[i + r * g.np] = q;
+                    }
+                }
+            }
         }
         i = ptid;
-        for (Walk w(ptid, g.np, g.npad, M); w.t < tcur; w.advance(), i += g.np)
+        for (Walk w(ptid, g.np, g.npad, M); w.t < tcur; i += kBcBatch * g.np)
         {
-            float2 v = make_float2(0.f, 0.f);
-            if (w.x < N)
+            typename IO::Raw bv[kBcBatch], cv[kBcBatch];
+            bool in[kBcBatch];
+#pragma unroll
+            for (int r = 0; r < kBcBatch; ++r)
             {
-                int64_t const gi = ((k.b * M + w.m) * a.L + t0 + w.t) * N + w.x;
-                v = make_float2(IO::load(a.B, gi), IO::load(a.C, gi));
+                in[r] = w.t < tcur;
+                bv[r] = cv[r] = typename IO::Raw(0);
+                if (in[r] && w.x < N)
+                {
+                    int64_t const gi = ((k.b * M + w.m) * a.L + t0 + w.t) * N + w.x;
+                    bv[r] = IO::loadRaw(a.B, gi);
+                    if constexpr (!SUMMARY)
+                    {
+                        cv[r] = IO::loadRaw(a.C, gi);
+                    }
+                }
+                w.advance();
             }
-            bc[i] = v;
+#pragma unroll
+            for (int r = 0; r < kBcBatch; ++r)
+            {
+                if (in[r])
+                {
+                    bc[i + r * g.np] = make_float2(IO::toFloat(bv[r]), IO::toFloat(cv[r]));
+                }
+            }
         }
     }
 
@@ -379,8 +556,8 @@ struct Producer
     static CMS_HD void epilogue(
         ScanArgs const& a, ScanGeometry const& g, BlockCtx const& k, int64_t chunk, int32_t ptid)
     {
-        int32_t const tcur = chunkSteps(a, g, chunk);
-        int64_t const t0 = chunk * g.tc;
+        int32_t const tcur = chunkSteps(k, g, chunk);
+        int64_t const t0 = k.tBase + chunk * g.tc;
         float const* part = k.part(chunk);
         float2 const* ep = k.ep(chunk);
         int32_t const M = a.M;
@@ -430,22 +607,23 @@ __device__ __forceinline__ void producerBarrier(int32_t np)
     asm volatile("barrier.sync 1, %0;" ::"r"(np) : "memory");
 }
 
-template <typename T, int NPT, int MT>
+// SUMMARY: the first pass of a segmented launch (g.segs > 1): each segment's {P, off} into a.work.
+template <typename T, int NPT, int MT, bool SUMMARY>
 __global__ void __launch_bounds__(kMaxBlockThreads, (MT <= 4 ? 3 : 1)) coupledScanKernel(ScanArgs a, ScanGeometry g)
 {
     extern __shared__ float4 smemRaw[];
-    BlockCtx const k = makeBlockCtx(reinterpret_cast<float*>(smemRaw), a, g, blockIdx.x);
+    BlockCtx const k = makeBlockCtx(reinterpret_cast<float*>(smemRaw), a, g, blockIdx.x, SUMMARY);
     int32_t const tid = static_cast<int32_t>(threadIdx.x);
     bool const consumer = tid < g.nc; // whole warps: nc is a multiple of 32
     int32_t const ptid = tid - g.nc;
     Consumer<NPT, MT> st;
     if (consumer)
     {
-        st.init(a, g, k, tid);
+        st.init(a, g, k, tid, SUMMARY);
     }
     else if (k.nchunks > 0)
     {
-        Producer<T>::stage(a, g, k, 0, ptid);
+        Producer<T>::template stage<SUMMARY>(a, g, k, 0, ptid);
     }
     __syncthreads();
     for (int64_t chunk = 0; chunk <= k.nchunks; ++chunk)
@@ -454,26 +632,29 @@ __global__ void __launch_bounds__(kMaxBlockThreads, (MT <= 4 ? 3 : 1)) coupledSc
         {
             if (chunk < k.nchunks)
             {
-                st.compute(a, g, k, chunk);
+                st.template compute<SUMMARY>(a, g, k, chunk);
             }
         }
         else
         {
-            if (chunk >= 1)
+            if constexpr (!SUMMARY)
             {
-                Producer<T>::epilogue(a, g, k, chunk - 1, ptid);
+                if (chunk >= 1)
+                {
+                    Producer<T>::epilogue(a, g, k, chunk - 1, ptid);
+                }
+                producerBarrier(g.np); // the epilogue read ep[(chunk - 1) & 1], which stage(chunk + 1) overwrites
             }
-            producerBarrier(g.np); // the epilogue read ep[(chunk - 1) & 1], which stage(chunk + 1) overwrites
             if (chunk + 1 < k.nchunks)
             {
-                Producer<T>::stage(a, g, k, chunk + 1, ptid);
+                Producer<T>::template stage<SUMMARY>(a, g, k, chunk + 1, ptid);
             }
         }
         __syncthreads();
     }
     if (consumer)
     {
-        st.finish(a, g, k);
+        st.finish(a, g, k, SUMMARY);
     }
 }
 
@@ -481,14 +662,13 @@ __global__ void __launch_bounds__(kMaxBlockThreads, (MT <= 4 ? 3 : 1)) coupledSc
 
 // The kernel's schedule run serially on the CPU, phase by phase, with the same per-thread code.
 // Buffers a phase has finished with are poisoned with NaN so that a read out of order shows up.
-template <typename T, int NPT, int MT>
-void emulateCoupledScan(ScanArgs const& a, ScanGeometry const& g)
+template <typename T, int NPT, int MT, bool SUMMARY>
+void emulatePass(ScanArgs const& a, ScanGeometry const& g)
 {
     std::vector<float4> smem((g.smemBytes + sizeof(float4) - 1) / sizeof(float4));
     float* base = reinterpret_cast<float*>(smem.data());
     size_t const nFloats = smem.size() * 4;
     float const nan = std::numeric_limits<float>::quiet_NaN();
-    SmemLayout const l = smemLayout(g, a.M);
     auto poison = [&](float* p, size_t count) {
         for (size_t i = 0; i < count; ++i)
         {
@@ -498,19 +678,20 @@ void emulateCoupledScan(ScanArgs const& a, ScanGeometry const& g)
     size_t const rowsA = static_cast<size_t>(g.tc) * a.M * g.ch;
     size_t const rowsB = static_cast<size_t>(g.tc) * a.M;
     std::vector<Consumer<NPT, MT>> consumers(g.nc);
-    for (int64_t blk = 0; blk < g.blocks; ++blk)
+    int64_t const blocks = g.blocks * (SUMMARY ? g.segs - 1 : g.segs);
+    for (int64_t blk = 0; blk < blocks; ++blk)
     {
         poison(base, nFloats);
-        BlockCtx const k = makeBlockCtx(base, a, g, blk);
+        BlockCtx const k = makeBlockCtx(base, a, g, blk, SUMMARY);
         for (int32_t tid = 0; tid < g.nc; ++tid)
         {
-            consumers[tid].init(a, g, k, tid);
+            consumers[tid].init(a, g, k, tid, SUMMARY);
         }
         if (k.nchunks > 0)
         {
             for (int32_t p = 0; p < g.np; ++p)
             {
-                Producer<T>::stage(a, g, k, 0, p);
+                Producer<T>::template stage<SUMMARY>(a, g, k, 0, p);
             }
         }
         for (int64_t chunk = 0; chunk <= k.nchunks; ++chunk)
@@ -519,12 +700,12 @@ void emulateCoupledScan(ScanArgs const& a, ScanGeometry const& g)
             {
                 for (int32_t tid = 0; tid < g.nc; ++tid)
                 {
-                    consumers[tid].compute(a, g, k, chunk);
+                    consumers[tid].template compute<SUMMARY>(a, g, k, chunk);
                 }
                 poison(reinterpret_cast<float*>(k.xf(chunk)), 2 * rowsA);
                 poison(reinterpret_cast<float*>(k.bc(chunk)), 2 * rowsB * g.npad);
             }
-            if (chunk >= 1)
+            if (!SUMMARY && chunk >= 1)
             {
                 for (int32_t p = 0; p < g.np; ++p)
                 {
@@ -537,16 +718,33 @@ void emulateCoupledScan(ScanArgs const& a, ScanGeometry const& g)
             {
                 for (int32_t p = 0; p < g.np; ++p)
                 {
-                    Producer<T>::stage(a, g, k, chunk + 1, p);
+                    Producer<T>::template stage<SUMMARY>(a, g, k, chunk + 1, p);
                 }
             }
         }
         for (int32_t tid = 0; tid < g.nc; ++tid)
         {
-            consumers[tid].finish(a, g, k);
+            consumers[tid].finish(a, g, k, SUMMARY);
         }
     }
-    (void) l;
+}
+
+// Both passes, as the launcher runs them. A segmented geometry without a.work gets a host workspace.
+template <typename T, int NPT, int MT>
+void emulateCoupledScan(ScanArgs const& a0, ScanGeometry const& g)
+{
+    ScanArgs a = a0;
+    std::vector<float> work;
+    if (g.segs > 1)
+    {
+        if (a.work == nullptr)
+        {
+            work.assign(static_cast<size_t>(a.batch) * g.segs * a.E * a.N * 2, std::numeric_limits<float>::quiet_NaN());
+            a.work = work.data();
+        }
+        emulatePass<T, NPT, MT, true>(a, g);
+    }
+    emulatePass<T, NPT, MT, false>(a, g);
 }
 
 } // namespace scan

@@ -9,17 +9,37 @@ namespace cm_deploy
 namespace scan
 {
 
-template <typename T, int NPT, int MT>
-cudaError_t launchInstance(ScanArgs const& a, ScanGeometry const& g, cudaStream_t stream)
+template <typename T, int NPT, int MT, bool SUMMARY>
+cudaError_t launchPass(ScanArgs const& a, ScanGeometry const& g, int64_t blocks, cudaStream_t stream)
 {
-    auto* kernel = &coupledScanKernel<T, NPT, MT>;
+    auto* kernel = &coupledScanKernel<T, NPT, MT, SUMMARY>;
     cudaError_t err = ensureDynamicSmem(reinterpret_cast<void const*>(kernel), g.smemBytes);
     if (err != cudaSuccess)
     {
         return err;
     }
-    kernel<<<static_cast<unsigned>(g.blocks), static_cast<unsigned>(g.nc + g.np), g.smemBytes, stream>>>(a, g);
+    kernel<<<static_cast<unsigned>(blocks), static_cast<unsigned>(g.nc + g.np), g.smemBytes, stream>>>(a, g);
     return cudaGetLastError();
+}
+
+// g.segs > 1: the summary pass (segments 0..segs-2 write {P, off} to a.work), then the scan proper,
+// whose blocks start from the state carried through the summaries of the segments before theirs.
+template <typename T, int NPT, int MT>
+cudaError_t launchInstance(ScanArgs const& a, ScanGeometry const& g, cudaStream_t stream)
+{
+    if (g.segs > 1)
+    {
+        if (a.work == nullptr)
+        {
+            return cudaErrorInvalidValue;
+        }
+        cudaError_t const err = launchPass<T, NPT, MT, true>(a, g, g.blocks * (g.segs - 1), stream);
+        if (err != cudaSuccess)
+        {
+            return err;
+        }
+    }
+    return launchPass<T, NPT, MT, false>(a, g, g.blocks * g.segs, stream);
 }
 
 template <typename T, int MT>
@@ -42,7 +62,7 @@ cudaError_t launchTyped(ScanArgs const& a, ScanGeometry const& g, cudaStream_t s
     {
         return cudaSuccess;
     }
-    if (g.blocks > 0x7fffffffLL || a.M > g.mt)
+    if (g.blocks * g.segs > 0x7fffffffLL || g.segs < 1 || a.M > g.mt)
     {
         return cudaErrorInvalidValue;
     }

@@ -116,6 +116,7 @@ ScanOverrides const& envOverrides()
         o.npt = envInt("CM_DEPLOY_SCAN_NPT");
         o.tc = envInt("CM_DEPLOY_SCAN_TC");
         o.targetWarpsPerSM = envInt("CM_DEPLOY_SCAN_TARGET_WARPS");
+        o.segs = envInt("CM_DEPLOY_SCAN_SEGS");
         return o;
     }();
     return ov;

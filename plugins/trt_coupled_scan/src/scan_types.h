@@ -47,6 +47,7 @@ struct ScanArgs
     float const* initialState{}; // may be null: c[0] = 0
     void* y{};
     float* finalState{}; // may be null: not requested
+    float* work{};       // segment summaries {P, off} per (batch, segment, e, n); needed when geometry.segs > 1
     int64_t batch{};
     int32_t M{};
     int64_t L{};
@@ -72,7 +73,9 @@ struct ScanGeometry
     int32_t npad{};  // lpc * npt >= N
     int32_t S{};     // row stride (floats) of the partial-sum buffer, chosen against bank conflicts
     int64_t etiles{}; // ceil(E / ch)
-    int64_t blocks{}; // batch * etiles
+    int64_t blocks{}; // batch * etiles (blocks of one segment)
+    int32_t segs{1};  // segments of L scanned in parallel (two passes: summaries, then the scan proper)
+    int64_t segLen{}; // steps per segment (the last may be shorter)
     size_t smemBytes{};
 };
 
@@ -89,7 +92,19 @@ struct ScanOverrides
     int32_t npt{0};
     int32_t tc{0};
     int32_t targetWarpsPerSM{0};
+    int32_t segs{0}; // 1: never split L; >1: split into that many segments (capped); 0: automatic
 };
+
+// L is split into segments only while batch * segs <= kMaxSegmentRows (this bounds the workspace:
+// kMaxSegmentRows * E * N float2) and each segment keeps at least kMinSegmentLen steps.
+constexpr int32_t kMaxSegmentRows = 32;
+constexpr int64_t kMinSegmentLen = 128;
+
+// Workspace bytes the plugin asks for (an upper bound for every batch and L).
+inline size_t segmentWorkspaceBytes(int64_t E, int64_t N)
+{
+    return static_cast<size_t>(kMaxSegmentRows) * static_cast<size_t>(E) * static_cast<size_t>(N) * 2 * sizeof(float);
+}
 
 // Float offsets of the shared-memory buffers inside one of the two pipeline stages.
 struct SmemLayout

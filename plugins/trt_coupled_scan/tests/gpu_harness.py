@@ -82,17 +82,28 @@ class Harness:
             raise RuntimeError(f"cmh_create failed: {err.value.decode(errors='replace')}")
         return h
 
+    def workspace(self, h, device):
+        """The workspace the plugin asked for (getWorkspaceSize), allocated once per handle, as TensorRT does."""
+        cache = self.__dict__.setdefault("_ws", {})
+        if h not in cache:
+            n = int(self.lib.cmh_workspace_size(h))
+            cache[h] = torch.empty(max(n, 0), dtype=torch.uint8, device=device) if n > 0 else None
+        return cache[h]
+
     def enqueue(self, h, shape, inputs, outputs, stream=None):
         err = ctypes.create_string_buffer(8192)
+        ws = self.workspace(h, inputs[0].device)
         ins = (ctypes.c_void_p * len(inputs))(*[t.data_ptr() for t in inputs])
         outs = (ctypes.c_void_p * len(outputs))(*[t.data_ptr() for t in outputs])
         if stream is None:
             stream = torch.cuda.current_stream().cuda_stream if torch.cuda.is_available() else 0
-        rc = self.lib.cmh_enqueue(h, self._shape(shape), ins, outs, None, ctypes.c_void_p(stream), err, len(err))
+        wsp = ctypes.c_void_p(ws.data_ptr()) if ws is not None else None
+        rc = self.lib.cmh_enqueue(h, self._shape(shape), ins, outs, wsp, ctypes.c_void_p(stream), err, len(err))
         if rc != 0:
             raise RuntimeError(f"enqueue returned {rc}: {err.value.decode(errors='replace')}")
 
     def destroy(self, h):
+        self.__dict__.get("_ws", {}).pop(h, None)
         self.lib.cmh_destroy(h)
 
     def emulate(self, dtype, softplus, kappa, shape, inputs, outputs, npt=0, tc=0):
@@ -182,6 +193,7 @@ def correctness_cases(sanitize=False):
             ("tiny_L1_b1", 1, 3, 1, 5, 16, 0, "1/M", False, True),
             ("tiny_npt_small", 1, 2, 9, 3, 64, 1, "1", False, False),
             ("tiny_m5", 2, 5, 4, 9, 10, 0, "1/M", True, False),
+            ("tiny_segmented", 1, 2, 300, 5, 8, 1, "1/M", True, True),  # batch 1, long L: L split in 2
         ]
     return [
         ("paper_small", 4, 3, 64, 256, 64, 1, "1/M", False, False),

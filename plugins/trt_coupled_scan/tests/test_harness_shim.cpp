@@ -27,7 +27,7 @@ TEST(HarnessShim, CreatesEveryVariant)
             {
                 void* h = cmh_create(dtype, init, 1.f / 3, init, fin, shape, err, sizeof err);
                 ASSERT_NE(h, nullptr) << err;
-                EXPECT_EQ(cmh_workspace_size(h), 0);
+                EXPECT_EQ(cmh_workspace_size(h), 32LL * 24 * 16 * 2 * 4); // segment summaries: kMaxSegmentRows * E * N float2
                 cmh_destroy(h);
             }
         }

@@ -49,6 +49,7 @@ struct Case
     bool final;
     int32_t npt; // override, 0 = automatic
     int32_t tc;  // override, 0 = automatic
+    int32_t segs{0}; // override of the L segments, 0 = automatic
 };
 
 std::string describe(Case const& c)
@@ -56,7 +57,7 @@ std::string describe(Case const& c)
     std::ostringstream s;
     s << "batch=" << c.batch << " M=" << c.M << " L=" << c.L << " E=" << c.E << " N=" << c.N
       << " softplus=" << c.softplus << " kappa=" << c.kappa << " init=" << c.initial << " final=" << c.final
-      << " npt=" << c.npt << " tc=" << c.tc;
+      << " npt=" << c.npt << " tc=" << c.tc << " segs=" << c.segs;
     return s.str();
 }
 
@@ -218,6 +219,7 @@ Outcome runCase(Case const& c, uint32_t seed, DeviceLimits const& dev, Problem<T
     ScanOverrides ov;
     ov.npt = c.npt;
     ov.tc = c.tc;
+    ov.segs = c.segs;
     ScanGeometry g;
     std::string why;
     EXPECT_TRUE(chooseGeometry(c.batch, c.M, c.L, c.E, c.N, dev, ov, g, &why)) << why;
@@ -383,6 +385,73 @@ TEST(KernelEmulation, Float16Sweep)
 TEST(KernelEmulation, BFloat16Sweep)
 {
     runSweep<__nv_bfloat16>();
+}
+
+template <typename T>
+void runSegmented()
+{
+    // L split into segments: summary pass, carry of the initial state through the summaries, scan.
+    DeviceLimits const dev = smallDevice();
+    uint32_t seed = 500;
+    struct S
+    {
+        int64_t batch;
+        int32_t M;
+        int64_t L;
+        int32_t E;
+        int32_t N;
+    };
+    std::vector<S> const shapes = {{1, 3, 40, 20, 16}, {2, 2, 23, 9, 7}, {1, 1, 31, 5, 33}, {3, 5, 17, 4, 10}};
+    int i = 0;
+    for (S const& s : shapes)
+    {
+        for (int32_t segs : {2, 3, 7})
+        {
+            for (int32_t npt : {0, 1, 8})
+            {
+                if (npt > s.N)
+                {
+                    continue;
+                }
+                ++i;
+                Case c{s.batch, s.M, s.L, s.E, s.N, i % 2, (i % 3 == 0) ? 1.f : 0.f, (i % 4) < 2, (i % 5) != 0, npt,
+                    (i % 2) ? 3 : 0, segs};
+                if (!std::is_same<T, float>::value && c.kappa == 1.f)
+                {
+                    c.L = std::min<int64_t>(c.L, 8);
+                }
+                Outcome const o = runCase<T>(c, seed++, dev);
+                EXPECT_GT(o.g.segs, 1) << describe(c);
+                EXPECT_LE(o.yErr, tolerance<T>()) << describe(c) << " npt=" << o.g.npt << " tc=" << o.g.tc
+                                                  << " segs=" << o.g.segs << " segLen=" << o.g.segLen;
+                if (c.final)
+                {
+                    EXPECT_LE(o.finErr, 2e-5) << describe(c) << " segs=" << o.g.segs;
+                }
+            }
+        }
+    }
+}
+
+TEST(KernelEmulation, SegmentedFloat32)
+{
+    runSegmented<float>();
+}
+
+TEST(KernelEmulation, SegmentedBFloat16)
+{
+    runSegmented<__nv_bfloat16>();
+}
+
+TEST(KernelEmulation, SegmentedAutomaticLongSequence)
+{
+    // batch 1 and a long L on a small device: the chooser splits L by itself.
+    DeviceLimits const dev = smallDevice();
+    Case c{1, 3, 700, 8, 16, 1, 0.f, true, true, 0, 0};
+    Outcome const o = runCase<float>(c, 77, dev);
+    EXPECT_GT(o.g.segs, 1);
+    EXPECT_LE(o.yErr, tolerance<float>()) << describe(c);
+    EXPECT_LE(o.finErr, 2e-5) << describe(c);
 }
 
 TEST(KernelEmulation, TargetGeometryOnH100Limits)

@@ -795,6 +795,14 @@ void expectValid(cm_deploy::scan::ScanGeometry const& g, int64_t batch, int32_t 
     EXPECT_LE(g.smemBytes, dev.smemOptinPerBlock);
     EXPECT_GE(g.S, g.lpc);
     EXPECT_EQ(g.smemBytes, 2 * smemLayout(g, M).stageFloats * sizeof(float));
+    EXPECT_GE(g.segs, 1);
+    EXPECT_LE(g.segs * std::max<int64_t>(batch, 1), std::max<int64_t>(kMaxSegmentRows, std::max<int64_t>(batch, 1)));
+    EXPECT_GE(g.segLen * g.segs, L);
+    if (g.segs > 1)
+    {
+        EXPECT_LT((g.segs - 1) * g.segLen, L); // every segment non-empty
+        EXPECT_LE(g.tc, g.segLen);
+    }
 }
 } // namespace
 
@@ -807,10 +815,22 @@ TEST(Geometry, TargetShapes)
     ASSERT_TRUE(chooseGeometry(64, 3, 500, 256, 64, h100, {}, g, &why)) << why;
     expectValid(g, 64, 3, 500, 256, 64, h100);
     EXPECT_EQ(g.npt, 8); // plenty of (batch, channel) pairs: most states per thread
+    EXPECT_EQ(g.segs, 1); // and no need to split L
     ASSERT_TRUE(chooseGeometry(1, 3, 16384, 256, 64, h100, {}, g, &why)) << why;
     expectValid(g, 1, 3, 16384, 256, 64, h100);
-    EXPECT_EQ(g.npt, 1); // batch 1: as many threads as states
+    // batch 1: L split into segments until the GPU is filled, keeping many states per thread
+    EXPECT_GT(g.segs, 1);
+    EXPECT_GE(g.blocks * g.segs * (g.nc / 32), 132 * 8);
+    EXPECT_LE(g.segs, kMaxSegmentRows);
     EXPECT_GE(g.tc * 3 * g.ch, g.np); // every producer has a row
+    {
+        ScanOverrides noSplit;
+        noSplit.segs = 1; // no workspace: one segment, as many threads as states
+        ASSERT_TRUE(chooseGeometry(1, 3, 16384, 256, 64, h100, noSplit, g, &why)) << why;
+        expectValid(g, 1, 3, 16384, 256, 64, h100);
+        EXPECT_EQ(g.segs, 1);
+        EXPECT_EQ(g.npt, 1);
+    }
     ASSERT_TRUE(chooseGeometry(1, 1, 1, 1, 1, h100, {}, g, &why)) << why;
     expectValid(g, 1, 1, 1, 1, 1, h100);
     ASSERT_TRUE(chooseGeometry(3, 2, 0, 7, 5, h100, {}, g, &why)) << why; // L = 0 still writes final_state
