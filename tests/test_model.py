@@ -162,3 +162,13 @@ def test_checkpoint_with_wrong_weight_shape(tmp_path):
     with pytest.raises(UserError, match="do not match") as e:
         load_checkpoint(path)
     assert "\n" not in str(e.value)
+
+
+def test_torch_compile_with_triton_scan():
+    """torch.compile keeps the Triton kernels as they are (a graph break around the op)."""
+    torch.manual_seed(0)
+    cfg = CoupledMambaConfig(modalities={"a": 5, "b": 3}, d_model=16, n_layers=1, d_state=4)
+    model = CoupledMamba(cfg).eval().set_scan_impl("triton")
+    x = {"a": torch.randn(2, 6, 5), "b": torch.randn(2, 6, 3)}
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(model)(x), model(x), rtol=1e-5, atol=1e-6)

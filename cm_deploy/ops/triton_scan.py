@@ -1019,6 +1019,10 @@ class _CoupledScanFn(torch.autograd.Function):
         return (*grads, None, None)
 
 
+# torch.compile: Dynamo would trace into the launcher and Inductor would recompile the kernels
+# (which fails on the H100 with torch 2.11); a graph break keeps them as they are and lets the
+# rest of the model compile.
+@torch.compiler.disable
 def coupled_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, *,
                         delta_softplus=False, coupling_scale=None, initial_state=None,
                         return_final_state=False):
