@@ -480,14 +480,7 @@ def plot(res, path):
 
 
 def write_outputs(res, out):
-    summarize(res)
-    common.write_json(os.path.join(out, "model.json"), res)
-    with open(os.path.join(out, "model.md"), "w") as f:
-        f.write(render_md(res))
-    try:
-        plot(res, os.path.join(out, "model.png"))
-    except Exception as e:  # noqa: BLE001
-        log(f"plot failed: {err_str(e)}")
+    common.write_outputs(res, out, "model", summarize, render_md, plot)
 
 
 def main(argv=None):

@@ -196,6 +196,18 @@ def write_json(path, obj):
     os.replace(tmp, path)
 
 
+def write_outputs(res, out, stem, summarize, render_md, plot):
+    """<stem>.json, <stem>.md and <stem>.png of one benchmark part; a failing plot is logged, not fatal."""
+    summarize(res)
+    write_json(os.path.join(out, f"{stem}.json"), res)
+    with open(os.path.join(out, f"{stem}.md"), "w") as f:
+        f.write(render_md(res))
+    try:
+        plot(res, os.path.join(out, f"{stem}.png"))
+    except Exception as e:  # noqa: BLE001
+        log(f"plot failed: {err_str(e)}")
+
+
 def read_json(path):
     with open(path) as f:
         return json.load(f)
