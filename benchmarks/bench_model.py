@@ -435,11 +435,7 @@ def render_md(res):
     lines += ["", "Sweep (latency ms; memory = peak minus weights, MiB, eager):", ""]
     lines.append(common.md_table(["batch", "L", "cm eager", "cm graph", "tf eager", "tf graph", "tf_math eager",
                                   "cm MiB", "tf MiB", "tf_math MiB"], sweep))
-    if res.get("targets"):
-        lines += ["", "Targets:", ""]
-        lines.append(common.md_table(["target", "shape", "value", "met"],
-                                     [[t["target"], t["shape"], t["value"], "yes" if t["met"] else "NO"]
-                                      for t in res["targets"]]))
+    lines += common.targets_md(res.get("targets"))
     return "\n".join(lines) + "\n"
 
 

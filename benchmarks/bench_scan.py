@@ -536,11 +536,7 @@ def render_md(res):
             [[f"{c['batch']}x{c['L']}", c["dtype"], us(ms_of(c["latency_wall"].get("triton_fwd"))),
               us(ms_of(c["latency_wall"].get("mamba_M_calls"))), us(ms_of(c["latency_wall"].get("plugin")))]
              for c in lat]))
-    if res.get("targets"):
-        lines += ["", "Targets:", ""]
-        lines.append(common.md_table(["target", "shape", "value", "met"],
-                                     [[t["target"], t["shape"], t["value"], "yes" if t["met"] else "NO"]
-                                      for t in res["targets"]]))
+    lines += common.targets_md(res.get("targets"))
     return "\n".join(lines) + "\n"
 
 

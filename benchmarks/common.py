@@ -208,6 +208,34 @@ def write_outputs(res, out, stem, summarize, render_md, plot):
         log(f"plot failed: {err_str(e)}")
 
 
+def start_logged(cmd, log_path, env=None, timeout_s=None):
+    """A child process (a build) writing to log_path; wait_logged() collects it."""
+    log_file = open(log_path, "w")
+    p = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env)
+    p._cm_log, p._cm_t0, p._cm_timeout = log_file, time.time(), timeout_s
+    return p
+
+
+def wait_logged(p, timeout, what):
+    """Wait at most `timeout` s for a start_logged() child (killed past it). Returns (info, log text):
+    info has build_wall_s and returncode, or "error" with the log's error lines."""
+    try:
+        rc = p.wait(timeout=max(1.0, timeout))
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+        p._cm_log.close()
+        return {"error": f"{what} timed out after {time.time() - p._cm_t0:.0f} s"}, ""
+    p._cm_log.close()
+    info = {"build_wall_s": round(time.time() - p._cm_t0, 1), "returncode": rc}
+    text = open(p._cm_log.name, errors="replace").read()
+    if rc != 0:
+        errs = [ln.strip() for ln in text.splitlines() if "error" in ln.lower() and "ptxas info" not in ln][:6]
+        last = [ln.strip() for ln in text.strip().splitlines()[-1:] if ln.strip() not in errs]
+        info["error"] = f"{what} failed: " + " | ".join(errs + last)[:1500]
+    return info, text
+
+
 def read_json(path):
     with open(path) as f:
         return json.load(f)
@@ -231,6 +259,15 @@ def md_table(header, rows):
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(fmt(c) for c in r) + " |" for r in rows]
     return "\n".join(out)
+
+
+def targets_md(targets) -> list[str]:
+    """The "Targets:" section of a results page: one row a target, met or not."""
+    if not targets:
+        return []
+    return ["", "Targets:", "", md_table(["target", "shape", "value", "met"],
+                                         [[t["target"], t["shape"], t["value"], "yes" if t["met"] else "NO"]
+                                          for t in targets])]
 
 
 def ms_of(entry):

@@ -337,17 +337,13 @@ def sweep(name, shape):
         fwd_cfgs.insert(1, dict(n_seg=1))
     if ARGS.smoke:
         fwd_cfgs = fwd_cfgs[:2]
-    for cfg in fwd_cfgs:
-        item = f"sweep {name} fwd {cfg}"
-        if over_budget(item):
-            return
-        try:
-            with triton_scan.tuning(**cfg), torch.no_grad():
-                ms = bench(lambda: coupled_scan(*args, delta_softplus=True, impl="triton"))
-            REPORT["sweep"].append({"shape": name, "pass": "fwd", "cfg": cfg, "ms": ms})
-            print(f"- {item}: {ms:.3f} ms")
-        except Exception as e:  # noqa: BLE001
-            record_error(item, e)
+
+    def fwd():
+        with torch.no_grad():
+            coupled_scan(*args, delta_softplus=True, impl="triton")
+
+    if not _sweep_pass(name, "fwd", fwd_cfgs, fwd):
+        return
     leaves = [a.detach().clone().requires_grad_() for a in args]
     gy = torch.randn(b, M, L, E, device=DEV, dtype=torch.bfloat16)
     bwd_cfgs = [dict(), dict(bwd_block_e=16, bwd_num_warps=8),
@@ -357,21 +353,28 @@ def sweep(name, shape):
         bwd_cfgs.insert(1, dict(bwd_n_seg=1))
     if ARGS.smoke:
         bwd_cfgs = bwd_cfgs[:2]
-    for cfg in bwd_cfgs:
-        item = f"sweep {name} fwd+bwd {cfg}"
-        if over_budget(item):
-            return
-        try:
-            def f():
-                y = coupled_scan(*leaves, delta_softplus=True, impl="triton")
-                torch.autograd.grad(y, leaves, gy)
 
+    def fwd_bwd():
+        y = coupled_scan(*leaves, delta_softplus=True, impl="triton")
+        torch.autograd.grad(y, leaves, gy)
+
+    _sweep_pass(name, "fwd+bwd", bwd_cfgs, fwd_bwd)
+
+
+def _sweep_pass(name, label, cfgs, fn):
+    """Time fn under each tuning config; False when the time budget ran out."""
+    for cfg in cfgs:
+        item = f"sweep {name} {label} {cfg}"
+        if over_budget(item):
+            return False
+        try:
             with triton_scan.tuning(**cfg):
-                ms = bench(f)
-            REPORT["sweep"].append({"shape": name, "pass": "fwd+bwd", "cfg": cfg, "ms": ms})
+                ms = bench(fn)
+            REPORT["sweep"].append({"shape": name, "pass": label, "cfg": cfg, "ms": ms})
             print(f"- {item}: {ms:.3f} ms")
         except Exception as e:  # noqa: BLE001
             record_error(item, e)
+    return True
 
 
 def memory_note(shape):

@@ -20,10 +20,11 @@ import glob
 import importlib
 import importlib.util
 import os
-import subprocess
 import sys
 import tarfile
 import time
+
+import common
 
 EXT_NAME = "cm_bench_selective_scan"
 # mamba's CUDA (non-ROCm) dispatch in selective_scan_fwd_cuda, by seqlen: these 5 launch sizes.
@@ -154,14 +155,9 @@ def start_background_build(repo_root, log_path, work="/tmp/cm_bench_mamba", time
     """Run the build in a child process (so the parent's GPU timing is not disturbed by the GIL and
     a crash of the compiler cannot take the benchmark down). Returns the Popen."""
     cmd = [sys.executable, os.path.abspath(__file__), "--build", repo_root, work]
-    log = open(log_path, "w")
     env = dict(os.environ)
     env.setdefault("MAX_JOBS", "16")
-    p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    p._cm_log = log
-    p._cm_t0 = time.time()
-    p._cm_timeout = timeout_s
-    return p
+    return common.start_logged(cmd, log_path, env=env, timeout_s=timeout_s)
 
 
 def wait_background_build(p, work="/tmp/cm_bench_mamba", deadline_s=None, load=True):
@@ -170,22 +166,10 @@ def wait_background_build(p, work="/tmp/cm_bench_mamba", deadline_s=None, load=T
     remaining = p._cm_timeout - (time.time() - p._cm_t0)
     if deadline_s is not None:
         remaining = min(remaining, deadline_s)
-    try:
-        rc = p.wait(timeout=max(1.0, remaining))
-    except subprocess.TimeoutExpired:
-        p.kill()
-        p.wait()
-        p._cm_log.close()
-        return None, {"error": f"build timed out after {time.time() - p._cm_t0:.0f} s"}
-    p._cm_log.close()
-    info = {"build_wall_s": round(time.time() - p._cm_t0, 1), "returncode": rc}
-    log_text = open(p._cm_log.name, errors="replace").read()
-    if rc != 0:
-        errs = [ln.strip() for ln in log_text.splitlines()
-                if "error" in ln.lower() and "ptxas info" not in ln][:6]
-        last = log_text.strip().splitlines()[-1:] or [""]
-        info["error"] = "build failed: " + " | ".join(errs + last)[:1500]
-        info["log_tail"] = log_text[-3000:]
+    info, log_text = common.wait_logged(p, remaining, "build")
+    if "error" in info:
+        if log_text:
+            info["log_tail"] = log_text[-3000:]
         return None, info
     if not load:
         return None, info

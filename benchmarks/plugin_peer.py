@@ -18,8 +18,8 @@ import ctypes
 import glob
 import os
 import shutil
-import subprocess
-import time
+
+import common
 
 BUILD_DIR = "/tmp/cm_bench_plugin"
 LIB = "libcoupled_scan_harness.so"
@@ -63,29 +63,13 @@ def start_background_build(repo, log_path, jobs=4):
     script = (f"set -e; '{cmake}' -S '{repo}' -B '{BUILD_DIR}' {' '.join(gen)} -DTensorRT_ROOT='{trt}' "
               f"-DCMAKE_CUDA_ARCHITECTURES=90 -DBUILD_TESTING=ON -DCMAKE_BUILD_TYPE=Release; "
               f"'{cmake}' --build '{BUILD_DIR}' --target coupled_scan_harness -j {jobs}")
-    log = open(log_path, "w")
-    p = subprocess.Popen(["bash", "-c", script], stdout=log, stderr=subprocess.STDOUT)
-    p._cm_log, p._cm_t0 = log, time.time()
-    return p, "building"
+    return common.start_logged(["bash", "-c", script], log_path), "building"
 
 
 def wait_build(p, timeout):
     if p is None:
         return {}
-    try:
-        rc = p.wait(timeout=max(1.0, timeout))
-    except subprocess.TimeoutExpired:
-        p.kill()
-        p.wait()
-        p._cm_log.close()
-        return {"error": f"plugin build timed out after {time.time() - p._cm_t0:.0f} s"}
-    p._cm_log.close()
-    info = {"build_wall_s": round(time.time() - p._cm_t0, 1), "returncode": rc}
-    if rc != 0:
-        text = open(p._cm_log.name, errors="replace").read()
-        errs = [ln.strip() for ln in text.splitlines() if "error" in ln.lower()][:6]
-        info["error"] = "plugin build failed: " + " | ".join(errs or text.strip().splitlines()[-3:])[:1500]
-    return info
+    return common.wait_logged(p, timeout, "plugin build")[0]
 
 
 class HarnessRunner:
