@@ -313,18 +313,20 @@ DeviceLimits smallDevice()
     return d;
 }
 
+// A test shape: batch, modalities, length, channels, states.
+struct S
+{
+    int64_t batch;
+    int32_t M;
+    int64_t L;
+    int32_t E;
+    int32_t N;
+};
+
 std::vector<Case> sweep()
 {
     std::vector<Case> cs;
     // Shapes: batch 1 and L = 1, non-powers-of-two E and N, M = 1 (Mamba) to 8, chunk boundaries.
-    struct S
-    {
-        int64_t batch;
-        int32_t M;
-        int64_t L;
-        int32_t E;
-        int32_t N;
-    };
     std::vector<S> const shapes = {{1, 1, 1, 1, 1}, {2, 3, 7, 5, 4}, {1, 3, 1, 17, 16}, {3, 2, 13, 9, 7},
         {2, 3, 33, 12, 64}, {1, 5, 9, 3, 10}, {2, 8, 6, 4, 3}, {1, 4, 21, 130, 6}, {2, 3, 5, 6, 33}};
     int i = 0;
@@ -393,14 +395,6 @@ void runSegmented()
     // L split into segments: summary pass, carry of the initial state through the summaries, scan.
     DeviceLimits const dev = smallDevice();
     uint32_t seed = 500;
-    struct S
-    {
-        int64_t batch;
-        int32_t M;
-        int64_t L;
-        int32_t E;
-        int32_t N;
-    };
     std::vector<S> const shapes = {{1, 3, 40, 20, 16}, {2, 2, 23, 9, 7}, {1, 1, 31, 5, 33}, {3, 5, 17, 4, 10}};
     int i = 0;
     for (S const& s : shapes)
