@@ -113,21 +113,37 @@ def main():
         items += [("old", "paper", f32, {}), ("old", "paper", f32, dict(block_e=64, num_warps=8))]
     items += [("new", "paper", bf16, {}), ("new", "8x4096", f32, {}), ("new", "1x16384", f32, {})]
     if not args.quick:
-        items += [("new", "paper", f32, dict(maxnreg=168)),
-                  ("new", "paper", f32, dict(maxnreg=128)),
-                  ("new", "paper", f32, dict(pf_bc=True)),
-                  ("new", "paper", f32, dict(block_e=4, pf_bc=True)),
-                  ("new", "paper", f32, dict(block_e=4)),
-                  ("new", "paper", f32, dict(block_e=16)),
-                  ("new", "8x4096", f32, dict(n_seg=8)),
-                  ("new", "8x4096", f32, dict(n_seg=32)),
-                  ("new", "1x16384", f32, dict(n_seg=64)),
-                  ("new", "1x16384", f32, dict(n_seg=256)),
-                  ("new", "paper", bf16, dict(maxnreg=128)),
-                  ("new", "8x4096", f32, dict(maxnreg=128)),
-                  ("new", "1x16384", f32, dict(maxnreg=128))]
+        # round 2 (chunked phases): B/C prefetch, partial y sums, chunk length, tile width,
+        # warps, segments for the long shapes
+        items += [("new", "paper", f32, dict(pf_bc=False)),
+                  ("new", "paper", f32, dict(block_e=2)),
+                  ("new", "paper", f32, dict(block_e=2, pf_bc=False)),
+                  ("new", "paper", f32, dict(block_e=2, chunk_t=64)),
+                  ("new", "paper", f32, dict(block_e=2, y_parts=4)),
+                  ("new", "paper", f32, dict(pf_bc=False, y_parts=4)),
+                  ("new", "paper", f32, dict(pf_bc=False, chunk_t=64)),
+                  ("new", "paper", f32, dict(block_e=8, pf_bc=False)),
+                  ("new", "paper", f32, dict(block_e=4, num_warps=2, pf_bc=False)),
+                  ("new", "paper", f32, dict(block_e=1)),
+                  ("new", "paper", bf16, dict(pf_bc=False)),
+                  ("new", "paper", bf16, dict(block_e=2)),
+                  ("new", "paper", bf16, dict(block_e=8, pf_bc=False)),
+                  ("new", "8x4096", bf16, {}),
+                  ("new", "8x4096", bf16, dict(block_e=2)),
+                  ("new", "8x4096", f32, dict(block_e=2)),
+                  ("new", "8x4096", f32, dict(pf_bc=False)),
+                  ("new", "8x4096", f32, dict(block_e=2, n_seg=2)),
+                  ("new", "8x4096", f32, dict(block_e=2, n_seg=4)),
+                  ("new", "8x4096", f32, dict(block_e=1, n_seg=1)),
+                  ("new", "8x4096", f32, dict(block_e=1, n_seg=2)),
+                  ("new", "1x16384", f32, dict(block_e=2)),
+                  ("new", "1x16384", f32, dict(block_e=2, n_seg=64)),
+                  ("new", "1x16384", f32, dict(block_e=2, n_seg=128)),
+                  ("new", "1x16384", f32, dict(pf_bc=False, n_seg=64)),
+                  ("new", "1x16384", f32, dict(block_e=1, n_seg=64))]
         if "old" in mods:
-            items += [("old", "8x4096", f32, {}), ("old", "1x16384", f32, {})]
+            items += [("old", "paper", bf16, {}), ("old", "8x4096", f32, {}),
+                      ("old", "1x16384", f32, {})]
     cache = {}
     y_new_paper = None
     print(f"{'impl':4} {'shape':8} {'dtype':9} {'tuning':42} {'ms':>8} {'small rel':>9}", flush=True)

@@ -470,16 +470,31 @@ def test_tuning_rejects_unknown_keys():
 
 
 @needs_triton
-@pytest.mark.parametrize("tune", [dict(block_e=8, num_warps=1, pf_bc=True, n_seg=2),
-                                  dict(block_e=4, num_warps=1, pf_bc=False)],
-                         ids=["pf_bc-eblk8-seg2", "eblk4"])
+@pytest.mark.parametrize("tune", [dict(block_e=8, num_warps=1, pf_bc=True, n_seg=2, chunk_t=4),
+                                  dict(block_e=4, num_warps=1, pf_bc=False, y_parts=16),
+                                  dict(block_e=2, num_warps=1, y_parts=4, chunk_t=2, n_seg=3)],
+                         ids=["pf_bc-eblk8-seg2-chunk4", "eblk4-yparts16", "eblk2-yparts4-chunk2"])
 def test_triton_forward_gpu_tile_shapes(tune):
-    # the GPU planner's forward tiles (one warp, BLOCK_E = 512 / BLOCK_N, rows permuted over n),
-    # with B/C prefetch on and off, against the reference; N = 64 as in the model
+    # the GPU planner's forward tiles (one warp, small BLOCK_E), with B/C prefetch on and off,
+    # partial y sums, chunks shorter than L (last one partial) and segments, against the
+    # reference; N = 64 as in the model
     inp = make_inputs(1, 3, 11, 8, 64, init=True, seed=11)
     kw = dict(softplus=True, kappa=None, return_final=True)
     y_r, f_r, _ = run_scan("reference", inp, **kw)
     with tuning(**tune):
         y_t, f_t, _ = run_scan("triton", inp, **kw)
+    assert_close(y_t, y_r, 1e-5, "y")
+    assert_close(f_t, f_r, 1e-5, "final_state")
+
+
+@needs_triton
+@pytest.mark.parametrize("kappa", [0.0, -0.4])
+def test_triton_nonpositive_coupling_scale(kappa):
+    # the forward folds log2(kappa) into the exponent only for kappa > 0; zero and negative
+    # coupling scales take the plain multiply and must still match the reference
+    inp = make_inputs(2, 3, 9, 8, 16, init=True, seed=5)
+    kw = dict(softplus=True, kappa=kappa, return_final=True)
+    y_r, f_r, _ = run_scan("reference", inp, **kw)
+    y_t, f_t, _ = run_scan("triton", inp, **kw)
     assert_close(y_t, y_r, 1e-5, "y")
     assert_close(f_t, f_r, 1e-5, "final_state")

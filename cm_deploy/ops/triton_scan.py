@@ -3,13 +3,18 @@
 Layout of the work: one program owns a tile of the coupled state, all N states x BLOCK_E channels
 (float32, in registers), for one batch item and one segment of time, and walks t sequentially; for
 each t it runs the M modalities (M is a constexpr, the loop is unrolled) against the shared state.
-Inputs are read once, y is written once. The tile is [BLOCK_N, BLOCK_E] with e the contiguous axis
-of every 2-D buffer the kernels touch (A, the states and checkpoints are passed as (.., N, E)):
-Triton then puts a warp's lanes along e, so the per-channel math (softplus, gates, the y and
-gradient vectors) runs once per lane instead of being repeated on every lane that holds another n.
-The forward instead runs one-warp programs with a small BLOCK_E (see _plan): the y reduction over n
-then stays inside the warp (no shared memory, no barrier per step), and each step's inputs are
-loaded during the previous step (software pipelining in registers).
+Inputs are read once, y is written once.
+Backward: the tile is [BLOCK_N, BLOCK_E] with e the contiguous axis of every 2-D buffer it touches
+(A, the states and checkpoints are passed as (.., N, E)): Triton then puts a warp's lanes along e,
+so the per-channel math (softplus, gates, the y and gradient vectors) runs once per lane.
+Forward (inference, the hot path): one-warp programs on a [BLOCK_E, BLOCK_N] tile with n
+contiguous, each thread holding one vector of n of ONE channel (see _plan), and time walked in
+chunks of T steps: the per-channel math (softplus, dt * u, the skip term and the gate) runs
+vectorised once per chunk over a [T, BLOCK_E] tile, and the sequential loop does only what must
+be done per state: exp2, the update and the y product (the special-function unit, which computes
+the exps, is the kernel's limit; per-channel math repeated on every lane of a channel had cost it
+three extra ops per exp). Each step's loads are issued a step ahead (software pipelining in
+registers).
 
 Long sequences at small batch do not give enough (batch, E-block) programs to fill the GPU, and a
 sequential scan is then bound by latency. The time axis is then cut into segments: the recurrence
@@ -98,289 +103,314 @@ def _load_vec(ptr, m: tl.constexpr, E, offs_e, me, ENABLED: tl.constexpr):
 
 @triton.jit
 def _fwd_kernel(u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
-                y_ptr, c0_ptr, ckpt_ptr, final_ptr,
-                L, E, N, seg_len, n_seg, chunk, n_ck, kappa,
-                M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr,
+                y_ptr, c0_ptr, ckpt_ptr, final_ptr, scr_ptr,
+                L, E, N, seg_len, n_seg, chunk, n_ck, kappa, log2_kappa,
+                M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr,
                 SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
                 HAS_BIAS: tl.constexpr, HAS_C0: tl.constexpr, SAVE_CKPT: tl.constexpr,
                 SUMMARY: tl.constexpr, FAST_EXP: tl.constexpr, PF_BC: tl.constexpr,
-                N_C: tl.constexpr):
+                FOLD: tl.constexpr, YP: tl.constexpr, N_C: tl.constexpr):
     # SUMMARY=False: the scan itself (y, checkpoints, final state). SUMMARY=True: the segment
     # summary of the module notes instead (c0_ptr -> P, final_ptr -> S; no y, C, D, z).
+    #
+    # Time is walked in chunks of T steps, each in three phases:
+    #   A  per-channel math, vectorised over a [T, BLOCK_E] tile (one lane per (t, e)): dt and
+    #      dt * u of every modality into this program's scratch;
+    #   B  the sequential recurrence over the chunk's steps on the [BLOCK_N, BLOCK_E] state tile:
+    #      per state only exp2, the update and the y product; the ungated y sums go to scratch;
+    #   C  the gate, vectorised again: y = (y_sum + D u) * silu(z).
+    # Phases A and C would otherwise run once per step on every lane that shares a channel (8 of
+    # them at BLOCK_E 4): softplus and silu cost four special-function ops per channel against the
+    # eight exps of the states, and the special-function unit is the kernel's limit.
+    # FOLD (kappa > 0): the tile holds S = c / kappa and the exponent carries log2(kappa), so
+    # kappa * exp(dt A) * c[t-1] = exp2(dt A log2e + log2 kappa) * S[t-1]: no multiply per state.
     pid_e = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     pid_s = tl.program_id(2)
+    # scratch of this program, float32: dt and dt * u [M][T][BLOCK_E] each, then the ungated y
+    # sums [M][T][BLOCK_E][YP]
+    MTE: tl.constexpr = M * T * BLOCK_E
+    prog = (pid_b * n_seg + pid_s) * tl.num_programs(0) + pid_e
+    s_dt = scr_ptr + prog * ((2 + YP) * MTE)
+    s_du = s_dt + MTE
+    s_y = s_du + MTE
+    # The state tile is [BLOCK_E, BLOCK_N] with n the contiguous axis (A is read as (M, E, N)):
+    # Triton then gives each thread a run of consecutive n of one channel (vector loads of A, B,
+    # C), so the y sum over n is mostly in-thread adds.
     offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
-    # Tile row r holds state n(r) = (r % R) * (BLOCK_N // R) + r // R, R = 32 // BLOCK_E: the one-
-    # warp layout gives lane group g (of R along n) rows g, g + R, ...; this permutation gives it
-    # the contiguous n = g * BLOCK_N / R + k instead, whose addresses are one base register plus
-    # immediates (a plain arange costs ptxas a register per element and spills). Any permutation
-    # is correct: everything is elementwise in n but the y sum.
-    R: tl.constexpr = 32 // BLOCK_E if (BLOCK_E <= 32 and 32 // BLOCK_E <= BLOCK_N) else 1
-    rr = tl.arange(0, BLOCK_N)
-    offs_n = (rr % R) * (BLOCK_N // R) + rr // R
+    le = tl.arange(0, BLOCK_E)
+    offs_n = tl.arange(0, BLOCK_N)
     me = offs_e < E
     mn = offs_n < N
-    m2 = mn[:, None] & me[None, :]
-    offs_ne = offs_n[:, None] * E + offs_e[None, :]
-    # B and C are loaded straight into the tile's shape (every e-lane reads the same n), in the
-    # tile's own layout: a compact [BLOCK_N] load would need a shared-memory conversion per step.
-    # No mask when N == BLOCK_N (masks cost a register per element here).
-    offs_bc = offs_n[:, None] + (offs_e * 0)[None, :]
+    m2 = me[:, None] & mn[None, :]
+    offs_en = offs_e[:, None] * N + offs_n[None, :]     # A, (M, E, N)
+    offs_st = offs_n[None, :] * E + offs_e[:, None]     # states in memory are (.., N, E)
+    # B and C rows are loaded in the tile's full shape (each channel row reads the same n): a
+    # [1, BLOCK_N] load gets a layout of its own and a conversion per step. No mask when
+    # N == BLOCK_N (masks cost a register per element).
+    offs_bc = offs_n[None, :] + (offs_e * 0)[:, None]
     if BLOCK_N == N_C:
         mbc = None
         obc = None
     else:
-        mbc = mn[:, None] & (offs_e >= 0)[None, :]
+        mbc = mn[None, :] & (offs_e >= 0)[:, None]
         obc = 0.0
-    a0 = _load_a(A_ptr, 0, E, N, offs_ne, m2, True)
-    a1 = _load_a(A_ptr, 1, E, N, offs_ne, m2, M > 1)
-    a2 = _load_a(A_ptr, 2, E, N, offs_ne, m2, M > 2)
-    a3 = _load_a(A_ptr, 3, E, N, offs_ne, m2, M > 3)
-    d0 = _load_vec(D_ptr, 0, E, offs_e, me, HAS_D and not SUMMARY)
-    d1 = _load_vec(D_ptr, 1, E, offs_e, me, HAS_D and not SUMMARY and M > 1)
-    d2 = _load_vec(D_ptr, 2, E, offs_e, me, HAS_D and not SUMMARY and M > 2)
-    d3 = _load_vec(D_ptr, 3, E, offs_e, me, HAS_D and not SUMMARY and M > 3)
-    q0 = _load_vec(bias_ptr, 0, E, offs_e, me, HAS_BIAS)
-    q1 = _load_vec(bias_ptr, 1, E, offs_e, me, HAS_BIAS and M > 1)
-    q2 = _load_vec(bias_ptr, 2, E, offs_e, me, HAS_BIAS and M > 2)
-    q3 = _load_vec(bias_ptr, 3, E, offs_e, me, HAS_BIAS and M > 3)
+    # the chunk tile of phases A and C
+    ct = tl.arange(0, T)
+    ge = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
+    mge = ge < E
+    tile = ct[:, None] * BLOCK_E + tl.arange(0, BLOCK_E)[None, :]
+    # the y sums of phase B: YP partial sums per channel, each over BLOCK_N // YP states
+    cj = tl.arange(0, YP)
+    ytile = (ct[:, None, None] * BLOCK_E + tl.arange(0, BLOCK_E)[None, :, None]) * YP + cj[None, None, :]
+    ystep = le[:, None] * YP + cj[None, :]
+    a0 = _load_a(A_ptr, 0, E, N, offs_en, m2, True)
+    a1 = _load_a(A_ptr, 1, E, N, offs_en, m2, M > 1)
+    a2 = _load_a(A_ptr, 2, E, N, offs_en, m2, M > 2)
+    a3 = _load_a(A_ptr, 3, E, N, offs_en, m2, M > 3)
     NEED_Y: tl.constexpr = not SUMMARY
-    NEED_Z: tl.constexpr = HAS_Z and not SUMMARY
 
     if HAS_C0:
-        c = tl.load(c0_ptr + (pid_b * n_seg + pid_s) * E * N + offs_ne, mask=m2, other=0.0)
+        c = tl.load(c0_ptr + (pid_b * n_seg + pid_s) * E * N + offs_st, mask=m2, other=0.0)
+        if FOLD:
+            c = c / kappa
     else:
-        c = tl.zeros([BLOCK_N, BLOCK_E], dtype=tl.float32)
-    p = tl.full([BLOCK_N, BLOCK_E], 1.0, dtype=tl.float32)  # SUMMARY: the product of transitions
+        c = tl.zeros([BLOCK_E, BLOCK_N], dtype=tl.float32)
+    p = tl.full([BLOCK_E, BLOCK_N], 1.0, dtype=tl.float32)  # SUMMARY: the product of transitions
     t_lo = pid_s * seg_len
     t_hi = tl.minimum(t_lo + seg_len, L)
 
-    # Software pipelining: the inputs of step t (of the first four modalities) are loaded during
-    # step t - 1 and carried in registers, so the global-memory latency is not on the sequential
-    # path (B and C only with PF_BC: 2 * BLOCK_N * BLOCK_E / 32 registers per modality). Unused
-    # slots are dummies.
-    zn = tl.zeros([BLOCK_N, BLOCK_E], dtype=tl.float32)
+    # Software pipelining of B and C (PF_BC, first four modalities): step t + 1's rows are loaded
+    # during step t and carried in registers, keeping global-memory latency off the sequential
+    # path. Unused slots are dummies.
+    zn = tl.zeros([BLOCK_E, BLOCK_N], dtype=tl.float32)
+    zr = tl.zeros([BLOCK_E, BLOCK_N], dtype=B_ptr.dtype.element_ty)
     r0 = (pid_b * M) * L + t_lo
-    u0 = tl.load(u_ptr + r0 * E + offs_e, mask=me, other=0.0)
-    x0 = tl.load(dl_ptr + r0 * E + offs_e, mask=me, other=0.0)
-    b0 = zn
+    b0 = zr
+    k0 = zr
+    b1 = zr
+    k1 = zr
+    b2 = zr
+    k2 = zr
+    b3 = zr
+    k3 = zr
     if PF_BC:
         b0 = tl.load(B_ptr + r0 * N + offs_bc, mask=mbc, other=obc)
-    k0 = b0
-    if NEED_Y and PF_BC:
-        k0 = tl.load(C_ptr + r0 * N + offs_bc, mask=mbc, other=obc)
-    if NEED_Z:
-        z0 = tl.load(z_ptr + r0 * E + offs_e, mask=me, other=0.0)
-    else:
-        z0 = u0
-    u1 = u0
-    x1 = x0
-    z1 = z0
-    b1 = b0
-    k1 = k0
-    if M > 1:
-        r1 = r0 + L
-        u1 = tl.load(u_ptr + r1 * E + offs_e, mask=me, other=0.0)
-        x1 = tl.load(dl_ptr + r1 * E + offs_e, mask=me, other=0.0)
-        if PF_BC:
-            b1 = tl.load(B_ptr + r1 * N + offs_bc, mask=mbc, other=obc)
+        if NEED_Y:
+            k0 = tl.load(C_ptr + r0 * N + offs_bc, mask=mbc, other=obc)
+        if M > 1:
+            b1 = tl.load(B_ptr + (r0 + L) * N + offs_bc, mask=mbc, other=obc)
             if NEED_Y:
-                k1 = tl.load(C_ptr + r1 * N + offs_bc, mask=mbc, other=obc)
-        if NEED_Z:
-            z1 = tl.load(z_ptr + r1 * E + offs_e, mask=me, other=0.0)
-    u2 = u0
-    x2 = x0
-    z2 = z0
-    b2 = b0
-    k2 = k0
-    if M > 2:
-        r2 = r0 + 2 * L
-        u2 = tl.load(u_ptr + r2 * E + offs_e, mask=me, other=0.0)
-        x2 = tl.load(dl_ptr + r2 * E + offs_e, mask=me, other=0.0)
-        if PF_BC:
-            b2 = tl.load(B_ptr + r2 * N + offs_bc, mask=mbc, other=obc)
+                k1 = tl.load(C_ptr + (r0 + L) * N + offs_bc, mask=mbc, other=obc)
+        if M > 2:
+            b2 = tl.load(B_ptr + (r0 + 2 * L) * N + offs_bc, mask=mbc, other=obc)
             if NEED_Y:
-                k2 = tl.load(C_ptr + r2 * N + offs_bc, mask=mbc, other=obc)
-        if NEED_Z:
-            z2 = tl.load(z_ptr + r2 * E + offs_e, mask=me, other=0.0)
-    u3 = u0
-    x3 = x0
-    z3 = z0
-    b3 = b0
-    k3 = k0
-    if M > 3:
-        r3 = r0 + 3 * L
-        u3 = tl.load(u_ptr + r3 * E + offs_e, mask=me, other=0.0)
-        x3 = tl.load(dl_ptr + r3 * E + offs_e, mask=me, other=0.0)
-        if PF_BC:
-            b3 = tl.load(B_ptr + r3 * N + offs_bc, mask=mbc, other=obc)
+                k2 = tl.load(C_ptr + (r0 + 2 * L) * N + offs_bc, mask=mbc, other=obc)
+        if M > 3:
+            b3 = tl.load(B_ptr + (r0 + 3 * L) * N + offs_bc, mask=mbc, other=obc)
             if NEED_Y:
-                k3 = tl.load(C_ptr + r3 * N + offs_bc, mask=mbc, other=obc)
-        if NEED_Z:
-            z3 = tl.load(z_ptr + r3 * E + offs_e, mask=me, other=0.0)
+                k3 = tl.load(C_ptr + (r0 + 3 * L) * N + offs_bc, mask=mbc, other=obc)
 
-    for t in range(t_lo, t_hi):
-        if SAVE_CKPT:
-            if t % chunk == 0:
-                tl.store(ckpt_ptr + (pid_b * n_ck + t // chunk) * E * N + offs_ne, c, mask=m2)
-        tn = tl.minimum(t + 1, t_hi - 1)  # the last step prefetches its own row again (harmless)
-        acc = zn
-        acc_p = zn
+    for t0 in range(t_lo, t_hi, T):
+        nt = tl.minimum(t_hi - t0, T)
+        mt = (ct < nt)[:, None] & mge[None, :]
+        # --- A: dt and dt * u for the chunk
         for m in tl.static_range(M):
-            row = (pid_b * M + m) * L + t
-            rn = (pid_b * M + m) * L + tn
-            if m < 4:
-                # this step's inputs from the slot, then refill the slot with step t + 1's
-                if m == 0:
-                    a = a0
-                    dm = d0
-                    qm = q0
-                    u = u0
-                    x = x0
-                    zz = z0
-                    bb = b0
-                    cc = k0
-                elif m == 1:
-                    a = a1
-                    dm = d1
-                    qm = q1
-                    u = u1
-                    x = x1
-                    zz = z1
-                    bb = b1
-                    cc = k1
-                elif m == 2:
-                    a = a2
-                    dm = d2
-                    qm = q2
-                    u = u2
-                    x = x2
-                    zz = z2
-                    bb = b2
-                    cc = k2
-                else:
-                    a = a3
-                    dm = d3
-                    qm = q3
-                    u = u3
-                    x = x3
-                    zz = z3
-                    bb = b3
-                    cc = k3
-                nu = tl.load(u_ptr + rn * E + offs_e, mask=me, other=0.0)
-                nx = tl.load(dl_ptr + rn * E + offs_e, mask=me, other=0.0)
-                if PF_BC:
-                    nb = tl.load(B_ptr + rn * N + offs_bc, mask=mbc, other=obc)
-                    if NEED_Y:
-                        nc = tl.load(C_ptr + rn * N + offs_bc, mask=mbc, other=obc)
-                    else:
-                        nc = nb
-                else:
-                    # B and C not carried: fewer registers, more programs per SM (slower on H100
-                    # at BLOCK_E 4 and faster at 8, see _plan)
-                    bb = tl.load(B_ptr + row * N + offs_bc, mask=mbc, other=obc)
-                    if NEED_Y:
-                        cc = tl.load(C_ptr + row * N + offs_bc, mask=mbc, other=obc)
-                    else:
-                        cc = bb
-                    nb = bb
-                    nc = cc
-                if NEED_Z:
-                    nz = tl.load(z_ptr + rn * E + offs_e, mask=me, other=0.0)
-                else:
-                    nz = nu
-                if m == 0:
-                    u0 = nu
-                    x0 = nx
-                    z0 = nz
-                    if PF_BC:
-                        b0 = nb
-                        k0 = nc
-                elif m == 1:
-                    u1 = nu
-                    x1 = nx
-                    z1 = nz
-                    if PF_BC:
-                        b1 = nb
-                        k1 = nc
-                elif m == 2:
-                    u2 = nu
-                    x2 = nx
-                    z2 = nz
-                    if PF_BC:
-                        b2 = nb
-                        k2 = nc
-                else:
-                    u3 = nu
-                    x3 = nx
-                    z3 = nz
-                    if PF_BC:
-                        b3 = nb
-                        k3 = nc
-            else:
-                # modalities past four: parameters and inputs straight from memory
-                a = _load_a(A_ptr, m, E, N, offs_ne, m2, True)
-                dm = _load_vec(D_ptr, m, E, offs_e, me, HAS_D and not SUMMARY)
-                qm = _load_vec(bias_ptr, m, E, offs_e, me, HAS_BIAS)
-                u = tl.load(u_ptr + row * E + offs_e, mask=me, other=0.0)
-                x = tl.load(dl_ptr + row * E + offs_e, mask=me, other=0.0)
-                bb = tl.load(B_ptr + row * N + offs_bc, mask=mbc, other=obc)
-                if NEED_Y:
-                    cc = tl.load(C_ptr + row * N + offs_bc, mask=mbc, other=obc)
-                else:
-                    cc = bb
-                if NEED_Z:
-                    zz = tl.load(z_ptr + row * E + offs_e, mask=me, other=0.0)
-                else:
-                    zz = u
-            u = u.to(tl.float32)
-            x = x.to(tl.float32)
+            rows = (pid_b * M + m) * L + t0 + ct
+            io = rows[:, None] * E + ge[None, :]
+            x = tl.load(dl_ptr + io, mask=mt, other=0.0).to(tl.float32)
+            uu = tl.load(u_ptr + io, mask=mt, other=0.0).to(tl.float32)
             if HAS_BIAS:
-                x += qm
+                x += tl.load(bias_ptr + m * E + ge, mask=mge, other=0.0)[None, :]
             if SOFTPLUS:
-                # softplus(x) = max(x, 0) + log1p(exp(-|x|)); w <= 1, so log1p(w) is log(v) minus
-                # the part of w that 1 + w rounded away (the /v of the exact correction is < 2x
-                # of a term already below float32 round-off of the result: dropped)
+                # softplus(x) = max(x, 0) + log1p(exp(-|x|)) (torch's, up to round-off); w <= 1,
+                # so log1p(w) is log(v) minus the part of w that v = 1 + w rounded away (the /v
+                # of the exact correction is < 2x of a term below float32 round-off: dropped)
                 w = tl.exp(-tl.abs(x))
                 v = 1.0 + w
-                dt = tl.maximum(x, 0.0) + (tl.log(v) - ((v - 1.0) - w))
+                dtc = tl.maximum(x, 0.0) + (tl.log(v) - ((v - 1.0) - w))
             else:
-                dt = x
-            if FAST_EXP:
-                # ex2.approx.ftz: one MUFU op (plain exp2 may add denormal fix-ups on Triton 3.6)
-                da = tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f",
-                                               [dt[None, :] * a], dtype=tl.float32,
-                                               is_pure=True, pack=1)
-            else:
-                da = tl.exp2(dt[None, :] * a)
-            h = da * c + bb.to(tl.float32) * (dt * u)[None, :]
-            if m == 0:
-                acc = h
-            else:
-                acc += h
-            if SUMMARY:
-                if m == 0:
-                    acc_p = da
+                dtc = x
+            tl.store(s_dt + m * T * BLOCK_E + tile, dtc)
+            tl.store(s_du + m * T * BLOCK_E + tile, dtc * uu)
+        # phase B's lanes read what other lanes wrote
+        tl.debug_barrier()
+        # --- B: the recurrence. Loads are issued ahead of use: B and C of step t + 1 (PF_BC)
+        # and dt, dt * u of step t + 1 of the chunk are loaded during step t into slots (first
+        # four modalities), and all of a step's loads come before its first store (the compiler
+        # keeps loads below an earlier store to the scratch, which may alias).
+        q0 = tl.load(s_dt + le)
+        w0 = tl.load(s_du + le)
+        q1 = q0
+        w1 = w0
+        q2 = q0
+        w2 = w0
+        q3 = q0
+        w3 = w0
+        if M > 1:
+            q1 = tl.load(s_dt + T * BLOCK_E + le)
+            w1 = tl.load(s_du + T * BLOCK_E + le)
+        if M > 2:
+            q2 = tl.load(s_dt + 2 * T * BLOCK_E + le)
+            w2 = tl.load(s_du + 2 * T * BLOCK_E + le)
+        if M > 3:
+            q3 = tl.load(s_dt + 3 * T * BLOCK_E + le)
+            w3 = tl.load(s_du + 3 * T * BLOCK_E + le)
+        for tt in range(0, nt):
+            t = t0 + tt
+            if SAVE_CKPT:
+                if t % chunk == 0:
+                    cs = c * kappa if FOLD else c
+                    tl.store(ckpt_ptr + (pid_b * n_ck + t // chunk) * E * N + offs_st, cs, mask=m2)
+            tn = tl.minimum(t + 1, t_hi - 1)  # the last step prefetches its own row again
+            tq = tl.minimum(tt + 1, nt - 1) * BLOCK_E + le
+            # this step's inputs from the slots, the slots refilled with the next step's
+            x0 = q0
+            v0 = w0
+            q0 = tl.load(s_dt + tq)
+            w0 = tl.load(s_du + tq)
+            x1 = x0
+            v1 = v0
+            x2 = x0
+            v2 = v0
+            x3 = x0
+            v3 = v0
+            if M > 1:
+                x1 = q1
+                v1 = w1
+                q1 = tl.load(s_dt + T * BLOCK_E + tq)
+                w1 = tl.load(s_du + T * BLOCK_E + tq)
+            if M > 2:
+                x2 = q2
+                v2 = w2
+                q2 = tl.load(s_dt + 2 * T * BLOCK_E + tq)
+                w2 = tl.load(s_du + 2 * T * BLOCK_E + tq)
+            if M > 3:
+                x3 = q3
+                v3 = w3
+                q3 = tl.load(s_dt + 3 * T * BLOCK_E + tq)
+                w3 = tl.load(s_du + 3 * T * BLOCK_E + tq)
+            g0 = b0
+            h0 = k0
+            g1 = b1
+            h1 = k1
+            g2 = b2
+            h2 = k2
+            g3 = b3
+            h3 = k3
+            if PF_BC:
+                rn = (pid_b * M) * L + tn
+                b0 = tl.load(B_ptr + rn * N + offs_bc, mask=mbc, other=obc)
+                if NEED_Y:
+                    k0 = tl.load(C_ptr + rn * N + offs_bc, mask=mbc, other=obc)
+                if M > 1:
+                    b1 = tl.load(B_ptr + (rn + L) * N + offs_bc, mask=mbc, other=obc)
+                    if NEED_Y:
+                        k1 = tl.load(C_ptr + (rn + L) * N + offs_bc, mask=mbc, other=obc)
+                if M > 2:
+                    b2 = tl.load(B_ptr + (rn + 2 * L) * N + offs_bc, mask=mbc, other=obc)
+                    if NEED_Y:
+                        k2 = tl.load(C_ptr + (rn + 2 * L) * N + offs_bc, mask=mbc, other=obc)
+                if M > 3:
+                    b3 = tl.load(B_ptr + (rn + 3 * L) * N + offs_bc, mask=mbc, other=obc)
+                    if NEED_Y:
+                        k3 = tl.load(C_ptr + (rn + 3 * L) * N + offs_bc, mask=mbc, other=obc)
+            acc = zn
+            acc_p = zn
+            for m in tl.static_range(M):
+                row = (pid_b * M + m) * L + t
+                if m < 4:
+                    if m == 0:
+                        a = a0
+                        dtv = x0
+                        duv = v0
+                        bb = g0
+                        cc = h0
+                    elif m == 1:
+                        a = a1
+                        dtv = x1
+                        duv = v1
+                        bb = g1
+                        cc = h1
+                    elif m == 2:
+                        a = a2
+                        dtv = x2
+                        duv = v2
+                        bb = g2
+                        cc = h2
+                    else:
+                        a = a3
+                        dtv = x3
+                        duv = v3
+                        bb = g3
+                        cc = h3
+                    if not PF_BC:
+                        # B and C not carried: fewer registers, more programs per SM
+                        bb = tl.load(B_ptr + row * N + offs_bc, mask=mbc, other=obc)
+                        cc = bb
+                        if NEED_Y:
+                            cc = tl.load(C_ptr + row * N + offs_bc, mask=mbc, other=obc)
                 else:
-                    acc_p += da
-            else:
-                yv = tl.reduce(h * cc.to(tl.float32), 0, _SUM)
+                    # modalities past four: parameters and inputs at use
+                    a = _load_a(A_ptr, m, E, N, offs_en, m2, True)
+                    dtv = tl.load(s_dt + (m * T + tt) * BLOCK_E + le)
+                    duv = tl.load(s_du + (m * T + tt) * BLOCK_E + le)
+                    bb = tl.load(B_ptr + row * N + offs_bc, mask=mbc, other=obc)
+                    cc = bb
+                    if NEED_Y:
+                        cc = tl.load(C_ptr + row * N + offs_bc, mask=mbc, other=obc)
+                arg = dtv[:, None] * a
+                if FOLD:
+                    arg += log2_kappa
+                if FAST_EXP:
+                    # ex2.approx.ftz: one MUFU op (plain exp2 may add denormal fix-ups on 3.6)
+                    da = tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [arg],
+                                                   dtype=tl.float32, is_pure=True, pack=1)
+                else:
+                    da = tl.exp2(arg)
+                h = da * c + bb.to(tl.float32) * duv[:, None]
+                if m == 0:
+                    acc = h
+                else:
+                    acc += h
+                if SUMMARY:
+                    if m == 0:
+                        acc_p = da
+                    else:
+                        acc_p += da
+                else:
+                    hc = h * cc.to(tl.float32)
+                    if YP == 1:
+                        ys = tl.reduce(hc, 1, _SUM)[:, None]
+                    else:
+                        ys = tl.reduce(tl.reshape(hc, [BLOCK_E, YP, BLOCK_N // YP]), 2, _SUM)
+                    tl.store(s_y + (m * T + tt) * BLOCK_E * YP + ystep, ys)
+            c = acc if FOLD else acc * kappa
+            if SUMMARY:
+                p = p * (acc_p if FOLD else acc_p * kappa)
+        # phase C reads other lanes' y sums; the next phase A overwrites what B read
+        tl.debug_barrier()
+        # --- C: skip term and gate, y out
+        if NEED_Y:
+            for m in tl.static_range(M):
+                rows = (pid_b * M + m) * L + t0 + ct
+                io = rows[:, None] * E + ge[None, :]
+                yv = tl.reduce(tl.load(s_y + m * T * BLOCK_E * YP + ytile), 2, _SUM)
                 if HAS_D:
-                    yv += dm * u
+                    uu = tl.load(u_ptr + io, mask=mt, other=0.0).to(tl.float32)
+                    yv += tl.load(D_ptr + m * E + ge, mask=mge, other=0.0)[None, :] * uu
                 if HAS_Z:
-                    zf = zz.to(tl.float32)
-                    yv = yv * (zf / (1.0 + tl.exp(-zf)))
-                tl.store(y_ptr + row * E + offs_e, yv.to(y_ptr.dtype.element_ty), mask=me)
-        c = acc * kappa
-        if SUMMARY:
-            p = p * (acc_p * kappa)
+                    zz = tl.load(z_ptr + io, mask=mt, other=0.0).to(tl.float32)
+                    yv = yv * (zz / (1.0 + tl.exp(-zz)))
+                tl.store(y_ptr + io, yv.to(y_ptr.dtype.element_ty), mask=mt)
+    if FOLD:
+        c = c * kappa
     if SUMMARY:
-        out = (pid_b * n_seg + pid_s) * E * N + offs_ne
+        out = (pid_b * n_seg + pid_s) * E * N + offs_st
         tl.store(c0_ptr + out, p, mask=m2)
         tl.store(final_ptr + out, c, mask=m2)
     elif pid_s == n_seg - 1:
-        tl.store(final_ptr + pid_b * E * N + offs_ne, c, mask=m2)
+        tl.store(final_ptr + pid_b * E * N + offs_st, c, mask=m2)
 
 
 @triton.jit
@@ -749,7 +779,8 @@ def _bwd_kernel(u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dy_p
 
 # Overrides for the heuristics below (tests force small blocks and several segments; benchmarks
 # sweep). Keys (bwd_* for the backward): block_e, num_warps, maxnreg, n_seg; chunk; deterministic.
-_KEYS = ("block_e", "num_warps", "maxnreg", "n_seg", "fast_exp", "pf_bc", "bwd_block_e", "bwd_num_warps",
+_KEYS = ("block_e", "num_warps", "maxnreg", "n_seg", "fast_exp", "pf_bc", "chunk_t", "y_parts",
+         "bwd_block_e", "bwd_num_warps",
          "bwd_maxnreg", "bwd_n_seg", "chunk", "deterministic")
 _OVERRIDES: dict = {}
 
@@ -787,6 +818,8 @@ class _Plan:
     seg_len: int
     fast_exp: bool = False
     pf_bc: bool = False
+    chunk_t: int = 64
+    y_parts: int = 1
 
     def launch_opts(self):
         opts = {"num_warps": self.num_warps}
@@ -795,28 +828,30 @@ class _Plan:
         return opts
 
 
-# Resident warps per SM the kernels reach (sm_90 compile of the M=3, N=64 kernels, 8 warps:
-# forward <= 128 registers/thread -> 2 programs, backward ~255 -> 1): the occupancy the planner
-# aims to fill before it splits time into segments.
-_WARPS_PER_SM = {False: 16, True: 8}
+# Resident warps per SM the kernels reach (sm_90, M=3, N=64: forward ~96 registers/thread -> 21
+# one-warp programs, backward ~255 -> one 8-warp program): the occupancy the planner aims to fill
+# before it splits time into segments.
+_WARPS_PER_SM = {False: 21, True: 8}
 
 
-def _plan(batch, M, L, E, N, device, *, bwd, chunk=1):
+def _plan(batch, M, L, E, N, device, *, bwd, chunk=1, elem_size=4):
     """Block sizes and time segmentation.
 
-    Forward: one warp per program, tile BLOCK_N x BLOCK_E with BLOCK_E = 256 / BLOCK_N (4 at
-    N = 64). Triton lays a one-warp tile out as 32 / BLOCK_E lanes along n by BLOCK_E lanes along
-    e, each thread holding 8 n of one channel: the y reduction over n is in-thread adds and three
-    shuffles (no shared memory, no barrier). Measured on H100 (Triton 3.6, paper shape, fp32):
-    BLOCK_E 4 with B/C prefetch 3.8 ms, 4 without 4.2, 8 without 5.8, 8 with 7.1, 16 20 ms;
-    maxnreg caps (spills) 1.5-3x slower. The kernel is latency bound: small tiles, few registers
-    and many resident programs win.
+    Forward: one warp per program on a [BLOCK_E, BLOCK_N] tile, n the contiguous axis. Triton
+    gives each thread one 16-byte vector of n (4 states at float32, 8 at 16-bit activations, as
+    the B/C loads are vectorised) and spreads the rest of n over lanes; BLOCK_E is chosen so that
+    the remaining lanes cover one channel each (2 at float32, 4 at bfloat16 for N = 64): every
+    thread then owns states of ONE channel, loads B/C once, and the y sum is in-thread adds plus
+    a few shuffles. Measured on H100 (Triton 3.6, paper shape 64 x 3 x 500 x 256 x 64): float32
+    BLOCK_E 2 1.57 ms (1.46 with 64-step chunks), 4 1.63, 1 2.04, 8 1.90; bfloat16 4 1.30, 2
+    1.56, 8 1.92; B/C prefetch off 1.78-2.12 (fewer registers, but the loads' latency shows).
     Backward: BLOCK_N x BLOCK_E = 2048 elements on 8 warps (8 per thread), lanes along e."""
     pre = "bwd_" if bwd else ""
     block_n = _pow2(N)
     gpu = device.type == "cuda" and not _interpreting()
     if gpu and not bwd:
-        block_e = max(1, min(_pow2(E), 32, 256 // block_n))
+        vec = max(1, 16 // int(elem_size))    # states per thread along n (one vector load)
+        block_e = max(1, min(_pow2(E), 32, 32 * vec // block_n))
     elif gpu:
         block_e = max(1, min(_pow2(E), 128, 2048 // block_n))
     else:
@@ -846,7 +881,12 @@ def _plan(batch, M, L, E, N, device, *, bwd, chunk=1):
     n_seg = -(-L // seg_len)
     fast_exp = bool(_OVERRIDES.get("fast_exp", gpu)) and not _interpreting()
     pf_bc = bool(_OVERRIDES.get("pf_bc", True))
-    return _Plan(block_e, block_n, num_warps, maxnreg, n_seg, seg_len, fast_exp, pf_bc)
+    # forward: steps per chunk of the vectorised phases (a power of two)
+    chunk_t = _pow2(int(_OVERRIDES.get("chunk_t", 64)))
+    # forward: partial y sums per channel left for the vectorised phase (power of two)
+    y_parts = _pow2(int(_OVERRIDES.get("y_parts", 1)))
+    return _Plan(block_e, block_n, num_warps, maxnreg, n_seg, seg_len, fast_exp, pf_bc, chunk_t,
+                 y_parts)
 
 
 def _chunk_for(L, n_seg_bwd):
@@ -871,13 +911,13 @@ def _t(x):
     return x.transpose(-1, -2).contiguous() if x is not None else None
 
 
-def _forward(u, delta, At, B, C, D, z, delta_bias, init_t, softplus, kappa, save, chunk=None):
-    """At: A as (M, N, E); init_t: initial_state as (batch, N, E). Returns y, final (batch, N, E)
+def _forward(u, delta, A, B, C, D, z, delta_bias, init_t, softplus, kappa, save, chunk=None):
+    """A: (M, E, N) contiguous; init_t: initial_state as (batch, N, E). Returns y, final (batch, N, E)
     and, when save, the checkpoints (batch, ceil(L / chunk), N, E)."""
     batch, M, L, E = u.shape
-    N = At.shape[1]
+    N = A.shape[2]
     dev = u.device
-    p = _plan(batch, M, L, E, N, dev, bwd=False)
+    p = _plan(batch, M, L, E, N, dev, bwd=False, elem_size=u.element_size())
     n_eblk = -(-E // p.block_e)
     y = torch.empty_like(u)
     final = torch.empty(batch, N, E, device=dev, dtype=torch.float32)
@@ -887,18 +927,25 @@ def _forward(u, delta, At, B, C, D, z, delta_bias, init_t, softplus, kappa, save
     else:
         n_ck, chunk = 1, 1
         ckpt = final  # never touched (SAVE_CKPT off)
-    meta = dict(M=M, BLOCK_E=p.block_e, BLOCK_N=p.block_n, SOFTPLUS=softplus,
-                FAST_EXP=p.fast_exp, PF_BC=p.pf_bc, N_C=N, **p.launch_opts())
-    dummy = At
+    fold = kappa > 0.0
+    yp = min(p.y_parts, p.block_n)
+    meta = dict(M=M, BLOCK_E=p.block_e, BLOCK_N=p.block_n, T=p.chunk_t, SOFTPLUS=softplus,
+                FAST_EXP=p.fast_exp, PF_BC=p.pf_bc, FOLD=fold, YP=yp, N_C=N, **p.launch_opts())
+    log2_kappa = math.log2(kappa) if fold else 0.0
+    # per-program scratch of the chunk phases (see _fwd_kernel): (2 + YP) x M x T x BLOCK_E
+    scratch = torch.empty(n_eblk * batch * p.n_seg * (2 + yp) * M * p.chunk_t * p.block_e,
+                          device=dev, dtype=torch.float32)
+    dummy = A
     c0 = init_t
     if p.n_seg > 1:
         grid = (n_eblk, batch, p.n_seg - 1)
         P = torch.empty(batch, p.n_seg, N, E, device=dev, dtype=torch.float32)
         S = torch.empty_like(P)
         # segment summaries: the same kernel in SUMMARY mode (P into c0_ptr, S into final_ptr)
-        _fwd_kernel[grid](u, delta, At, B, B, dummy, u,
+        _fwd_kernel[grid](u, delta, A, B, B, dummy, u,
                           delta_bias if delta_bias is not None else dummy,
-                          u, P, ckpt, S, L, E, N, p.seg_len, p.n_seg, 1, 1, kappa,
+                          u, P, ckpt, S, scratch, L, E, N, p.seg_len, p.n_seg, 1, 1, kappa,
+                          log2_kappa,
                           HAS_D=False, HAS_Z=False, HAS_BIAS=delta_bias is not None,
                           HAS_C0=False, SAVE_CKPT=False, SUMMARY=True, **meta)
         c0 = torch.empty_like(P)
@@ -908,11 +955,11 @@ def _forward(u, delta, At, B, C, D, z, delta_bias, init_t, softplus, kappa, save
             HAS_C0=init_t is not None, BLOCK=BLK, num_warps=4)
         del P, S
     _fwd_kernel[(n_eblk, batch, p.n_seg)](
-        u, delta, At, B, C,
+        u, delta, A, B, C,
         D if D is not None else dummy, z if z is not None else u,
         delta_bias if delta_bias is not None else dummy,
-        y, c0 if c0 is not None else dummy, ckpt, final,
-        L, E, N, p.seg_len, p.n_seg, chunk, n_ck, kappa,
+        y, c0 if c0 is not None else dummy, ckpt, final, scratch,
+        L, E, N, p.seg_len, p.n_seg, chunk, n_ck, kappa, log2_kappa,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
         HAS_C0=c0 is not None, SAVE_CKPT=save, SUMMARY=False, **meta)
     return y, final, (ckpt if save else None)
@@ -1005,7 +1052,7 @@ class _CoupledScanFn(torch.autograd.Function):
         pb = _plan(batch, M, L, E, N, u.device, bwd=True)
         chunk = _chunk_for(L, pb.n_seg)
         At = _t(A)
-        y, final, ckpt = _forward(u, delta, At, B, C, D, z, delta_bias, _t(initial_state),
+        y, final, ckpt = _forward(u, delta, A, B, C, D, z, delta_bias, _t(initial_state),
                                   softplus, kappa, save=True, chunk=chunk)
         ctx.save_for_backward(u, delta, At, B, C, D, z, delta_bias, ckpt)
         ctx.softplus, ctx.kappa, ctx.chunk = softplus, kappa, chunk
@@ -1046,7 +1093,7 @@ def coupled_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, *,
         y, final = _CoupledScanFn.apply(*cont, softplus, kappa)
     else:
         u, delta, A, B, C, D, z, delta_bias, init = cont
-        y, final, _ = _forward(u, delta, _t(A), B, C, D, z, delta_bias, _t(init), softplus, kappa,
+        y, final, _ = _forward(u, delta, A, B, C, D, z, delta_bias, _t(init), softplus, kappa,
                                save=False)
         final = _t(final)
     return (y, final) if return_final_state else y
