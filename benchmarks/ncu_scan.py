@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 
 # kernel-name filter of each implementation (a regex for ncu -k)
 KERNELS = {"triton": "regex:^_fwd_kernel", "triton_old": "regex:^_fwd_kernel",
-           "mamba": "regex:selective_scan_fwd", "plugin": "regex:coupledScan|CoupledScan|scan"}
+           "mamba": "regex:selective_scan_fwd", "plugin": "regex:coupledScanKernel"}
 # launches of the filtered kernel per call of the implementation (mamba: one per modality)
 PER_CALL = {"triton": 1, "triton_old": 1, "mamba": 3, "plugin": 1}
 HEADLINE = {

@@ -93,6 +93,9 @@ class CoupledLayer(nn.Module):
         parts = [br.scan_inputs(x) for br, x in zip(self.branches, xs)]
         dtype = parts[0][0].dtype
         u, delta, Bm, Cm, z = (torch.stack([p[i].to(dtype) for p in parts], dim=1) for i in range(5))
+        # the per-branch tensors (and the projections they view) are copies now: free them
+        # before the scan, which is where inference memory peaks
+        del parts
         A = torch.stack([-torch.exp(br.A_log.float()) for br in self.branches])
         D = torch.stack([br.D.float() for br in self.branches])
         bias = torch.stack([br.dt_proj.bias.float() for br in self.branches])

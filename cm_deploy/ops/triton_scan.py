@@ -35,6 +35,9 @@ checkpoints plus batch * n_seg * chunk * E * N * 4 bytes of scratch, chunk ~ sqr
 The adjoint recurrence is linear too, so long sequences split it into segments the same way (a
 pre-pass computes each segment's local adjoint and transition).
 
+Forward scratch (the chunk phases' dt, dt * u and y sums, see _fwd_kernel): batch * n_seg * E * M *
+(2 + YP) * T * 4 bytes, independent of L (paper shape, batch 64: 38 MB).
+
 Reductions: dB and dC (per b, m, t, n) sum over e across E-block programs: float32 atomics by
 default (run-to-run bit differences), or, under torch.use_deterministic_algorithms(True), per
 E-block partials summed afterwards (deterministic; n_eblk times the memory). dA, dD and
