@@ -140,8 +140,8 @@ def _fwd_kernel(u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
     # The state tile is [BLOCK_E, BLOCK_N] with n the contiguous axis (A is read as (M, E, N)):
     # Triton then gives each thread a run of consecutive n of one channel (vector loads of A, B,
     # C), so the y sum over n is mostly in-thread adds.
-    offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
     le = tl.arange(0, BLOCK_E)
+    offs_e = pid_e * BLOCK_E + le
     offs_n = tl.arange(0, BLOCK_N)
     me = offs_e < E
     mn = offs_n < N
@@ -160,12 +160,10 @@ def _fwd_kernel(u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
         obc = 0.0
     # the chunk tile of phases A and C
     ct = tl.arange(0, T)
-    ge = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
-    mge = ge < E
-    tile = ct[:, None] * BLOCK_E + tl.arange(0, BLOCK_E)[None, :]
+    tile = ct[:, None] * BLOCK_E + le[None, :]
     # the y sums of phase B: YP partial sums per channel, each over BLOCK_N // YP states
     cj = tl.arange(0, YP)
-    ytile = (ct[:, None, None] * BLOCK_E + tl.arange(0, BLOCK_E)[None, :, None]) * YP + cj[None, None, :]
+    ytile = (ct[:, None, None] * BLOCK_E + le[None, :, None]) * YP + cj[None, None, :]
     ystep = le[:, None] * YP + cj[None, :]
     a0 = _load_a(A_ptr, 0, E, N, offs_en, m2, True)
     a1 = _load_a(A_ptr, 1, E, N, offs_en, m2, M > 1)
@@ -216,15 +214,15 @@ def _fwd_kernel(u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
 
     for t0 in range(t_lo, t_hi, T):
         nt = tl.minimum(t_hi - t0, T)
-        mt = (ct < nt)[:, None] & mge[None, :]
+        mt = (ct < nt)[:, None] & me[None, :]
         # --- A: dt and dt * u for the chunk
         for m in tl.static_range(M):
             rows = (pid_b * M + m) * L + t0 + ct
-            io = rows[:, None] * E + ge[None, :]
+            io = rows[:, None] * E + offs_e[None, :]
             x = tl.load(dl_ptr + io, mask=mt, other=0.0).to(tl.float32)
             uu = tl.load(u_ptr + io, mask=mt, other=0.0).to(tl.float32)
             if HAS_BIAS:
-                x += tl.load(bias_ptr + m * E + ge, mask=mge, other=0.0)[None, :]
+                x += tl.load(bias_ptr + m * E + offs_e, mask=me, other=0.0)[None, :]
             if SOFTPLUS:
                 # softplus(x) = max(x, 0) + log1p(exp(-|x|)) (torch's, up to round-off); w <= 1,
                 # so log1p(w) is log(v) minus the part of w that v = 1 + w rounded away (the /v
@@ -397,11 +395,11 @@ def _fwd_kernel(u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
         if NEED_Y:
             for m in tl.static_range(M):
                 rows = (pid_b * M + m) * L + t0 + ct
-                io = rows[:, None] * E + ge[None, :]
+                io = rows[:, None] * E + offs_e[None, :]
                 yv = tl.reduce(tl.load(s_y + m * T * BLOCK_E * YP + ytile), 2, _SUM)
                 if HAS_D:
                     uu = tl.load(u_ptr + io, mask=mt, other=0.0).to(tl.float32)
-                    yv += tl.load(D_ptr + m * E + ge, mask=mge, other=0.0)[None, :] * uu
+                    yv += tl.load(D_ptr + m * E + offs_e, mask=me, other=0.0)[None, :] * uu
                 if HAS_Z:
                     zz = tl.load(z_ptr + io, mask=mt, other=0.0).to(tl.float32)
                     yv = yv * (zz / (1.0 + tl.exp(-zz)))
