@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Configures, builds and tests the CoupledScan TensorRT plugin (what CI runs).
+# Configures, builds and tests the native libraries (what CI runs): the CoupledScan TensorRT plugin and
+# the ONNX Runtime custom-op library, both from one kernel source.
 #
 #   scripts/build_plugin.sh [BUILD_DIR] [extra cmake args...]     # default BUILD_DIR: build/plugin
 #
@@ -7,7 +8,10 @@
 # are fetched into BUILD_DIR/trt by scripts/fetch_trt_headers.sh (pip download of a pinned wheel).
 # GPU code: CUDA_ARCHITECTURES (env) — default "80" (one architecture, with PTX that newer GPUs JIT),
 # "all" for the project's default list (Ampere to Blackwell, incl. Jetson Orin), or e.g. "90".
-# The unit tests need no GPU. Output: BUILD_DIR/plugins/trt_coupled_scan/libcoupled_scan_plugin.so.
+# ONNX Runtime headers: ONNXRUNTIME_ROOT (env) when set, else fetched into BUILD_DIR/ort by
+# scripts/fetch_ort_headers.sh (a pinned Debian package, unpacked, never installed).
+# The unit tests need no GPU. Output: BUILD_DIR/plugins/trt_coupled_scan/libcoupled_scan_plugin.so and
+# BUILD_DIR/plugins/ort_coupled_scan/libcoupled_scan_ort.so.
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -30,9 +34,16 @@ if [[ -z "$trt" ]]; then
   fi
 fi
 
+ort=${ONNXRUNTIME_ROOT:-}
+if [[ -z "$ort" ]]; then
+  "$repo/scripts/fetch_ort_headers.sh" "$build/ort"
+  ort=$build/ort
+fi
+
 arch=${CUDA_ARCHITECTURES:-80}
 args=(-S "$repo" -B "$build" -DCMAKE_BUILD_TYPE="${CMAKE_BUILD_TYPE:-Release}" -DBUILD_TESTING=ON -DCM_DEPLOY_REQUIRE_GTEST=ON)
 [[ -n "$trt" ]] && args+=(-DTensorRT_ROOT="$trt")
+args+=(-DONNXRUNTIME_ROOT="$ort")
 [[ "$arch" != all ]] && args+=(-DCMAKE_CUDA_ARCHITECTURES="$arch")
 jobs=${JOBS:-$(nproc 2>/dev/null || echo 2)}
 
@@ -42,4 +53,4 @@ echo "== build (-j $jobs)"
 cmake --build "$build" -j "$jobs"
 echo "== test"
 (cd "$build" && ctest --output-on-failure -j "$jobs")
-echo "== done in $(( $(date +%s) - start )) s: $build/plugins/trt_coupled_scan/libcoupled_scan_plugin.so"
+echo "== done in $(( $(date +%s) - start )) s: $build/plugins/trt_coupled_scan/libcoupled_scan_plugin.so, $build/plugins/ort_coupled_scan/libcoupled_scan_ort.so"

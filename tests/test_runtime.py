@@ -23,6 +23,7 @@ from fake_tensorrt import MAGIC, fake_engine_bytes, host_kernel, make_fake_trt  
 from cm_deploy.errors import UserError  # noqa: E402
 from cm_deploy.runtime import cuda as cu  # noqa: E402
 from cm_deploy.runtime import specs as S  # noqa: E402
+from cm_deploy.runtime import native as N  # noqa: E402
 from cm_deploy.runtime import trt as T  # noqa: E402
 
 MODS = {"text": 12, "audio": 7, "vision": 5}
@@ -370,7 +371,8 @@ def test_trtexec_command_and_builtin_timer(art, tmp_path):
 def test_find_plugin(tmp_path, monkeypatch):
     monkeypatch.delenv(T.PLUGIN_ENV, raising=False)
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(T, "_REPO_ROOT", tmp_path / "repo")
+    monkeypatch.setattr(N, "_REPO_ROOT", tmp_path / "repo")
+    monkeypatch.setattr(N, "_PACKAGE_LIB", tmp_path / "no-lib")
     with pytest.raises(UserError, match="pass --plugin PATH or set CM_DEPLOY_PLUGIN") as e:
         T.find_plugin()
     one_line(e.value)
@@ -411,7 +413,8 @@ def fake_trt(monkeypatch, tmp_path):
     monkeypatch.setattr(cu, "device_info", lambda i=None: dict(H100))
     monkeypatch.delenv(T.PLUGIN_ENV, raising=False)
     monkeypatch.delenv(T.MODULE_ENV, raising=False)
-    monkeypatch.setattr(T, "_REPO_ROOT", tmp_path / "no-repo")
+    monkeypatch.setattr(N, "_REPO_ROOT", tmp_path / "no-repo")
+    monkeypatch.setattr(N, "_PACKAGE_LIB", tmp_path / "no-lib")
     monkeypatch.chdir(tmp_path)
     yield install
     T._modules.clear()

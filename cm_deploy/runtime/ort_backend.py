@@ -1,7 +1,14 @@
-"""ONNX Runtime backend: the portable ONNX file (model.portable.onnx) on the CPU or CUDA provider.
+"""ONNX Runtime backend: model.onnx (with the CoupledScan op library registered) or
+model.portable.onnx (stock ONNX Runtime), on the CUDA provider when onnxruntime-gpu is present, else
+on the CPU.
+
+The op library (plugins/ort_coupled_scan, libcoupled_scan_ort.so) is found as native.py says
+($CM_DEPLOY_ORT_OP_LIBRARY, the package's lib/, build/ folders) and registered whenever it is found;
+a file with CoupledScan nodes and no library gets a one-line error saying how to get one.
 
 Host numpy inputs go through session.run. CUDA arrays (__cuda_array_interface__) on the CUDA
-provider are bound by pointer through IOBinding, without a copy.
+provider are bound by pointer through IOBinding, without a copy. cuda_graph=True turns on the CUDA
+provider's graph capture: inputs are then copied into fixed device buffers, as replay needs.
 """
 from __future__ import annotations
 
@@ -11,6 +18,7 @@ import numpy as np
 
 from ..errors import UserError
 from .backend import Backend
+from .native import LIBRARIES, find_library
 from .specs import TensorSpec, manifest_for, np_dtype
 
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16",
@@ -26,7 +34,8 @@ def _one_line(e: BaseException) -> str:
 class OrtBackend(Backend):
     kind = "onnxruntime"
 
-    def __init__(self, path, device=None, providers=None, threads: int | None = None):
+    def __init__(self, path, device=None, providers=None, threads: int | None = None, ort_ops=None,
+                 cuda_graph: bool = False):
         try:
             import onnxruntime as ort
         except ImportError:
@@ -49,24 +58,46 @@ class OrtBackend(Backend):
                     raise UserError(f"device {dev}: this onnxruntime has no CUDAExecutionProvider "
                                     f"(available: {', '.join(available)}); install onnxruntime-gpu")
                 self.device_id = int(dev[5:]) if dev.startswith("cuda:") and dev[5:].isdigit() else 0
-                providers = [("CUDAExecutionProvider", {"device_id": self.device_id}), "CPUExecutionProvider"]
+                providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
             else:
                 raise UserError(f"unknown device {device!r}: use cpu, cuda or cuda:N")
+            if providers[0] == "CUDAExecutionProvider":
+                cuda_opts = {"device_id": self.device_id}
+                if cuda_graph:
+                    cuda_opts["enable_cuda_graph"] = "1"
+                providers[0] = ("CUDAExecutionProvider", cuda_opts)
+        if cuda_graph and not any((p[0] if isinstance(p, tuple) else p) == "CUDAExecutionProvider"
+                                  for p in providers):
+            raise UserError("cuda_graph needs ONNX Runtime's CUDA provider (onnxruntime-gpu and a CUDA device)")
+        self.cuda_graph = bool(cuda_graph)
+        self._graph_buffers: dict = {}
         opts = ort.SessionOptions()
         opts.log_severity_level = 3          # errors only: ORT's warnings are not the user's business
         if threads:
             opts.intra_op_num_threads = int(threads)
+        # A file made for TensorRT (CoupledScan nodes, no function body) needs the op library.
+        needs_ops = (self.manifest or {}).get("_role", "tensorrt") != "portable"
+        self.ort_ops = find_library("ort", ort_ops, required=False)
+        if self.ort_ops is not None:
+            try:
+                opts.register_custom_ops_library(str(self.ort_ops))
+            except Exception as e:
+                if needs_ops or ort_ops:
+                    raise UserError(f"cannot register {LIBRARIES['ort'].what} {self.ort_ops}: {_one_line(e)}"
+                                    ) from None
+                self.ort_ops = None      # the portable file runs without it
         try:
             self.session = ort.InferenceSession(str(self.path), sess_options=opts, providers=providers)
         except Exception as e:
             msg = _one_line(e)
-            if "CoupledScan" in msg or "cm_deploy" in msg:
+            if ("CoupledScan" in msg or "cm_deploy" in msg) and self.ort_ops is None:
                 hint = ""
                 if self.manifest and self.manifest.get("files", {}).get("portable"):
-                    hint = f"; use {self.path.parent / self.manifest['files']['portable']} instead"
-                raise UserError(f"{self.path}: this ONNX file holds CoupledScan plugin nodes for TensorRT "
-                                f"and does not run in ONNX Runtime (build an engine with `cm-deploy build`{hint})"
-                                ) from None
+                    hint = f", or run {self.path.parent / self.manifest['files']['portable']} (stock ONNX Runtime)"
+                lib = LIBRARIES["ort"]
+                raise UserError(f"{self.path}: this ONNX file holds CoupledScan nodes: ONNX Runtime runs it with "
+                                f"the {lib.what} (build it with scripts/build_plugin.sh, then pass {lib.flag} or "
+                                f"set {lib.env}{hint})") from None
             raise UserError(f"{self.path}: ONNX Runtime cannot load it: {msg}") from None
         self.providers = self.session.get_providers()
         self.on_cuda = self.providers[0] == "CUDAExecutionProvider"
@@ -77,7 +108,7 @@ class OrtBackend(Backend):
         floats = [s.dtype for s in self.inputs if s.dtype in ("float32", "float16", "bfloat16")]
         self.precision = m.get("dtype") or (floats[0] if floats else "float32")
         ep = "CUDA" if self.on_cuda else "CPU"
-        self.name = f"onnxruntime[{ep}]:{self.path.name}"
+        self.name = f"onnxruntime[{ep}{'+graph' if self.cuda_graph else ''}]:{self.path.name}"
 
     def _spec(self, arg, which) -> TensorSpec:
         dtype = _ORT_TYPES.get(arg.type)
@@ -92,6 +123,8 @@ class OrtBackend(Backend):
 
     def _run(self, feeds, infos, device_outputs=False):
         on_device = [n for n, i in infos.items() if i.on_device]
+        if self.cuda_graph:
+            return self._run_graph(feeds, infos, device_outputs)
         if on_device or device_outputs:
             if not self.on_cuda:
                 what = f"CUDA input {on_device[0]!r}" if on_device else "device_outputs=True"
@@ -135,5 +168,45 @@ class OrtBackend(Backend):
             return dict(zip((s.name for s in self.outputs), binding.get_outputs()))   # OrtValues on device
         return dict(zip((s.name for s in self.outputs), binding.copy_outputs_to_cpu()))
 
+    def _run_graph(self, feeds, infos, device_outputs):
+        """CUDA-graph replay reads the addresses it captured: every input and output lives in one
+        device OrtValue per shape, kept across runs; new data is copied into it."""
+        ort = self._ort
+        shapes = tuple((s.name, tuple(infos[s.name].shape)) for s in self.inputs)
+        bufs = self._graph_buffers.get(shapes)
+        if bufs is None:
+            if self._graph_buffers:
+                raise UserError(f"{self.name}: a CUDA-graph session runs one set of input shapes; open another "
+                                "for new shapes")
+            bufs = {s.name: ort.OrtValue.ortvalue_from_shape_and_type(list(infos[s.name].shape), np_dtype(s.dtype),
+                                                                       "cuda", self.device_id)
+                    for s in self.inputs}
+            binding = self.session.io_binding()
+            for name, v in bufs.items():
+                binding.bind_ortvalue_input(name, v)
+            for spec in self.outputs:
+                binding.bind_output(spec.name, "cuda", self.device_id)
+            bufs = {"values": bufs, "binding": binding}
+            self._graph_buffers[shapes] = bufs
+        for spec in self.inputs:
+            info, dst = infos[spec.name], bufs["values"][spec.name]
+            if info.on_device:
+                from .cuda import cudart, check
+                if info.stream is not None:
+                    check(cudart().cudaStreamSynchronize(info.stream), "cudaStreamSynchronize")
+                nbytes = int(np.prod(info.shape)) * np.dtype(np_dtype(spec.dtype)).itemsize
+                check(cudart().cudaMemcpy(dst.data_ptr(), info.ptr, nbytes,
+                                          cudart().cudaMemcpyKind.cudaMemcpyDeviceToDevice), "cudaMemcpy")
+            else:
+                dst.update_inplace(np.ascontiguousarray(feeds[spec.name], dtype=np_dtype(spec.dtype)))
+        try:
+            self.session.run_with_iobinding(bufs["binding"])
+        except Exception as e:
+            raise RuntimeError(f"{self.name}: inference failed: {_one_line(e)}") from None
+        if device_outputs:
+            return dict(zip((s.name for s in self.outputs), bufs["binding"].get_outputs()))
+        return dict(zip((s.name for s in self.outputs), bufs["binding"].copy_outputs_to_cpu()))
+
     def close(self):
+        self._graph_buffers.clear()
         self.session = None

@@ -20,15 +20,12 @@ import threading
 from pathlib import Path
 
 from ..errors import UserError
+from .native import LIBRARIES, find_library
 
 SIDECAR_FORMAT = "cm-deploy-engine/1"
 PLUGIN_NAME, PLUGIN_VERSION, PLUGIN_NAMESPACE = "CoupledScan", "1", ""
-PLUGIN_ENV = "CM_DEPLOY_PLUGIN"
+PLUGIN_ENV = LIBRARIES["trt"].env
 MODULE_ENV = "CM_DEPLOY_TRT_MODULE"
-# Library names of the plugin build (plugins/trt_coupled_scan/CMakeLists.txt: target coupled_scan_plugin,
-# left in <build-dir>/plugins/trt_coupled_scan/).
-PLUGIN_LIBRARY_NAMES = ("libcoupled_scan_plugin.so", "coupled_scan_plugin.dll")
-_REPO_ROOT = Path(__file__).resolve().parents[2]
 
 _modules: dict = {}
 
@@ -172,52 +169,10 @@ def now_iso() -> str:
 
 # ---------------------------------------------------------------------------- plugin library
 
-def default_plugin_candidates() -> list[Path]:
-    """Where `scripts/build_plugin.sh [build-dir]` leaves the library: under build/ (up to four levels,
-    e.g. build/ci/plugins/trt_coupled_scan/) of the current directory and of the repository, newest
-    first."""
-    seen, found = set(), []
-    for root in (Path.cwd(), _REPO_ROOT):
-        base = root / "build"
-        if not base.is_dir():
-            continue
-        for depth in range(5):
-            for name in PLUGIN_LIBRARY_NAMES:
-                try:
-                    hits = list(base.glob("/".join(["*"] * depth + [name])))
-                except OSError:
-                    hits = []
-                for p in hits:
-                    rp = p.resolve()
-                    if rp not in seen and rp.is_file():
-                        seen.add(rp)
-                        found.append(rp)
-    return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
-
-
 def find_plugin(explicit=None, recorded=None, required: bool = True) -> Path | None:
     """The CoupledScan plugin library: `explicit` (--plugin), else $CM_DEPLOY_PLUGIN, else the path an
-    engine's sidecar recorded, else the default build locations. UserError (one line) when none."""
-    if explicit:
-        p = Path(explicit)
-        if not p.is_file():
-            raise UserError(f"plugin library not found: {p}")
-        return p.resolve()
-    env = os.environ.get(PLUGIN_ENV)
-    if env:
-        p = Path(env)
-        if not p.is_file():
-            raise UserError(f"plugin library not found: {p} (from ${PLUGIN_ENV})")
-        return p.resolve()
-    if recorded and Path(recorded).is_file():
-        return Path(recorded).resolve()
-    found = default_plugin_candidates()
-    if found:
-        return found[0]
-    if required:
-        raise UserError("CoupledScan plugin library not found: pass --plugin PATH or set "
-                        f"{PLUGIN_ENV} (build it with scripts/build_plugin.sh)")
-    return None
+    engine's sidecar recorded, else the default locations (native.py). UserError (one line) when none."""
+    return find_library("trt", explicit, recorded, required)
 
 
 _loaded_plugins: dict = {}

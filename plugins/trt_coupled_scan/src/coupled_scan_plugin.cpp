@@ -711,28 +711,16 @@ int32_t CoupledScanPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTens
             return -1;
         }
 
-        scan::DeviceLimits dev;
-        if (!scan::currentDeviceLimits(dev, &why))
-        {
-            logError("enqueue: " + why);
-            return -1;
-        }
-        scan::ScanGeometry g;
-        // L is split into segments only with a workspace (TensorRT passes the one getWorkspaceSize asked for).
-        scan::ScanOverrides ov = scan::envOverrides();
-        if (workspace == nullptr)
-        {
-            ov.segs = 1;
-        }
-        if (!scan::chooseGeometry(a.batch, a.M, a.L, a.E, a.N, dev, ov, g, &why))
-        {
-            logError("enqueue: " + why);
-            return -1;
-        }
-        a.work = g.segs > 1 ? static_cast<float*>(workspace) : nullptr;
         scan::ActType const t = inputDesc[kU].type == DataType::kFLOAT
             ? scan::ActType::kFLOAT32
             : (inputDesc[kU].type == DataType::kHALF ? scan::ActType::kFLOAT16 : scan::ActType::kBFLOAT16);
+        // L is split into segments only with a workspace (TensorRT passes the one getWorkspaceSize asked for).
+        scan::ScanGeometry g;
+        if (!scan::runCoupledScan(t, a, workspace, stream, why, &g))
+        {
+            logError("enqueue: " + why);
+            return -1;
+        }
         if (traceEnabled())
         {
             std::ostringstream s;
@@ -741,13 +729,6 @@ int32_t CoupledScanPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTens
               << " tc=" << g.tc << " smem=" << g.smemBytes << " blocks=" << g.blocks << " segs=" << g.segs
               << " segLen=" << g.segLen;
             traceCall("enqueue", s.str());
-        }
-        cudaError_t const err = scan::launchCoupledScan(t, a, g, stream);
-        if (err != cudaSuccess)
-        {
-            logError(std::string("enqueue: kernel launch failed: ") + cudaGetErrorName(err) + ": "
-                + cudaGetErrorString(err));
-            return -1;
         }
         return 0;
     }

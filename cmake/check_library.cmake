@@ -1,5 +1,6 @@
-# ctest helper: the plugin library must not need libnvinfer or libcudart at load time, and must export
-# exactly getCreators and setLoggerFinder.
+# ctest helper: a library must not need the libraries matching FORBID (a regex) at load time, and must
+# export exactly the symbols in EXPORTS (comma-separated, sorted).
+#   cmake -DLIB=<file> -DFORBID=<regex> -DEXPORTS=<a,b> -P check_library.cmake
 find_program(READELF readelf)
 if(NOT READELF)
   message(STATUS "readelf not found; skipping")
@@ -11,8 +12,8 @@ if(NOT rc EQUAL 0)
 endif()
 string(REGEX MATCHALL "\\(NEEDED\\)[^\n]*" needed "${dyn}")
 message(STATUS "NEEDED: ${needed}")
-if(needed MATCHES "nvinfer|cudart|nvonnxparser")
-  message(FATAL_ERROR "plugin library links TensorRT or the shared CUDA runtime: ${needed}")
+if(needed MATCHES "${FORBID}")
+  message(FATAL_ERROR "${LIB} needs a library matching '${FORBID}': ${needed}")
 endif()
 execute_process(COMMAND ${READELF} --dyn-syms --wide ${LIB} OUTPUT_VARIABLE syms)
 string(REGEX MATCHALL "GLOBAL +DEFAULT +[0-9]+ +[A-Za-z_][A-Za-z0-9_]*" defined "${syms}")
@@ -23,6 +24,7 @@ foreach(s IN LISTS defined)
 endforeach()
 list(SORT names)
 message(STATUS "exported: ${names}")
-if(NOT names STREQUAL "getCreators;setLoggerFinder")
+string(REPLACE "," ";" want "${EXPORTS}")
+if(NOT names STREQUAL "${want}")
   message(FATAL_ERROR "unexpected exported symbols: ${names}")
 endif()

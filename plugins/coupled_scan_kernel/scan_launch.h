@@ -29,5 +29,12 @@ cudaError_t ensureDynamicSmem(void const* func, size_t bytes);
 // Tuning overrides from the environment, read once.
 ScanOverrides const& envOverrides();
 
+// What both adapters (TensorRT plugin, ONNX Runtime library) call: picks the geometry for the current
+// device and launches on `stream`. `workspace` (device memory of segmentWorkspaceBytes(E, N) bytes)
+// lets a small batch split L into segments; null keeps one segment. `used` (optional) receives the
+// geometry. Returns false with one sentence in `why`.
+bool runCoupledScan(ActType type, ScanArgs a, void* workspace, cudaStream_t stream, std::string& why,
+    ScanGeometry* used = nullptr);
+
 } // namespace scan
 } // namespace cm_deploy

@@ -122,5 +122,41 @@ ScanOverrides const& envOverrides()
     return ov;
 }
 
+bool runCoupledScan(ActType type, ScanArgs a, void* workspace, cudaStream_t stream, std::string& why,
+    ScanGeometry* used)
+{
+    if (a.batch == 0)
+    {
+        return true; // empty outputs
+    }
+    DeviceLimits dev;
+    if (!currentDeviceLimits(dev, &why))
+    {
+        return false;
+    }
+    ScanOverrides ov = envOverrides();
+    if (workspace == nullptr)
+    {
+        ov.segs = 1;
+    }
+    ScanGeometry g;
+    if (!chooseGeometry(a.batch, a.M, a.L, a.E, a.N, dev, ov, g, &why))
+    {
+        return false;
+    }
+    a.work = g.segs > 1 ? static_cast<float*>(workspace) : nullptr;
+    if (used != nullptr)
+    {
+        *used = g;
+    }
+    cudaError_t const err = launchCoupledScan(type, a, g, stream);
+    if (err != cudaSuccess)
+    {
+        why = std::string("kernel launch failed: ") + cudaGetErrorName(err) + ": " + cudaGetErrorString(err);
+        return false;
+    }
+    return true;
+}
+
 } // namespace scan
 } // namespace cm_deploy

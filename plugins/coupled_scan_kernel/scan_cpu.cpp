@@ -1,0 +1,203 @@
+// CoupledScan on the CPU (see scan_cpu.h). Loops: per (batch, channel tile), time outer, modalities
+// inner, so the coupled state of the tile (channels x N floats) stays in cache for the whole sequence.
+#include "scan_cpu.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+namespace cm_deploy
+{
+namespace scan
+{
+
+float halfToFloat(uint16_t h)
+{
+    uint32_t const sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+    uint32_t const e = (h >> 10) & 0x1fu;
+    uint32_t const m = h & 0x3ffu;
+    uint32_t bits;
+    if (e == 0)
+    {
+        float const v = std::ldexp(static_cast<float>(m), -24); // zero or subnormal
+        return sign ? -v : v;
+    }
+    if (e == 31)
+    {
+        bits = sign | 0x7f800000u | (m << 13); // Inf, NaN (payload kept)
+    }
+    else
+    {
+        bits = sign | ((e + 112u) << 23) | (m << 13);
+    }
+    float f;
+    std::memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+uint16_t floatToHalf(float f)
+{
+    uint32_t x;
+    std::memcpy(&x, &f, sizeof x);
+    uint16_t const sign = static_cast<uint16_t>((x >> 16) & 0x8000u);
+    uint32_t const ax = x & 0x7fffffffu;
+    if (ax >= 0x7f800000u)
+    {
+        return sign | (ax > 0x7f800000u ? 0x7e00u : 0x7c00u); // NaN, Inf
+    }
+    if (ax >= 0x477ff000u)
+    {
+        return sign | 0x7c00u; // >= 65520 rounds to Inf
+    }
+    if (ax < 0x38800000u)
+    {
+        // below the smallest normal half (2^-14): multiples of 2^-24; the product is exact and
+        // nearbyint rounds to nearest even (0x400 is then the smallest normal, encoded alike)
+        float a;
+        std::memcpy(&a, &ax, sizeof a);
+        return sign | static_cast<uint16_t>(std::nearbyint(a * 16777216.0f));
+    }
+    uint32_t h = (((ax >> 23) - 112u) << 10) | ((ax & 0x7fffffu) >> 13);
+    uint32_t const rest = ax & 0x1fffu;
+    if (rest > 0x1000u || (rest == 0x1000u && (h & 1u)))
+    {
+        ++h; // a carry into the exponent is the correct rounding
+    }
+    return static_cast<uint16_t>(sign | h);
+}
+
+float bfloat16ToFloat(uint16_t b)
+{
+    uint32_t const bits = static_cast<uint32_t>(b) << 16;
+    float f;
+    std::memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+uint16_t floatToBfloat16(float f)
+{
+    uint32_t x;
+    std::memcpy(&x, &f, sizeof x);
+    if ((x & 0x7fffffffu) > 0x7f800000u)
+    {
+        return static_cast<uint16_t>((x >> 16) | 0x40u); // quiet NaN
+    }
+    x += 0x7fffu + ((x >> 16) & 1u);
+    return static_cast<uint16_t>(x >> 16);
+}
+
+namespace
+{
+
+struct F32
+{
+    static float load(void const* p, int64_t i) { return static_cast<float const*>(p)[i]; }
+    static void store(void* p, int64_t i, float v) { static_cast<float*>(p)[i] = v; }
+};
+struct F16
+{
+    static float load(void const* p, int64_t i) { return halfToFloat(static_cast<uint16_t const*>(p)[i]); }
+    static void store(void* p, int64_t i, float v) { static_cast<uint16_t*>(p)[i] = floatToHalf(v); }
+};
+struct BF16
+{
+    static float load(void const* p, int64_t i) { return bfloat16ToFloat(static_cast<uint16_t const*>(p)[i]); }
+    static void store(void* p, int64_t i, float v) { static_cast<uint16_t*>(p)[i] = floatToBfloat16(v); }
+};
+
+float softplus(float x)
+{
+    // log(1 + e^x) without overflow; as torch.nn.functional.softplus (threshold 20)
+    return x > 20.0f ? x : std::log1p(std::exp(x));
+}
+
+template <typename IO>
+void scanItem(ScanArgs const& a, int64_t item)
+{
+    int64_t const etiles = (a.E + kCpuChannelTile - 1) / kCpuChannelTile;
+    int64_t const b = item / etiles;
+    int32_t const e0 = static_cast<int32_t>(item % etiles) * kCpuChannelTile;
+    int32_t const e1 = std::min(a.E, e0 + kCpuChannelTile);
+    int32_t const nch = e1 - e0;
+    int32_t const M = a.M, N = a.N, E = a.E;
+    int64_t const L = a.L;
+
+    std::vector<float> c(static_cast<size_t>(nch) * N), next(c.size());
+    if (a.initialState != nullptr)
+    {
+        std::memcpy(c.data(), a.initialState + (b * E + e0) * static_cast<int64_t>(N), c.size() * sizeof(float));
+    }
+    std::vector<float> Bt(N), Ct(N);
+    for (int64_t t = 0; t < L; ++t)
+    {
+        std::fill(next.begin(), next.end(), 0.0f);
+        for (int32_t m = 0; m < M; ++m)
+        {
+            int64_t const row = (b * M + m) * L + t;  // (b, m, t) row of u, delta, z, B, C
+            for (int32_t n = 0; n < N; ++n)
+            {
+                Bt[n] = IO::load(a.B, row * N + n);
+                Ct[n] = IO::load(a.C, row * N + n);
+            }
+            for (int32_t j = 0; j < nch; ++j)
+            {
+                int32_t const e = e0 + j;
+                int64_t const i = row * E + e;
+                float const uv = IO::load(a.u, i);
+                float dt = IO::load(a.delta, i) + a.deltaBias[m * E + e];
+                if (a.deltaSoftplus)
+                {
+                    dt = softplus(dt);
+                }
+                float const dtu = dt * uv;
+                float const* Ame = a.A + (static_cast<int64_t>(m) * E + e) * N;
+                float const* cj = c.data() + static_cast<size_t>(j) * N;
+                float* nj = next.data() + static_cast<size_t>(j) * N;
+                float yv = 0.0f;
+                for (int32_t n = 0; n < N; ++n)
+                {
+                    float const h = std::exp(dt * Ame[n]) * cj[n] + dtu * Bt[n];
+                    nj[n] += h;
+                    yv += Ct[n] * h;
+                }
+                yv += a.D[m * E + e] * uv;
+                float const zv = IO::load(a.z, i);
+                yv *= zv / (1.0f + std::exp(-zv)); // silu(z) gate
+                IO::store(a.y, i, yv);
+            }
+        }
+        for (size_t k = 0; k < c.size(); ++k)
+        {
+            c[k] = a.kappa * next[k];
+        }
+    }
+    if (a.finalState != nullptr)
+    {
+        std::memcpy(a.finalState + (b * E + e0) * static_cast<int64_t>(N), c.data(), c.size() * sizeof(float));
+    }
+}
+
+} // namespace
+
+void coupledScanCpuItem(ActType type, ScanArgs const& a, int64_t item)
+{
+    switch (type)
+    {
+    case ActType::kFLOAT32: scanItem<F32>(a, item); break;
+    case ActType::kFLOAT16: scanItem<F16>(a, item); break;
+    case ActType::kBFLOAT16: scanItem<BF16>(a, item); break;
+    }
+}
+
+void coupledScanCpu(ActType type, ScanArgs const& a)
+{
+    int64_t const items = cpuWorkItems(a);
+    for (int64_t i = 0; i < items; ++i)
+    {
+        coupledScanCpuItem(type, a, i);
+    }
+}
+
+} // namespace scan
+} // namespace cm_deploy

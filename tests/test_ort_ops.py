@@ -1,0 +1,203 @@
+"""The ONNX Runtime custom-op library (plugins/ort_coupled_scan, libcoupled_scan_ort.so) on the CPU
+provider: one CoupledScan node against the PyTorch reference on random inputs (several shapes,
+float32/float16/bfloat16, initial and final state, streaming in pieces, kappa default), refusals of
+bad input as ORT errors (never a crash), and exported model.onnx files against PyTorch."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+from onnx import TensorProto, helper  # noqa: E402
+
+from cm_deploy.ops.reference import coupled_scan_reference  # noqa: E402
+from cm_deploy.runtime.native import LIBRARIES, find_library  # noqa: E402
+
+LIB = find_library("ort", required=False)
+pytestmark = pytest.mark.skipif(
+    LIB is None, reason="the CoupledScan ONNX Runtime op library is not built (scripts/build_plugin.sh; "
+                        f"or set {LIBRARIES['ort'].env})")
+
+ONNX_TYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "bfloat16": TensorProto.BFLOAT16}
+TORCH_TYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+ACT = ("u", "delta", "B", "C", "z")
+NAMES = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias"]
+
+
+def run(sess, feeds):
+    """sess.run, with bfloat16 arrays passed as OrtValues (ORT's numpy bridge knows no bfloat16)."""
+    if not any(v.dtype.name == "bfloat16" for v in feeds.values()):
+        return sess.run(None, feeds)
+    vals = {k: (ort.OrtValue.ortvalue_from_numpy_with_onnx_type(np.ascontiguousarray(v).view(np.uint16),
+                                                                 TensorProto.BFLOAT16)
+                if v.dtype.name == "bfloat16" else ort.OrtValue.ortvalue_from_numpy(v)) for k, v in feeds.items()}
+    return [o.numpy() for o in sess.run_with_ort_values([o.name for o in sess.get_outputs()], vals)]
+
+
+def session(model, threads=2):
+    opts = ort.SessionOptions()
+    opts.register_custom_ops_library(str(LIB))
+    opts.intra_op_num_threads = threads
+    return ort.InferenceSession(model.SerializeToString(), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def scan_model(dtype="float32", initial_state=False, final_state=False, attrs=None, types=None, ranks=None):
+    """One CoupledScan node; `types`/`ranks` override single inputs (for refusal tests)."""
+    act = ONNX_TYPES[dtype] if dtype in ONNX_TYPES else dtype
+    rank = {"u": 4, "delta": 4, "z": 4, "B": 4, "C": 4, "A": 3, "D": 2, "delta_bias": 2, "initial_state": 3}
+    rank.update(ranks or {})
+    names = NAMES + (["initial_state"] if initial_state else [])
+    ins = []
+    for n in names:
+        t = act if n in ACT else TensorProto.FLOAT
+        t = (types or {}).get(n, t)
+        ins.append(helper.make_tensor_value_info(n, t, [None] * rank[n]))
+    # bfloat16: y leaves the graph cast to float32 (exact), since ORT's numpy bridge cannot return it
+    cast = dtype == "bfloat16"
+    outs = [helper.make_tensor_value_info("y", TensorProto.FLOAT if cast else act, None)]
+    out_names = ["y_bf16" if cast else "y"]
+    if final_state:
+        outs.append(helper.make_tensor_value_info("final_state", TensorProto.FLOAT, None))
+        out_names.append("final_state")
+    a = {"delta_softplus": 1, "coupling_scale": 0.5}
+    a.update(attrs or {})
+    a = {k: v for k, v in a.items() if v is not None}
+    nodes = [helper.make_node("CoupledScan", names, out_names, domain="cm_deploy", **a)]
+    if cast:
+        nodes.append(helper.make_node("Cast", ["y_bf16"], ["y"], to=TensorProto.FLOAT))
+    graph = helper.make_graph(nodes, "scan", ins, outs)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("cm_deploy", 1)])
+
+
+def random_args(batch, M, L, E, N, dtype="float32", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    t = TORCH_TYPES[dtype]
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    return {"u": r(batch, M, L, E).to(t), "delta": (r(batch, M, L, E) * 0.5).to(t),
+            "A": -torch.rand(M, E, N, generator=g) * 2 - 0.1, "B": r(batch, M, L, N).to(t),
+            "C": r(batch, M, L, N).to(t), "D": r(M, E), "z": r(batch, M, L, E).to(t), "delta_bias": r(M, E) * 0.3}
+
+
+def to_numpy(x):
+    if x.dtype == torch.bfloat16:
+        import ml_dtypes
+        return x.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return x.numpy()
+
+
+def to_torch(a):
+    if a.dtype.name == "bfloat16":
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(np.ascontiguousarray(a))
+
+
+def reference(args, kappa=0.5, initial_state=None):
+    return coupled_scan_reference(*(args[n] for n in NAMES), delta_softplus=True, coupling_scale=kappa,
+                                  initial_state=initial_state, return_final_state=True)
+
+
+TOL = {"float32": 2e-5, "float16": 2e-3, "bfloat16": 1.6e-2}
+
+
+def close(got, want, dtype):
+    err = (to_torch(got).float() - want.float()).abs().max().item() / max(want.float().abs().max().item(), 1e-6)
+    assert err <= TOL[dtype], f"relative error {err:.3g} > {TOL[dtype]} ({dtype})"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("shape", [(2, 3, 7, 5, 4), (1, 1, 1, 3, 2), (3, 2, 33, 17, 16), (1, 5, 20, 40, 8)])
+def test_one_node_matches_reference(shape, dtype):
+    args = random_args(*shape, dtype=dtype, seed=sum(shape))
+    kappa = 1.0 / shape[1]       # mean coupling: the state stays bounded at every M
+    y, = run(session(scan_model(dtype, attrs={"coupling_scale": kappa})), {n: to_numpy(args[n]) for n in NAMES})
+    want, _ = reference(args, kappa=kappa)
+    assert y.shape == tuple(want.shape)
+    assert y.dtype == (np.float32 if dtype == "bfloat16" else to_numpy(want).dtype)
+    close(y, want, dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_state_in_and_out_and_streaming(dtype):
+    batch, M, L, E, N = 2, 3, 12, 6, 5
+    args = random_args(batch, M, L, E, N, dtype=dtype, seed=3)
+    s0 = torch.randn(batch, E, N) * 0.3
+    sess = session(scan_model(dtype, initial_state=True, final_state=True))
+    feeds = {n: to_numpy(args[n]) for n in NAMES}
+    y, c = sess.run(None, dict(feeds, initial_state=s0.numpy()))
+    want_y, want_c = reference(args, initial_state=s0)
+    close(y, want_y, dtype)
+    np.testing.assert_allclose(c, want_c.numpy(), rtol=1e-4, atol=1e-5)
+    # the sequence in pieces of 1, 4 and 7 steps, each starting from the last one's final state
+    state, ys = s0.numpy(), []
+    for a, b in ((0, 1), (1, 5), (5, 12)):
+        part = {n: (feeds[n][:, :, a:b] if n in ACT else feeds[n]) for n in NAMES}
+        yp, state = sess.run(None, dict(part, initial_state=state))
+        ys.append(yp)
+    np.testing.assert_array_equal(np.concatenate(ys, axis=2), y)
+    np.testing.assert_array_equal(state, c)
+
+
+def test_final_state_without_initial_and_empty_sequence():
+    args = random_args(2, 2, 0, 3, 4)
+    y, c = session(scan_model(final_state=True)).run(None, {n: to_numpy(args[n]) for n in NAMES})
+    assert y.shape == (2, 2, 0, 3) and c.shape == (2, 3, 4) and not c.any()
+    args = random_args(0, 2, 5, 3, 4)
+    y, = session(scan_model()).run(None, {n: to_numpy(args[n]) for n in NAMES})
+    assert y.shape == (0, 2, 5, 3)
+
+
+def test_coupling_scale_defaults_to_one_over_m():
+    args = random_args(2, 4, 9, 5, 3, seed=7)
+    y, = session(scan_model(attrs={"coupling_scale": None})).run(None, {n: to_numpy(args[n]) for n in NAMES})
+    close(y, reference(args, kappa=0.25)[0], "float32")
+
+
+def _run_error(model, feeds):
+    with pytest.raises(Exception) as e:
+        session(model).run(None, feeds)
+    msg = str(e.value)
+    assert "CoupledScan" in msg, msg
+    return msg
+
+
+def test_refuses_bad_shapes_and_types():
+    args = random_args(2, 3, 5, 4, 3)
+    feeds = {n: to_numpy(args[n]) for n in NAMES}
+    bad = dict(feeds, B=feeds["B"][:, :2])                         # M mismatch
+    assert "input B must be (batch, M, L, N)" in _run_error(scan_model(), bad)
+    bad = dict(feeds, A=feeds["A"][:, :, :2])                      # N mismatch between A and B
+    assert "input B must be" in _run_error(scan_model(), bad)
+    bad = dict(feeds, u=feeds["u"][0])                             # wrong rank
+    assert "input u must be (batch, M, L, E)" in _run_error(scan_model(ranks={"u": 3}), bad)
+    bad = dict(feeds, D=feeds["D"][:, :3])                         # E mismatch
+    assert "input D must be (M, E)" in _run_error(scan_model(), bad)
+    many = random_args(1, 9, 2, 2, 2)                              # M beyond the kernel's limit
+    assert "M (u axis 1) must be in [1, 8]" in _run_error(scan_model(), {n: to_numpy(many[n]) for n in NAMES})
+    # float64 activations: no kernel for them
+    f64 = {n: (v.astype(np.float64) if n in ACT else v) for n, v in feeds.items()}
+    with pytest.raises(Exception) as e:
+        session(scan_model(TensorProto.DOUBLE)).run(None, f64)
+    assert "float32, float16 or bfloat16" in str(e.value) or "CoupledScan" in str(e.value)
+    # activations of two different types
+    mixed = dict(feeds, z=feeds["z"].astype(np.float16))
+    msg = _run_error(scan_model(types={"z": TensorProto.FLOAT16}), mixed)
+    assert "must have u's element type" in msg
+
+
+@pytest.mark.parametrize("attrs, text", [({"delta_softplus": 2}, "delta_softplus must be 0 or 1"),
+                                         ({"coupling_scale": float("inf")}, "coupling_scale must be finite"),
+                                         ({"has_final_state": 1}, "has_final_state=1 but the node has 1 outputs")])
+def test_refuses_bad_attributes(attrs, text):
+    with pytest.raises(Exception) as e:
+        session(scan_model(attrs=attrs))
+    assert text in str(e.value)
+
+
+def test_library_exports_only_the_registration_entry_point():
+    import ctypes
+    lib = ctypes.CDLL(str(LIB))
+    assert hasattr(lib, "RegisterCustomOps")
+    for internal in ("coupledScanCpu", "_ZN9cm_deploy4scan14coupledScanCpuENS0_7ActTypeERKNS0_8ScanArgsE"):
+        assert not hasattr(lib, internal)
