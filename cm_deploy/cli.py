@@ -45,13 +45,27 @@ def _model_options(f):
     f = click.option("--trt-module", default=None, metavar="NAME",
                      help="TensorRT Python module: tensorrt (default, or $CM_DEPLOY_TRT_MODULE), tensorrt_rtx, "
                           "tensorrt_rtx_bindings.")(f)
+    # kept in the click context for _open, so that every command takes them without naming them
+    f = click.option("--ort-ops", type=click.Path(dir_okay=False), default=None, expose_value=False,
+                     callback=_remember, help="CoupledScan ONNX Runtime op library for model.onnx (default: "
+                                              "$CM_DEPLOY_ORT_OP_LIBRARY, the package's lib/, build/ folders).")(f)
+    f = click.option("--backend", type=click.Choice(["ort", "trt", "torch"]), default=None, expose_value=False,
+                     callback=_remember, help="Override the backend the file type picks (.engine: trt, .onnx: "
+                                              "ort, .pt: torch); trt on an .onnx builds an engine first.")(f)
     return f
+
+
+def _remember(ctx, param, value):
+    ctx.meta[f"cm_deploy.{param.name}"] = value
+    return value
 
 
 def _open(path, plugin=None, device=None, trt_module=None, dtype=None, cuda_graph=False, scan_impl=None):
     from .runtime import load
+    meta = click.get_current_context().meta
     return load(path, plugin=plugin, device=device, trt_module=trt_module, dtype=dtype,
-                cuda_graph=cuda_graph, scan_impl=scan_impl)
+                cuda_graph=cuda_graph, scan_impl=scan_impl, backend=meta.get("cm_deploy.backend"),
+                ort_ops=meta.get("cm_deploy.ort_ops"))
 
 
 def _read_npz(path, specs=None) -> dict:
@@ -222,7 +236,8 @@ def build(onnx, output, precision, batch, lengths, timing_cache, workspace, tf32
               help=".npz archive with one array per input name.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="Write the outputs to this .npz.")
 @click.option("--dtype", default=None, help="Precision of a checkpoint model (default float32).")
-@click.option("--cuda-graph", is_flag=True, help="Replay CUDA graphs (engines and checkpoints on CUDA).")
+@click.option("--cuda-graph", is_flag=True, help="Replay CUDA graphs (engines, checkpoints on CUDA, ONNX on "
+                                                 "ORT's CUDA provider).")
 @_model_options
 def run(model, inputs_path, output, dtype, cuda_graph, plugin, device, trt_module):
     """Run MODEL on the arrays of an .npz archive."""

@@ -2,9 +2,12 @@
 # The test suite, as CI runs it on a clean checkout (no GPU):
 #  1. .venv with the project (scripts/setup.sh) and TensorRT-RTX's wheels, which parse ONNX and build
 #     TensorRT engines without a GPU (full TensorRT is not installable here);
-#  2. the TensorRT plugin built from TensorRT's public headers, and its C++ tests (CTest);
-#  3. the Python tests: Triton kernels under TRITON_INTERPRET=1, export, runtime, CLI, and the
-#     ONNX -> plugin -> engine build with TensorRT-RTX.
+#  2. the native libraries (TensorRT plugin, ONNX Runtime op library; one kernel source) built from
+#     TensorRT's and ONNX Runtime's public headers (fetched: a pip wheel and a Debian package, unpacked
+#     into build/, never installed), and their C++ tests (CTest); GoogleTest from apt (libgtest-dev)
+#     when missing, as root or with passwordless sudo;
+#  3. the Python tests: Triton kernels under TRITON_INTERPRET=1, export, runtime, CLI, model.onnx in
+#     ONNX Runtime with the op library, and the ONNX -> plugin -> engine build with TensorRT-RTX.
 # A part whose tool is missing (nvcc, TensorRT-RTX) is skipped with the reason, never passed silently.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -19,7 +22,11 @@ if command -v nvcc >/dev/null 2>&1 || [[ -x /usr/local/cuda/bin/nvcc ]]; then
   fi
   bash scripts/build_plugin.sh build/ci          # one architecture (80) unless CUDA_ARCHITECTURES says otherwise
   export CM_DEPLOY_PLUGIN=$PWD/build/ci/plugins/trt_coupled_scan/libcoupled_scan_plugin.so
+  export CM_DEPLOY_ORT_OP_LIBRARY=$PWD/build/ci/plugins/ort_coupled_scan/libcoupled_scan_ort.so
 else
-  echo "SKIPPED: TensorRT plugin build and C++ tests: nvcc (the CUDA toolkit) is not installed" >&2
+  # no CUDA toolkit: the ONNX Runtime library's CPU kernel still builds (no TensorRT plugin, no GPU code)
+  echo "SKIPPED: TensorRT plugin build and its C++ tests: nvcc (the CUDA toolkit) is not installed" >&2
+  bash scripts/build_plugin.sh build/ci-cpu -DCM_DEPLOY_WITH_CUDA=OFF -DCM_DEPLOY_BUILD_TRT_PLUGIN=OFF
+  export CM_DEPLOY_ORT_OP_LIBRARY=$PWD/build/ci-cpu/plugins/ort_coupled_scan/libcoupled_scan_ort.so
 fi
 python -m pytest -q -ra tests

@@ -201,3 +201,69 @@ def test_library_exports_only_the_registration_entry_point():
     assert hasattr(lib, "RegisterCustomOps")
     for internal in ("coupledScanCpu", "_ZN9cm_deploy4scan14coupledScanCpuENS0_7ActTypeERKNS0_8ScanArgsE"):
         assert not hasattr(lib, internal)
+
+
+# ---------------------------------------------------------------------------- exported model.onnx
+
+import sys  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))
+from test_runtime import feeds_for, make_checkpoint, shared_artifacts  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def art(tmp_path_factory):
+    return shared_artifacts(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def fp16_export(tmp_path_factory):
+    from cm_deploy.export import export_checkpoint
+    d = tmp_path_factory.mktemp("ort_fp16")
+    ckpt = make_checkpoint(d / "c.pt", 3)
+    export_checkpoint(ckpt, d / "out", dtype="float16")
+    return {"ckpt": ckpt, "onnx": d / "out" / "model.onnx"}
+
+
+@pytest.mark.parametrize("batch,lengths", [(2, (6, 4, 3)), (1, (1, 1, 1)), (3, (17, 9, 30)), (1, (40, 2, 5))])
+def test_model_onnx_runs_on_ort_cpu_and_matches_pytorch(art, batch, lengths):
+    from cm_deploy.runtime import load
+    feeds = feeds_for(batch, lengths, seed=batch)
+    with load(art["onnx"], device="cpu") as m, load(art["a"], device="cpu", scan_impl="reference") as ref:
+        assert m.kind == "onnxruntime" and m.ort_ops == LIB
+        got, want = m.run(feeds)["output"], ref.run(feeds)["output"]
+    assert got.shape == want.shape == (batch, 1)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("batch,lengths", [(2, (6, 4, 3)), (1, (12, 12, 12))])
+def test_model_onnx_float16_matches_pytorch(fp16_export, batch, lengths):
+    from cm_deploy.runtime import load
+    feeds = feeds_for(batch, lengths, seed=5)
+    with load(fp16_export["onnx"], device="cpu") as m, load(fp16_export["ckpt"], device="cpu") as ref:
+        got = m.run({k: v.astype(np.float16) for k, v in feeds.items()})["output"]
+        want = ref.run(feeds)["output"]
+    assert got.dtype == np.float16
+    np.testing.assert_allclose(got.astype(np.float32), want, rtol=2e-2, atol=2e-2)
+
+
+def test_model_onnx_equals_portable_onnx(art):
+    """Same graph, the op by our library vs ONNX's own Scan: agree to float32 round-off."""
+    from cm_deploy.runtime import load
+    feeds = feeds_for(2, (9, 5, 7), seed=11)
+    with load(art["onnx"], device="cpu") as a, load(art["portable"], device="cpu") as b:
+        np.testing.assert_allclose(a.run(feeds)["output"], b.run(feeds)["output"], rtol=1e-5, atol=1e-6)
+
+
+def test_cli_run_and_parity_of_model_onnx_without_tensorrt(art, tmp_path, capsys):
+    from cm_deploy.cli import main
+    x = tmp_path / "x.npz"
+    np.savez(x, **feeds_for())
+    rc = main(["run", str(art["onnx"]), "--inputs", str(x), "-o", str(tmp_path / "y.npz"), "--device", "cpu"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert np.load(tmp_path / "y.npz")["output"].shape == (2, 1)
+    rc = main(["parity", str(art["a"]), str(art["onnx"]), "--device", "cpu"])
+    out, err = capsys.readouterr()
+    assert rc == 0, out + err
+    assert "onnxruntime" in out

@@ -213,7 +213,7 @@ def test_shape_grid_and_length_options():
 
 # ---------------------------------------------------------------------------- dispatch and backends
 
-def test_load_dispatch_errors(tmp_path, art):
+def test_load_dispatch_errors(tmp_path, art, monkeypatch):
     from cm_deploy.runtime import load, model_kind
     assert model_kind("x.plan") == model_kind("x.trt") == model_kind("m.engine") == "tensorrt"
     assert model_kind("m.onnx") == "onnx" and model_kind("c.pt") == "torch"
@@ -222,8 +222,16 @@ def test_load_dispatch_errors(tmp_path, art):
         load(tmp_path / "m.bin")
     with pytest.raises(UserError, match="model not found"):
         load(tmp_path / "none.onnx")
-    with pytest.raises(UserError, match="holds CoupledScan plugin nodes.*model.portable.onnx"):
+    # model.onnx without the op library: how to get it, or the portable file
+    monkeypatch.delenv(N.LIBRARIES["ort"].env, raising=False)
+    monkeypatch.setattr(N, "candidates", lambda kind: [])
+    with pytest.raises(UserError, match="holds CoupledScan nodes.*--ort-ops.*model.portable.onnx") as e:
         load(art["onnx"], device="cpu")
+    one_line(e.value)
+    with pytest.raises(UserError, match="cannot run on backend 'torch'"):
+        load(art["onnx"], backend="torch")
+    with pytest.raises(UserError, match="unknown backend 'tvm'"):
+        load(art["onnx"], backend="tvm")
     (tmp_path / "bad.onnx").write_bytes(b"not a protobuf")
     with pytest.raises(UserError, match="ONNX Runtime cannot load it") as e:
         load(tmp_path / "bad.onnx")
