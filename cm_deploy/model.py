@@ -3,11 +3,15 @@
 Per layer, every modality has its own Mamba block (norm, in/out projections, causal conv, x/dt
 projections, A, D); ONE coupled scan (cm_deploy.ops.coupled_scan) runs all M state chains together.
 
-Different input lengths: the scan needs one common length L = the longest modality. The config's
-`length_rule` brings the others to it: "interpolate" (default) resamples each shorter sequence
-linearly over time (align_corners=True) to L, "pad" zero-pads it at the end. Per-sample valid
-lengths (optional `lengths`, one int tensor (batch,) per modality) are mapped to the common axis
-(interpolate: ceil(len * L / L_m), pad: unchanged) and only valid steps enter the mean pooling.
+Lengths (docs/lengths.md). The scan needs one common length. A sample's common length is the
+longest of its modalities' valid lengths; the config's `length_rule` brings every modality to it:
+"interpolate" (default) resamples the modality's valid prefix linearly over time (aligned end
+points, as F.interpolate(align_corners=True)), "pad" keeps it and makes every later step zero.
+Per-sample valid lengths (optional `lengths`, one int tensor (batch,) per modality, 0..L_m) make a
+padded batch exact: every sample gets what it gets alone, unpadded, whatever the padding holds (NaN
+included): padding is replaced by zeros before the first layer, the scan is causal, and the pooling
+averages the sample's common length only. A modality of valid length 0 is all zeros; a sample with
+no valid step at all pools to zeros.
 """
 from __future__ import annotations
 
@@ -25,18 +29,33 @@ from .ops import coupled_scan
 
 def resample_linear(h, L):
     """h (b, L_m, d) -> (b, L, d) by linear interpolation over time with aligned end points: the
-    same as F.interpolate(mode="linear", align_corners=True), but written with index arithmetic so
-    that it also exports with symbolic lengths, L = 1 included (the exporter's decomposition of
-    F.interpolate assumes L > 1 and divides by L - 1)."""
+    same as F.interpolate(mode="linear", align_corners=True). Every sample's whole sequence."""
+    b, Lm = h.shape[0], h.shape[1]
+    full = torch.full((b,), Lm, device=h.device, dtype=torch.int64)
+    return resample_valid(h, full, torch.full_like(full, L), L)
+
+
+def resample_valid(h, length, target, L):
+    """Per sample i: h[i, :length[i]] resampled linearly (aligned end points) to target[i] steps,
+    written to out[i, :target[i]]; out[i, target[i]:] = 0. h (b, L_m, d), length and target int64
+    (b,), L >= max(target). Only valid steps are read (indices stay below length[i]), so padding
+    never reaches the output; a sample with length 0 gives zeros. Index arithmetic only, so that it
+    exports with symbolic lengths (L = 1 included)."""
     Lm = h.shape[1]
+    last = (length - 1).clamp(min=0)                                     # (b,)
     # float32 scale times the step index, as PyTorch's own kernel computes the source position
-    scale = (Lm - 1) / torch.sym_max(L - 1, 1)
-    pos = torch.arange(L, device=h.device, dtype=torch.float32) * scale
-    i0 = pos.floor().clamp(max=Lm - 1)
-    w = (pos - i0).unsqueeze(-1)                                 # weight of the right neighbour
-    i1 = (i0 + 1).clamp(max=Lm - 1)     # clamped as floats: no integer Clip in the exported graph
-    left, right = h.index_select(1, i0.long()).float(), h.index_select(1, i1.long()).float()
-    return ((1 - w) * left + w * right).to(h.dtype)
+    scale = last.float() / (target - 1).clamp(min=1).float()             # (b,)
+    pos = torch.arange(L, device=h.device, dtype=torch.float32)[None, :] * scale[:, None]   # (b, L)
+    hi = last.float()[:, None]
+    i0 = torch.minimum(pos.floor(), hi)                                  # float clamps: no integer Clip
+    w = (pos - i0).unsqueeze(-1)                                         # weight of the right neighbour
+    i1 = torch.minimum(i0 + 1, hi)
+    idx = lambda i: i.long().clamp(max=Lm - 1).unsqueeze(-1).expand(-1, -1, h.shape[2])  # noqa: E731
+    left, right = torch.gather(h, 1, idx(i0)).float(), torch.gather(h, 1, idx(i1)).float()
+    out = (1 - w) * left + w * right
+    steps = torch.arange(L, device=h.device)[None, :]
+    keep = (steps < target[:, None]) & (length[:, None] > 0)
+    return torch.where(keep.unsqueeze(-1), out, torch.zeros((), device=h.device)).to(h.dtype)
 
 
 class MambaBranch(nn.Module):
@@ -157,24 +176,30 @@ class CoupledMamba(nn.Module):
         # sym_max, not max: under export with dynamic lengths, max() would silently bake in which
         # modality is the longest.
         L = functools.reduce(torch.sym_max, (x.shape[1] for x in xs))
-        hs = [self._to_length(self.embed[n](x), L) for n, x in zip(self.names, xs)]
+        if lengths is None:
+            hs = [self._to_length(self.embed[n](x), L) for n, x in zip(self.names, xs)]
+            valid = None
+        else:
+            lens = [self._lengths(ln, x, batch, n) for ln, x, n in zip(self._ordered(lengths, "lengths"), xs, self.names)]
+            common = functools.reduce(torch.maximum, lens)                  # each sample's common length
+            hs = [self._align(self.embed[n](self._zero_padding(x, ln)), ln, common, L)
+                  for n, x, ln in zip(self.names, xs, lens)]
+            valid = torch.arange(L, device=xs[0].device)[None, :] < common[:, None]    # (batch, L)
         for layer in self.layers:
             hs = layer(hs)
-        masks = None
-        if lengths is not None:
-            lens = self._ordered(lengths, "lengths")
-            masks = [self._valid_mask(ln, x.shape[1], L, batch, x.device) for ln, x in zip(lens, xs)]
         pooled = []
         for m, h in enumerate(hs):
             h = self.norm_f[m](h).float()
-            if masks is None:
+            if valid is None:
                 pooled.append(h.mean(dim=1))
             else:
-                w = masks[m].to(h.dtype).unsqueeze(-1)
-                pooled.append((h * w).sum(1) / w.sum(1).clamp(min=1.0))
+                w = valid.unsqueeze(-1)
+                total = torch.where(w, h, torch.zeros((), device=h.device)).sum(1)
+                pooled.append(total / w.sum(1).clamp(min=1).float())
         return self.head(torch.cat(pooled, dim=-1).to(self.head.weight.dtype))
 
     def _to_length(self, h, L):
+        """Whole sequences (no lengths) to the common length L."""
         # Skip only when provably equal; a symbolic (exported) length is always resampled/padded,
         # which is the identity when it already is L.
         if statically_known_true(h.shape[1] == L):
@@ -183,10 +208,31 @@ class CoupledMamba(nn.Module):
             return F.pad(h, (0, 0, 0, L - h.shape[1]))
         return resample_linear(h, L)
 
-    def _valid_mask(self, length, L_m, L, batch, device):
-        length = torch.as_tensor(length, device=device).reshape(-1)
-        if length.shape[0] != batch:
-            raise ValueError(f"CoupledMamba: lengths must have one entry per sample ({batch})")
-        if self.config.length_rule == "interpolate" and L_m != L:
-            length = torch.ceil(length.float() * L / L_m)
-        return torch.arange(L, device=device)[None, :] < length.reshape(-1, 1)
+    def _align(self, h, length, common, L):
+        """Padded sequences with per-sample valid lengths to the common axis L (see the module doc)."""
+        if self.config.length_rule == "pad":
+            h = self._zero_padding(h, length)
+            return h if statically_known_true(h.shape[1] == L) else F.pad(h, (0, 0, 0, L - h.shape[1]))
+        return resample_valid(h, length, common, L)
+
+    @staticmethod
+    def _zero_padding(x, length):
+        """x with every step at or past the sample's valid length set to 0 (NaN and Inf too)."""
+        steps = torch.arange(x.shape[1], device=x.device)[None, :]
+        keep = (steps < length[:, None]).unsqueeze(-1)
+        return torch.where(keep, x, torch.zeros((), device=x.device, dtype=x.dtype))
+
+    def _lengths(self, length, x, batch, name):
+        """Per-sample valid lengths of one modality as int64 (batch,) on x's device, checked in eager mode."""
+        length = torch.as_tensor(length, device=x.device)
+        if length.dim() != 1 or length.shape[0] != batch:
+            raise ValueError(f"CoupledMamba: lengths[{name!r}] must be (batch,) = ({batch},), got {tuple(length.shape)}")
+        if length.is_floating_point() or length.dtype == torch.bool:
+            raise ValueError(f"CoupledMamba: lengths[{name!r}] must be integers, got {length.dtype}")
+        length = length.long()
+        capturing = length.is_cuda and torch.cuda.is_current_stream_capturing()
+        if not (torch.compiler.is_compiling() or capturing):     # data-dependent checks: eager only
+            if bool((length < 0).any()) or bool((length > x.shape[1]).any()):
+                raise ValueError(f"CoupledMamba: lengths[{name!r}] must be in [0, {x.shape[1]}], "
+                                 f"got {length.tolist()}")
+        return length

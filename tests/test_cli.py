@@ -192,13 +192,21 @@ def test_run_input_errors(capsys, art, tmp_path, kind, needle, model):
     assert_one_line_error(err, needle)
 
 
-def test_run_model_errors(capsys, art, npz, tmp_path):
+def test_run_model_errors(capsys, art, npz, tmp_path, monkeypatch):
     x = npz()
     (tmp_path / "m.bin").write_bytes(b"x")
     rc, _, err = cli(capsys, "run", tmp_path / "m.bin", "--inputs", x)
     assert rc == 2 and "cannot tell the model kind" in assert_one_line_error(err)
+    rc, _, err = cli(capsys, "run", art["onnx"], "--inputs", x, "--ort-ops", tmp_path / "nope.so")
+    assert rc == 2 and "op library not found" in assert_one_line_error(err)
+    # model.onnx where no op library can be found: how to get one, or the portable file
+    from cm_deploy.runtime import native
+    monkeypatch.delenv(native.LIBRARIES["ort"].env, raising=False)
+    monkeypatch.setattr(native, "candidates", lambda kind: [])
     rc, _, err = cli(capsys, "run", art["onnx"], "--inputs", x, "--device", "cpu")
-    assert rc == 2 and "model.portable.onnx instead" in assert_one_line_error(err)
+    assert rc == 2 and "model.portable.onnx (stock ONNX Runtime)" in assert_one_line_error(err)
+    rc, _, err = cli(capsys, "run", art["a"], "--inputs", x, "--backend", "ort")
+    assert rc == 2 and "cannot run on backend 'ort'" in assert_one_line_error(err)
     rc, _, err = cli(capsys, "run", art["a"], "--inputs", x, "--device", "tpu")
     assert rc == 2 and "unknown device" in assert_one_line_error(err)
 
@@ -402,7 +410,8 @@ def test_profile_trtexec_stand_in(capsys, fake_trt, art, plugin_lib, tmp_path, m
     assert rows[1]["skipped"] == "outside the engine profile (text)"
     call = log.read_text().split()
     assert f"--loadEngine={eng}" in call and f"--dynamicPlugins={plugin_lib.resolve()}" in call
-    assert "--shapes=text:2x8x12,audio:2x8x7,vision:2x8x5" in call and "--useCudaGraph" in call
+    assert ("--shapes=text:2x8x12,audio:2x8x7,vision:2x8x5,text_lengths:2,audio_lengths:2,vision_lengths:2"
+            in call and "--useCudaGraph" in call)
     assert "--iterations=20" in call and any(c.startswith("--exportProfile=") for c in call)
     rc, out, _ = cli(capsys, "profile", eng, "--batch", "2", "--length", "8", "--iters", "5")
     assert rc == 0 and "trtexec" in out and "slowest layers" in out

@@ -55,8 +55,10 @@ def _inputs(config, batch, lens, seed=0):
 
 
 def _ort_run(path, config, xs, np_dtype=np.float32):
+    """The graph on whole sequences (every lengths input = its modality's full length)."""
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     feeds = {n: x.numpy().astype(np_dtype) for n, x in zip(config.modalities, xs)}
+    feeds.update({f"{n}_lengths": np.full(x.shape[0], x.shape[1], np.int64) for n, x in zip(config.modalities, xs)})
     return sess.run(["output"], feeds)[0]
 
 
@@ -128,9 +130,11 @@ def test_fixed_shapes_and_existing_folder(fp32, tmp_path):
     assert sorted(os.listdir(out)) == sorted(OUT_FILES | {"keep.txt"})
     assert (out / "keep.txt").read_text() == "mine"
     assert manifest["inputs"] == [{"name": "text", "shape": [1, "L_text", 6], "dtype": "float32"},
-                                  {"name": "audio", "shape": [1, 4, 5], "dtype": "float32"}]
+                                  {"name": "audio", "shape": [1, 4, 5], "dtype": "float32"},
+                                  {"name": "text_lengths", "shape": [1], "dtype": "int64"},
+                                  {"name": "audio_lengths", "shape": [1], "dtype": "int64"}]
     assert manifest["outputs"] == [{"name": "output", "shape": [1, 1], "dtype": "float32"}]
-    assert manifest["dynamic_axes"] == {"text": {"1": "L_text"}, "audio": {}, "output": {}}
+    assert manifest["dynamic_axes"] == {"text": {"1": "L_text"}, "audio": {}, "text_lengths": {}, "audio_lengths": {}, "output": {}}
     g = onnx.load(str(out / "model.onnx")).graph
     assert [d.dim_value or d.dim_param for d in g.input[1].type.tensor_type.shape.dim] == [1, 4, 5]
     for lens in ((9, 4), (1, 4), (3, 4)):
@@ -146,7 +150,8 @@ def test_bfloat16_export(fp32, tmp_path):
     manifest = export_checkpoint(fp32.ckpt, tmp_path / "out", dtype="bfloat16", batch=2,
                                  lengths={"text": 5, "audio": 8})
     assert manifest["dtype"] == "bfloat16" and manifest["opset"] == 22   # Conv has bf16 from 22 on
-    assert {e["dtype"] for e in manifest["inputs"] + manifest["outputs"]} == {"bfloat16"}
+    assert {e["dtype"] for e in manifest["inputs"] + manifest["outputs"]
+            if not e["name"].endswith("_lengths")} == {"bfloat16"}
     m = onnx.load(str(tmp_path / "out" / "model.onnx"))
     scan_inputs = {i for n in m.graph.node if n.op_type == "CoupledScan" for i in n.input}
     weights = {t.name: t.data_type for t in m.graph.initializer if t.name in scan_inputs}
@@ -160,7 +165,9 @@ def test_bfloat16_export(fp32, tmp_path):
         pytest.skip(f"ONNX Runtime CPU cannot run bfloat16 graphs: {str(e).splitlines()[0][:120]}")
     import ml_dtypes
     xs = _inputs(fp32.config, 2, (5, 8))
-    out = sess.run(None, {n: x.numpy().astype(ml_dtypes.bfloat16) for n, x in zip(MODS, xs)})[0]
+    feeds = {n: x.numpy().astype(ml_dtypes.bfloat16) for n, x in zip(MODS, xs)}
+    feeds.update({f"{n}_lengths": np.full(2, x.shape[1], np.int64) for n, x in zip(MODS, xs)})
+    out = sess.run(None, feeds)[0]
     with torch.no_grad():
         np.testing.assert_allclose(out.astype(np.float32), fp32.model(xs).numpy(), rtol=5e-2, atol=5e-2)
 
@@ -176,7 +183,7 @@ def test_tensorrt_graph_structure(fp32):
     onnx.checker.check_model(m, full_check=True)
     assert {(o.domain, o.version) for o in m.opset_import} == {("", 18), ("cm_deploy", 1)}
     assert not any(f.name == "CoupledScan" for f in m.functions)    # else TensorRT inlines it
-    assert [i.name for i in m.graph.input] == ["text", "audio"]
+    assert [i.name for i in m.graph.input] == ["text", "audio", "text_lengths", "audio_lengths"]
     assert [o.name for o in m.graph.output] == ["output"]
     nodes = [n for n in m.graph.node if n.op_type == "CoupledScan"]
     assert len(nodes) == fp32.config.n_layers
@@ -250,10 +257,13 @@ def test_manifest(fp32):
     assert man["dtype"] == "float32" and man["opset"] == 18
     assert man["files"] == {"tensorrt": "model.onnx", "portable": "model.portable.onnx"}
     assert man["inputs"] == [{"name": "text", "shape": ["batch", "L_text", 6], "dtype": "float32"},
-                             {"name": "audio", "shape": ["batch", "L_audio", 5], "dtype": "float32"}]
+                             {"name": "audio", "shape": ["batch", "L_audio", 5], "dtype": "float32"},
+                             {"name": "text_lengths", "shape": ["batch"], "dtype": "int64"},
+                             {"name": "audio_lengths", "shape": ["batch"], "dtype": "int64"}]
     assert man["outputs"] == [{"name": "output", "shape": ["batch", 1], "dtype": "float32"}]
-    assert man["dynamic_axes"] == {"text": {"0": "batch", "1": "L_text"},
-                                   "audio": {"0": "batch", "1": "L_audio"}, "output": {"0": "batch"}}
+    assert man["dynamic_axes"] == {"text": {"0": "batch", "1": "L_text"}, "audio": {"0": "batch", "1": "L_audio"},
+                                   "text_lengths": {"0": "batch"}, "audio_lengths": {"0": "batch"},
+                                   "output": {"0": "batch"}}
     assert man["custom_ops"] == [{"domain": "cm_deploy", "op_type": "CoupledScan", "count": 2,
                                   "plugin_name": "CoupledScan", "plugin_version": "1"}]
     assert man["torch_version"] == torch.__version__ and man["onnx_version"] == onnx.__version__
@@ -266,7 +276,7 @@ def test_manifest(fp32):
 def test_float16_manifest_and_io(fp16):
     man = fp16.manifest
     assert man["dtype"] == "float16"
-    assert {e["dtype"] for e in man["inputs"] + man["outputs"]} == {"float16"}
+    assert {e["dtype"] for e in man["inputs"] + man["outputs"] if not e["name"].endswith("_lengths")} == {"float16"}
 
 
 # ---------------------------------------------------------------------------- refusals
@@ -455,3 +465,74 @@ def test_resample_linear_is_f_interpolate():
         h = torch.randn(2, Lm, 4, generator=g)
         want = F.interpolate(h.transpose(1, 2), size=L, mode="linear", align_corners=True).transpose(1, 2)
         torch.testing.assert_close(resample_linear(h, L), want, rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------- lengths inputs
+
+def _padded(config, valid, padded, seed=0, fill=float("nan")):
+    """A batch padded to `padded` lengths with `fill` past each sample's valid lengths."""
+    g = torch.Generator().manual_seed(seed)
+    xs = [torch.randn(len(valid), L, f, generator=g) for L, f in zip(padded, config.modalities.values())]
+    for i, v in enumerate(valid):
+        for x, n in zip(xs, v):
+            x[i, n:] = fill
+    lens = [torch.tensor([v[k] for v in valid]) for k in range(len(padded))]
+    return xs, lens
+
+
+def _feeds(config, xs, lens, np_dtype=np.float32):
+    feeds = {n: x.numpy().astype(np_dtype) for n, x in zip(config.modalities, xs)}
+    feeds.update({f"{n}_lengths": ln.numpy() for n, ln in zip(config.modalities, lens)})
+    return feeds
+
+
+def _sessions(out):
+    from cm_deploy.runtime.native import find_library
+    yield "model.portable.onnx", ort.InferenceSession(str(out / "model.portable.onnx"), providers=["CPUExecutionProvider"])
+    lib = find_library("ort", required=False)
+    if lib is not None:     # model.onnx runs in ONNX Runtime with the op library (test_ort_ops.py)
+        so = ort.SessionOptions()
+        so.register_custom_ops_library(str(lib))
+        yield "model.onnx", ort.InferenceSession(str(out / "model.onnx"), so, providers=["CPUExecutionProvider"])
+
+
+def test_graph_inputs_are_modalities_then_lengths(fp32):
+    g = onnx.load(str(fp32.out / "model.onnx")).graph
+    names = [i.name for i in g.input]
+    assert names == ["text", "audio", "text_lengths", "audio_lengths"]
+    for vi in g.input[2:]:
+        assert vi.type.tensor_type.elem_type == onnx.TensorProto.INT64
+        assert [d.dim_param for d in vi.type.tensor_type.shape.dim] == ["batch"]
+    assert [i["name"] for i in fp32.manifest["inputs"]] == names
+
+
+@pytest.mark.parametrize("which", ["fp32", "uncoupled"])
+def test_exported_graphs_honour_lengths_whatever_the_padding_holds(which, request):
+    e = request.getfixturevalue(which)
+    M = e.config.n_modalities
+    valid = [(7, 2, 7)[:M], (9, 6, 11)[:M], (3, 1, 5)[:M], (1, 1, 1)[:M]]
+    padded = (9, 6, 11)[:M]
+    xs, lens = _padded(e.config, valid, padded)
+    with torch.no_grad():
+        ref = e.model(xs, lengths=lens).numpy()
+        alone = np.concatenate([e.model([x[i:i + 1, :n] for x, n in zip(xs, v)]).numpy()
+                                for i, v in enumerate(valid)])
+    np.testing.assert_allclose(ref, alone, rtol=1e-5, atol=1e-6)
+    xs2, _ = _padded(e.config, valid, padded, fill=1e4)
+    for name, sess in _sessions(e.out):
+        out = sess.run(["output"], _feeds(e.config, xs, lens))[0]
+        np.testing.assert_allclose(out, alone, rtol=1e-4, atol=1e-5, err_msg=name)
+        out2 = sess.run(["output"], _feeds(e.config, xs2, lens))[0]
+        np.testing.assert_array_equal(out, out2, err_msg=name)
+
+
+def test_float16_graph_honours_lengths(fp16):
+    valid, padded = [(4, 6), (6, 2)], (6, 6)
+    xs, lens = _padded(fp16.config, valid, padded)
+    with torch.no_grad():
+        alone = np.concatenate([fp16.model([x[i:i + 1, :n] for x, n in zip(xs, v)]).numpy()
+                                for i, v in enumerate(valid)])
+    for name, sess in _sessions(fp16.out):
+        out = sess.run(["output"], _feeds(fp16.config, xs, lens, np.float16))[0]
+        assert np.isfinite(out).all(), name
+        np.testing.assert_allclose(out.astype(np.float32), alone, rtol=2e-2, atol=2e-2, err_msg=name)

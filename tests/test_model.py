@@ -69,10 +69,99 @@ def test_valid_lengths_ignore_padding():
     assert not torch.allclose(model(x), model(x2))       # without lengths it does change
 
 
-def test_interpolation_rule_maps_lengths():
-    model = CoupledMamba(small_config(length_rule="interpolate")).eval()
-    mask = model._valid_mask(torch.tensor([5, 2]), 5, 10, 2, torch.device("cpu"))
-    assert mask.sum(1).tolist() == [10, 4]
+# ---------------------------------------------------------------------------- lengths (docs/lengths.md)
+
+# valid lengths per sample (text, audio, vision) inside a batch padded to (11, 9, 7); mixed orders,
+# a full sample, a zero-length modality, and a sample with no valid step at all
+VALID = [(7, 2, 7), (11, 9, 7), (3, 0, 5), (1, 1, 1), (0, 0, 0)]
+PADDED = (11, 9, 7)
+
+
+def _padded_batch(fill, seed=0):
+    x = rand_inputs(len(VALID), PADDED, seed=seed)
+    for i, v in enumerate(VALID):
+        for (name, t), n in zip(x.items(), v):
+            t[i, n:] = fill(t[i, n:])
+    lens = {name: torch.tensor([v[k] for v in VALID]) for k, name in enumerate(MODS)}
+    return x, lens
+
+
+def _alone(model, x, i):
+    """Sample i alone, unpadded (a zero-length modality passed as one zero step with length 0)."""
+    v = VALID[i]
+    xs = {n: (x[n][i:i + 1, :L] if L else torch.zeros(1, 1, MODS[n])) for n, L in zip(MODS, v)}
+    if min(v) > 0:
+        return model(xs)                      # no lengths at all: the plain forward
+    return model(xs, lengths={n: torch.tensor([L]) for n, L in zip(MODS, v)})
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+@pytest.mark.parametrize("rule", ["interpolate", "pad"])
+def test_padded_batch_equals_each_sample_alone(rule, impl):
+    torch.manual_seed(0)
+    model = CoupledMamba(small_config(length_rule=rule)).eval().set_scan_impl(impl)
+    x, lens = _padded_batch(lambda t: torch.full_like(t, float("nan")))
+    with torch.no_grad():
+        batch = model(x, lengths=lens)
+        assert torch.isfinite(batch).all()
+        for i, v in enumerate(VALID):
+            if max(v) == 0:        # nothing valid: the head of zeros
+                torch.testing.assert_close(batch[i], model.head.bias, rtol=0, atol=0)
+                continue
+            torch.testing.assert_close(batch[i:i + 1], _alone(model, x, i), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("rule", ["interpolate", "pad"])
+def test_padding_content_never_matters(rule):
+    torch.manual_seed(1)
+    model = CoupledMamba(small_config(length_rule=rule)).eval()
+    x1, lens = _padded_batch(lambda t: 1e4 * torch.randn_like(t))
+    x2, _ = _padded_batch(lambda t: torch.full_like(t, float("inf")))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x1, lengths=lens), model(x2, lengths=lens), rtol=0, atol=0)
+        # full lengths given = no lengths
+        xf = rand_inputs(2, PADDED, seed=3)
+        full = {n: torch.full((2,), L) for n, L in zip(MODS, PADDED)}
+        torch.testing.assert_close(model(xf, lengths=full), model(xf), rtol=1e-6, atol=1e-7)
+
+
+def test_padded_batch_trains_without_nan():
+    """Garbage (NaN) in padding reaches no gradient either."""
+    torch.manual_seed(2)
+    model = CoupledMamba(small_config(length_rule="interpolate"))
+    x, lens = _padded_batch(lambda t: torch.full_like(t, float("nan")))
+    model(x, lengths=lens).square().sum().backward()
+    for name, p in model.named_parameters():
+        assert torch.isfinite(p.grad).all(), name
+
+
+def test_resample_valid_reads_only_the_valid_prefix():
+    from cm_deploy.model import resample_linear, resample_valid
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(3, 8, 4, generator=g)
+    length, target = torch.tensor([5, 8, 1]), torch.tensor([9, 8, 3])
+    junk = h.clone()
+    junk[0, 5:] = float("nan")
+    out = resample_valid(junk, length, target, 10)
+    for i in range(3):
+        want = resample_linear(h[i:i + 1, :length[i]], int(target[i]))[0]
+        torch.testing.assert_close(out[i, :target[i]], want, rtol=1e-6, atol=1e-6)
+        assert not out[i, target[i]:].any()
+
+
+@pytest.mark.parametrize("bad, match", [
+    (torch.tensor([12, 3]), r"lengths\['text'\] must be in \[0, 11\]"),
+    (torch.tensor([-1, 3]), r"must be in \[0, 11\]"),
+    (torch.tensor([3]), r"must be \(batch,\) = \(2,\)"),
+    (torch.tensor([[3, 3]]), r"must be \(batch,\)"),
+    (torch.tensor([3.0, 2.0]), "must be integers"),
+])
+def test_bad_lengths_are_refused(bad, match):
+    model = CoupledMamba(small_config()).eval()
+    x = rand_inputs(2, PADDED)
+    lens = {n: torch.full((2,), L) for n, L in zip(MODS, PADDED)}
+    with pytest.raises(ValueError, match=match):
+        model(x, lengths={**lens, "text": bad})
 
 
 def test_coupled_differs_from_independent_chains():

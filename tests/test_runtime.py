@@ -122,6 +122,29 @@ def test_console_script_help():
 # ---------------------------------------------------------------------------- specs and checks
 
 SPECS = [S.TensorSpec(n, ("batch", f"L_{n}", f), "float32") for n, f in MODS.items()]
+# every model's inputs: the modalities, then their per-sample valid lengths
+MODEL_SPECS = SPECS + [S.TensorSpec(f"{n}_lengths", ("batch",), "int64") for n in MODS]
+
+
+def test_lengths_are_filled_and_checked():
+    f = feeds_for(2, (6, 4, 3))
+    filled = S.fill_lengths(MODEL_SPECS, f)
+    assert [filled[f"{n}_lengths"].tolist() for n in MODS] == [[6, 6], [4, 4], [3, 3]]
+    assert filled["text_lengths"].dtype == np.int64
+    given = dict(f, audio_lengths=np.array([1, 0]))
+    assert S.fill_lengths(MODEL_SPECS, given)["audio_lengths"].tolist() == [1, 0]
+    infos = S.check_feeds("m", MODEL_SPECS, S.fill_lengths(MODEL_SPECS, given))
+    S.check_lengths("m", MODEL_SPECS, S.fill_lengths(MODEL_SPECS, given), infos)
+    for bad, needle in ((np.array([5, 1]), "got 5 at sample 0"), (np.array([1, -2]), "got -2 at sample 1")):
+        feeds = S.fill_lengths(MODEL_SPECS, dict(f, audio_lengths=bad))
+        with pytest.raises(UserError, match=r"'audio_lengths' must hold valid lengths in \[0, 4\]") as e:
+            S.check_lengths("m", MODEL_SPECS, feeds, S.check_feeds("m", MODEL_SPECS, feeds))
+        one_line(e.value)
+        assert needle in str(e.value)
+    with pytest.raises(UserError, match="'text_lengths' has dtype float32, expected int64"):
+        S.check_feeds("m", MODEL_SPECS, S.fill_lengths(MODEL_SPECS, dict(f, text_lengths=np.ones(2, np.float32))))
+    with pytest.raises(UserError, match="'text_lengths' has rank 2"):
+        S.check_feeds("m", MODEL_SPECS, S.fill_lengths(MODEL_SPECS, dict(f, text_lengths=np.ones((2, 1), np.int64))))
 
 
 @pytest.mark.parametrize("mutate,needle", [
@@ -244,7 +267,7 @@ def test_ort_backend_specs_run_and_parity(art):
     from cm_deploy.runtime.torch_backend import TorchBackend
     with load(art["portable"], device="cpu") as m:
         assert m.kind == "onnxruntime" and m.precision == "float32"
-        assert [s.shape for s in m.inputs] == [("batch", f"L_{n}", f) for n, f in MODS.items()]
+        assert m.inputs == MODEL_SPECS
         assert m.outputs[0].name == "output" and m.config["d_model"] == 16
         y = m.run(feeds_for())["output"]
         assert y.shape == (2, 1) and y.dtype == np.float32
@@ -263,7 +286,7 @@ def test_torch_backend_precisions_and_errors(art):
     from cm_deploy.runtime.specs import ShapeChoice
     from cm_deploy.runtime.torch_backend import TorchBackend
     ref = TorchBackend(art["a"], device="cpu", scan_impl="reference")
-    assert ref.inputs == SPECS and ref.outputs[0].shape == ("batch", 1)
+    assert ref.inputs == MODEL_SPECS and ref.outputs[0].shape == ("batch", 1)
     cases = [ShapeChoice(2, {"text": 9, "audio": 5, "vision": 3})]
     for dt in ("float16", "bfloat16"):
         m = TorchBackend(art["a"], device="cpu", dtype=dt)

@@ -50,15 +50,26 @@ def length_dim(modality: str) -> str:
     return f"L_{modality}"
 
 
+def lengths_input(modality: str) -> str:
+    """Graph input of a modality's per-sample valid lengths: int64 (batch,)."""
+    return f"{modality}_lengths"
+
+
+def input_names(config) -> list:
+    """The graph's inputs in order: the modalities, then one lengths input per modality."""
+    return list(config.modalities) + [lengths_input(n) for n in config.modalities]
+
+
 class _Positional(nn.Module):
-    """The model with one positional input per modality (config order): what the graph's inputs are."""
+    """The model with positional inputs (config order): the modalities, then their lengths."""
 
     def __init__(self, model):
         super().__init__()
         self.model = model
 
-    def forward(self, *xs):
-        return self.model(list(xs))
+    def forward(self, *args):
+        m = len(args) // 2
+        return self.model(list(args[:m]), lengths=list(args[m:]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -80,8 +91,10 @@ def _check_options(config, dtype, opset, batch, lengths):
             raise UserError(f"lengths: unknown modality {name!r} (the model has {list(config.modalities)})")
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise UserError(f"lengths[{name!r}] must be a positive int, got {n!r}")
-    if OUTPUT_NAME in config.modalities:
-        raise UserError(f"a modality named {OUTPUT_NAME!r} would clash with the graph output's name")
+    names = input_names(config)
+    if OUTPUT_NAME in names or len(set(names)) != len(names):
+        raise UserError(f"modality names {list(config.modalities)} clash with the graph's other names "
+                        f"({OUTPUT_NAME!r}, '<modality>_lengths')")
     return opset, lengths
 
 
@@ -104,11 +117,12 @@ def _example_inputs(config, dtype, batch, lengths):
     # Distinct example sizes (batch 2; lengths 5, 7, 9, ...) so that no two dynamic dims look alike
     # to the tracer and none is 0 or 1 (which it would specialise).
     b = batch if batch is not None else 2
-    xs = []
+    xs, lens = [], []
     for i, (name, feat) in enumerate(config.modalities.items()):
         L = lengths.get(name, 5 + 2 * i)
         xs.append(torch.randn(b, L, feat, generator=torch.Generator().manual_seed(i)).to(DTYPES[dtype]))
-    return tuple(xs)
+        lens.append(torch.full((b,), L, dtype=torch.int64))
+    return tuple(xs + lens)
 
 
 def _dynamic_shapes(config, batch, lengths):
@@ -122,7 +136,8 @@ def _dynamic_shapes(config, batch, lengths):
         if name not in lengths:
             spec[1] = Dim(length_dim(name), min=1)
         shapes.append(spec or None)
-    return (tuple(shapes),)     # one entry: forward's *xs
+    shapes += [{0: b} if b is not None else None for _ in config.modalities]     # the lengths: (batch,)
+    return (tuple(shapes),)     # one entry: forward's *args
 
 
 def _torch_export(model, config, dtype, opset, batch, lengths) -> onnx.ModelProto:
@@ -139,7 +154,7 @@ def _torch_export(model, config, dtype, opset, batch, lengths) -> onnx.ModelProt
             torch_log.setLevel(logging.ERROR)
             program = torch.onnx.export(
                 wrapped, args, dynamo=True, opset_version=opset,
-                input_names=list(config.modalities), output_names=[OUTPUT_NAME],
+                input_names=input_names(config), output_names=[OUTPUT_NAME],
                 dynamic_shapes=_dynamic_shapes(config, batch, lengths), verbose=False)
     except Exception as e:
         tail = "\n".join(log.getvalue().strip().splitlines()[-20:])
@@ -163,16 +178,22 @@ def _finish_tensorrt_graph(proto, config, dtype, batch, lengths):
     """Check the exported graph against the contract; fix what the exporter leaves open."""
     g = proto.graph
     names = [i.name for i in g.input]
-    if names != list(config.modalities) or [o.name for o in g.output] != [OUTPUT_NAME]:
+    if names != input_names(config) or [o.name for o in g.output] != [OUTPUT_NAME]:
         raise RuntimeError(f"exporter produced inputs {names} and outputs {[o.name for o in g.output]}")
     # Pin the symbolic dims' names to the contract's ("batch", "L_<modality>") whatever the
     # exporter called them, on the inputs and on the output.
-    for vi, name in zip(g.input, config.modalities):
+    M = config.n_modalities
+    for vi, name in zip(g.input[:M], config.modalities):
         dims = vi.type.tensor_type.shape.dim
         if batch is None:
             dims[0].dim_param = BATCH_DIM
         if name not in lengths:
             dims[1].dim_param = length_dim(name)
+    for vi in g.input[M:]:
+        if vi.type.tensor_type.elem_type != onnx.TensorProto.INT64 or len(vi.type.tensor_type.shape.dim) != 1:
+            raise RuntimeError(f"exporter produced lengths input {vi.name} that is not int64 (batch,)")
+        if batch is None:
+            vi.type.tensor_type.shape.dim[0].dim_param = BATCH_DIM
     out = g.output[0].type.tensor_type.shape
     want = [BATCH_DIM if batch is None else batch, config.num_outputs]
     del out.dim[:]

@@ -13,7 +13,7 @@ from typing import Mapping
 import numpy as np
 
 from ..errors import UserError
-from .specs import TensorSpec, check_feeds
+from .specs import TensorSpec, check_feeds, check_lengths, fill_lengths
 
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
 ONNX_SUFFIXES = (".onnx",)
@@ -40,9 +40,13 @@ class Backend:
     def check(self, feeds: Mapping):
         ranges = self.input_ranges()
         lohi = {k: [(lo, hi) for lo, _, hi in v] for k, v in ranges.items()} if ranges else None
-        return check_feeds(self.name, self.inputs, feeds, lohi)
+        infos = check_feeds(self.name, self.inputs, feeds, lohi)
+        check_lengths(self.name, self.inputs, feeds, infos)
+        return infos
 
     def run(self, feeds: Mapping, **kw) -> dict[str, np.ndarray]:
+        """Outputs for `feeds` (name -> array); `<modality>_lengths` inputs left out mean full length."""
+        feeds = fill_lengths(self.inputs, feeds)
         infos = self.check(feeds)
         return self._run(feeds, infos, **kw)
 

@@ -284,11 +284,50 @@ def concrete_shape(spec: TensorSpec, choice: ShapeChoice) -> tuple:
     return tuple(shape)
 
 
+LENGTHS_SUFFIX = "_lengths"
+
+
+def lengths_inputs(specs: Sequence[TensorSpec]) -> dict[str, str]:
+    """{lengths input: its modality input} for every `<modality>_lengths` input, int64 (batch,)."""
+    names = {s.name for s in specs}
+    return {s.name: s.name[:-len(LENGTHS_SUFFIX)] for s in specs
+            if s.name.endswith(LENGTHS_SUFFIX) and s.name[:-len(LENGTHS_SUFFIX)] in names and s.rank == 1}
+
+
+def fill_lengths(specs: Sequence[TensorSpec], feeds: Mapping) -> Mapping:
+    """`feeds` with every lengths input the caller left out set to its modality's full length."""
+    missing = {k: m for k, m in lengths_inputs(specs).items() if k not in feeds and m in feeds}
+    if not missing:
+        return feeds
+    out = dict(feeds)
+    for k, m in missing.items():
+        shape = array_info(feeds[m]).shape
+        if len(shape) >= 2:
+            out[k] = np.full((shape[0],), shape[1], dtype=np.int64)
+    return out
+
+
+def check_lengths(where: str, specs: Sequence[TensorSpec], feeds: Mapping, infos: Mapping) -> None:
+    """Valid lengths (host arrays) must lie in [0, L] of their modality; UserError (one line) otherwise."""
+    for k, m in lengths_inputs(specs).items():
+        if k not in feeds or infos[k].on_device:
+            continue
+        v, L = np.asarray(feeds[k]), infos[m].shape[1]
+        bad = (v < 0) | (v > L)
+        if bad.any():
+            raise UserError(f"{where}: input {k!r} must hold valid lengths in [0, {L}] (the length of {m!r}), "
+                            f"got {int(v[bad][0])} at sample {int(np.flatnonzero(bad)[0])}")
+
+
 def random_feeds(specs: Sequence[TensorSpec], choice: ShapeChoice, seed: int = 0) -> dict[str, np.ndarray]:
-    """Standard-normal float inputs (cast to each input's dtype) of the chosen shapes, reproducible."""
+    """Standard-normal float inputs (cast to each input's dtype) of the chosen shapes, reproducible.
+    Lengths inputs: the first sample full, the others random in [1, L] (padding exercised)."""
     rng = np.random.default_rng(seed)
     feeds = {}
+    lens = lengths_inputs(specs)
     for spec in specs:
+        if spec.name in lens:
+            continue
         shape = concrete_shape(spec, choice)
         dt = np_dtype(spec.dtype)
         if dt.kind in "fV":
@@ -297,6 +336,11 @@ def random_feeds(specs: Sequence[TensorSpec], choice: ShapeChoice, seed: int = 0
             feeds[spec.name] = rng.integers(0, 2, shape).astype(bool)
         else:
             feeds[spec.name] = rng.integers(1, 4, shape).astype(dt)
+    for k, m in lens.items():
+        b, L = feeds[m].shape[:2]
+        v = rng.integers(min(1, L), L + 1, size=b).astype(np.int64)
+        v[:1] = L
+        feeds[k] = v
     return feeds
 
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..errors import UserError
 from .backend import Backend
-from .specs import PRECISIONS, TensorSpec, normalize_precision, np_dtype
+from .specs import LENGTHS_SUFFIX, PRECISIONS, TensorSpec, normalize_precision, np_dtype
 
 
 def _import_torch():
@@ -58,6 +58,9 @@ class TorchBackend(Backend):
         cfg = self.model.config
         self.config = cfg.to_dict()
         self.inputs = [TensorSpec(n, ("batch", f"L_{n}", f), self.precision) for n, f in cfg.modalities.items()]
+        # per-sample valid lengths, as the exported graphs take them (export/exporter.py input_names)
+        self.inputs += [TensorSpec(n + LENGTHS_SUFFIX, ("batch",), "int64") for n in cfg.modalities]
+        self._names = list(cfg.modalities)
         self.outputs = [TensorSpec("output", ("batch", cfg.num_outputs), self.precision)]
         self.cuda_graph = bool(cuda_graph) and self.device.type == "cuda"
         self.graph_max_batch = graph_max_batch
@@ -110,7 +113,7 @@ class TorchBackend(Backend):
             if self.cuda_graph and batch <= self.graph_max_batch:
                 out = self._graph_run(xs)
             else:
-                out = self.model(xs)
+                out = self._forward(xs)
         if device_outputs:
             return {"output": out}
         return {"output": self._to_numpy(out)}
@@ -125,11 +128,11 @@ class TorchBackend(Backend):
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
                 for _ in range(2):          # warm-up: Triton compiles/autotunes outside the capture
-                    self.model(static)
+                    self._forward(static)
             torch.cuda.current_stream(self.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                out = self.model(static)
+                out = self._forward(static)
             entry = self._graphs[key] = (graph, static, out)
             self.graph_stats["captures"] += 1
         graph, static, out = entry
@@ -138,6 +141,10 @@ class TorchBackend(Backend):
         graph.replay()
         self.graph_stats["replays"] += 1
         return out.clone()
+
+    def _forward(self, xs):
+        """The model on the modalities and their lengths, as the exported graphs compute it."""
+        return self.model({n: xs[n] for n in self._names}, lengths=[xs[n + LENGTHS_SUFFIX] for n in self._names])
 
     def synchronize(self):
         if self.device.type == "cuda":
