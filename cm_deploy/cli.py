@@ -147,9 +147,11 @@ def cli():
 @click.option("--batch", type=click.IntRange(min=1), default=None, help="Fix the batch size (default: dynamic).")
 @click.option("--length", "lengths", multiple=True, metavar="[NAME=]L",
               help="Fix a modality's sequence length (repeatable); a bare L fixes every modality.")
-def export(checkpoint, output, dtype, opset, batch, lengths):
-    """Export CHECKPOINT to ONNX: model.onnx (CoupledScan plugin nodes, for TensorRT),
-    model.portable.onnx (stock ONNX Runtime) and manifest.json."""
+@click.option("--streaming", is_flag=True, help="Also write model.stream.onnx and model.stream.portable.onnx: one "
+                                                "chunk of a stream per call, the state carried by the caller.")
+def export(checkpoint, output, dtype, opset, batch, lengths, streaming):
+    """Export CHECKPOINT to ONNX: model.onnx (CoupledScan nodes: TensorRT with the plugin, ONNX
+    Runtime with the op library), model.portable.onnx (stock ONNX Runtime) and manifest.json."""
     try:
         from .export import export_checkpoint
     except ImportError as e:
@@ -176,7 +178,8 @@ def export(checkpoint, output, dtype, opset, batch, lengths):
             config, _, _ = read_checkpoint(ckpt)
             every = fixed.pop("*")
             fixed = {**{m: every for m in config.modalities}, **fixed}
-    manifest = export_checkpoint(ckpt, out, dtype=dtype, opset=opset, batch=batch, lengths=fixed)
+    manifest = export_checkpoint(ckpt, out, dtype=dtype, opset=opset, batch=batch, lengths=fixed,
+                                 streaming=streaming)
     files = (manifest or {}).get("files", {})
     click.echo(f"exported {ckpt} -> {out}/")
     for role, name in files.items():
@@ -320,18 +323,26 @@ def parity(checkpoint, model, inputs_path, batch, lengths, atol, rtol, seed, dty
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
               help="Write latency vs batch size (or vs length when one batch is given) to this PNG.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@click.option("--streaming", is_flag=True, help="MODEL is a streaming graph (model.stream*.onnx): time one chunk "
+                                                "per push with the state carried; --length is the chunk size "
+                                                "[default 1].")
 @_model_options
-def profile(models, batch, lengths, warmup, iters, timer, cuda_graph, dtype, plot_path, as_json, plugin, device,
-            trt_module):
-    """Latency of one or more MODELs (side by side) over batch sizes and lengths."""
+def profile(models, batch, lengths, warmup, iters, timer, cuda_graph, dtype, plot_path, as_json, streaming, plugin,
+            device, trt_module):
+    """Latency of one or more MODELs (side by side) over batch sizes and lengths (chunk sizes with
+    --streaming)."""
     from .runtime.backend import model_kind
     from .runtime.engine import EngineInfo
-    from .runtime.profiling import find_trtexec, plot, run_trtexec, time_backend
+    from .runtime.profiling import find_trtexec, plot, run_trtexec, time_backend, time_stream
     from .runtime.specs import (concrete_shape, parse_int_list, parse_length_options, random_feeds,
                                 shape_grid)
     from .runtime.trt import find_plugin
     bs = parse_int_list(batch, "--batch")
-    ls = parse_length_options(lengths) if lengths else [128]
+    ls = parse_length_options(lengths) if lengths else [1 if streaming else 128]
+    if streaming:
+        if timer == "trtexec":
+            raise UserError("--streaming times chunk after chunk with the built-in timer; trtexec cannot carry state")
+        timer = "builtin"
     trtexec = find_trtexec() if timer in ("auto", "trtexec") else None
     if timer == "trtexec" and not trtexec:
         raise UserError("--timer trtexec: trtexec not found on PATH (or $CM_DEPLOY_TRTEXEC)")
@@ -360,6 +371,11 @@ def profile(models, batch, lengths, warmup, iters, timer, cuda_graph, dtype, plo
                 if use_trtexec:
                     row.update(run_trtexec(path, plugin_path, shapes, choice.batch, iterations=iters,
                                            cuda_graph=cuda_graph, trtexec=trtexec))
+                elif streaming:
+                    from .runtime.stream import Stream
+                    feeds = random_feeds(backend.inputs, choice)
+                    s = Stream(backend, choice.batch)
+                    row.update(time_stream(s, {n: feeds[n] for n in s.chunk_inputs}, warmup=warmup, iters=iters))
                 else:
                     feeds = random_feeds(backend.inputs, choice)
                     row.update(time_backend(backend, feeds, warmup=warmup, iters=iters))

@@ -88,15 +88,25 @@ class MambaBranch(nn.Module):
         nn.init.kaiming_uniform_(self.out_proj.weight, a=math.sqrt(5))
         self.out_proj.weight /= math.sqrt(cfg.n_layers)
 
-    def scan_inputs(self, x):
-        """x (b, L, d) -> u, delta, B, C, z of this modality, each (b, L, .)."""
+    def scan_inputs(self, x, conv_state=None):
+        """x (b, L, d) -> u, delta, B, C, z of this modality, each (b, L, .). Streaming: conv_state
+        (b, E, d_conv - 1) holds the conv input's last steps before x (zeros start a stream); then
+        the result has a sixth entry, the conv state after x."""
         L = x.shape[1]
         u, z = self.in_proj(self.norm(x)).chunk(2, dim=-1)
-        u = F.silu(self.conv1d(u.transpose(1, 2))[..., :L].transpose(1, 2))   # causal conv
+        if conv_state is None:
+            u = F.silu(self.conv1d(u.transpose(1, 2))[..., :L].transpose(1, 2))   # causal conv
+        else:   # the same causal conv, its left padding taken from the previous chunk
+            k = self.conv1d.kernel_size[0]
+            ext = torch.cat([conv_state.to(u.dtype), u.transpose(1, 2)], dim=2)   # (b, E, k - 1 + L)
+            conv_state = ext[..., ext.shape[2] - (k - 1):]
+            u = F.silu(F.conv1d(ext, self.conv1d.weight, self.conv1d.bias, groups=ext.shape[1])).transpose(1, 2)
         R, N = self.dt_proj.in_features, self.A_log.shape[1]
         dt, Bm, Cm = self.x_proj(u).split([R, N, N], dim=-1)
         delta = F.linear(dt, self.dt_proj.weight)                            # bias goes to the scan
-        return u, delta, Bm, Cm, z
+        if conv_state is None:
+            return u, delta, Bm, Cm, z
+        return u, delta, Bm, Cm, z, conv_state
 
 
 class CoupledLayer(nn.Module):
@@ -108,8 +118,14 @@ class CoupledLayer(nn.Module):
         self.branches = nn.ModuleList(MambaBranch(cfg) for _ in cfg.modalities)
         self.scan_impl = "auto"
 
-    def forward(self, xs):
-        parts = [br.scan_inputs(x) for br, x in zip(self.branches, xs)]
+    def forward(self, xs, state=None):
+        """xs: M tensors (b, L, d) -> M tensors. Streaming: `state` = (conv states, one per branch;
+        scan states: one (b, E, N) coupled state, or one per branch when uncoupled); returns
+        (outputs, new state) then."""
+        conv = None if state is None else state[0]
+        parts = [br.scan_inputs(x, None if conv is None else conv[m])
+                 for m, (br, x) in enumerate(zip(self.branches, xs))]
+        new_conv = None if conv is None else [p[5] for p in parts]
         dtype = parts[0][0].dtype
         u, delta, Bm, Cm, z = (torch.stack([p[i].to(dtype) for p in parts], dim=1) for i in range(5))
         # the per-branch tensors (and the projections they view) are copies now: free them
@@ -118,15 +134,24 @@ class CoupledLayer(nn.Module):
         A = torch.stack([-torch.exp(br.A_log.float()) for br in self.branches])
         D = torch.stack([br.D.float() for br in self.branches])
         bias = torch.stack([br.dt_proj.bias.float() for br in self.branches])
+        stream = {} if state is None else {"return_final_state": True}
         if self.cfg.coupled:
             y = coupled_scan(u, delta, A, Bm, Cm, D, z, bias, delta_softplus=True,
-                             coupling_scale=self.cfg.coupling_scale, impl=self.scan_impl)
+                             coupling_scale=self.cfg.coupling_scale, impl=self.scan_impl,
+                             initial_state=None if state is None else state[1][0], **stream)
+            if state is not None:
+                y, scan_states = y[0], [y[1]]
         else:   # ablation: M independent Mamba chains (each a coupled scan with M = 1, kappa = 1)
-            y = torch.cat([coupled_scan(u[:, m:m + 1], delta[:, m:m + 1], A[m:m + 1], Bm[:, m:m + 1],
-                                        Cm[:, m:m + 1], D[m:m + 1], z[:, m:m + 1], bias[m:m + 1],
-                                        delta_softplus=True, coupling_scale=1.0, impl=self.scan_impl)
-                           for m in range(len(self.branches))], dim=1)
-        return [x + br.drop(br.out_proj(y[:, m])) for m, (br, x) in enumerate(zip(self.branches, xs))]
+            ys = [coupled_scan(u[:, m:m + 1], delta[:, m:m + 1], A[m:m + 1], Bm[:, m:m + 1],
+                               Cm[:, m:m + 1], D[m:m + 1], z[:, m:m + 1], bias[m:m + 1],
+                               delta_softplus=True, coupling_scale=1.0, impl=self.scan_impl,
+                               initial_state=None if state is None else state[1][m], **stream)
+                  for m in range(len(self.branches))]
+            if state is not None:
+                ys, scan_states = [y[0] for y in ys], [y[1] for y in ys]
+            y = torch.cat(ys, dim=1)
+        out = [x + br.drop(br.out_proj(y[:, m])) for m, (br, x) in enumerate(zip(self.branches, xs))]
+        return out if state is None else (out, (new_conv, scan_states))
 
 
 class CoupledMamba(nn.Module):
@@ -197,6 +222,78 @@ class CoupledMamba(nn.Module):
                 total = torch.where(w, h, torch.zeros((), device=h.device)).sum(1)
                 pooled.append(total / w.sum(1).clamp(min=1).float())
         return self.head(torch.cat(pooled, dim=-1).to(self.head.weight.dtype))
+
+    # ---------------------------------------------------------------- streaming (docs/streaming.md)
+
+    def state_specs(self) -> dict:
+        """{state name: (shape after the batch axis, dtype)}: what step() carries between chunks.
+        Names follow the exported streaming graphs' `state.<what>` inputs."""
+        cfg = self.config
+        E, N, k = cfg.d_inner, cfg.d_state, cfg.d_conv
+        dt = self.embed[self.names[0]].weight.dtype
+        specs = {}
+        for layer in range(cfg.n_layers):
+            for name in self.names:
+                specs[f"conv.{layer}.{name}"] = ((E, k - 1), dt)
+            for name in (self.names if not cfg.coupled else [None]):
+                specs[f"scan.{layer}" + ("" if name is None else f".{name}")] = ((E, N), torch.float32)
+        for name in self.names:
+            specs[f"pool.{name}"] = ((cfg.d_model,), torch.float32)
+        specs["count"] = ((), torch.float32)
+        return specs
+
+    def initial_state(self, batch: int, device=None) -> dict:
+        """All-zero state: what starts a stream."""
+        device = device if device is not None else self.head.weight.device
+        return {k: torch.zeros((batch, *shape), dtype=dt, device=device)
+                for k, (shape, dt) in self.state_specs().items()}
+
+    def step(self, inputs, state, lengths=None):
+        """One chunk of a stream: inputs (batch, T, F_m), one T for every modality; state as
+        initial_state() gives or the previous step returned; lengths (batch,) valid steps of each
+        modality in this chunk (pad rule: steps past them are zeros to the model). Returns
+        (output over every valid step so far, new state). Chunks of any sizes give, after the last,
+        what forward() gives on the whole sequence (pad rule, or modalities of equal length)."""
+        xs = self._ordered(inputs, "inputs")
+        T = xs[0].shape[1]
+        batch = xs[0].shape[0]
+        for name, x in zip(self.names, xs):
+            f = self.config.modalities[name]
+            if x.dim() != 3 or x.shape[-1] != f or x.shape[0] != batch:
+                raise ValueError(f"CoupledMamba.step: input {name!r} must be (batch, T, {f}), got {tuple(x.shape)}")
+            torch._check(x.shape[1] == T, lambda: "CoupledMamba.step: every modality's chunk must have the same T")
+        specs = self.state_specs()
+        missing = [k for k in specs if k not in state]
+        if missing:
+            raise ValueError(f"CoupledMamba.step: state lacks {missing[:3]}")
+        if lengths is None:
+            lens = [torch.full((batch,), T, dtype=torch.int64, device=xs[0].device) for _ in xs]
+        else:
+            lens = [self._lengths(ln, x, batch, n) for ln, x, n in zip(self._ordered(lengths, "lengths"), xs, self.names)]
+        common = functools.reduce(torch.maximum, lens)
+        hs = [self._zero_padding(self.embed[n](self._zero_padding(x, ln)), ln)
+              for n, x, ln in zip(self.names, xs, lens)]
+        new = {}
+        for i, layer in enumerate(self.layers):
+            conv = [state[f"conv.{i}.{n}"] for n in self.names]
+            scan = ([state[f"scan.{i}"]] if self.config.coupled else [state[f"scan.{i}.{n}"] for n in self.names])
+            hs, (conv, scan) = layer(hs, (conv, scan))
+            new.update({f"conv.{i}.{n}": c for n, c in zip(self.names, conv)})
+            if self.config.coupled:
+                new[f"scan.{i}"] = scan[0]
+            else:
+                new.update({f"scan.{i}.{n}": c for n, c in zip(self.names, scan)})
+        valid = (torch.arange(T, device=xs[0].device)[None, :] < common[:, None]).unsqueeze(-1)
+        count = state["count"] + common.float()
+        pooled = []
+        for m, (name, h) in enumerate(zip(self.names, hs)):
+            h = self.norm_f[m](h).float()
+            total = state[f"pool.{name}"] + torch.where(valid, h, torch.zeros((), device=h.device)).sum(1)
+            new[f"pool.{name}"] = total
+            pooled.append(total / count.clamp(min=1)[:, None])
+        new["count"] = count
+        out = self.head(torch.cat(pooled, dim=-1).to(self.head.weight.dtype))
+        return out, {k: new[k] for k in specs}
 
     def _to_length(self, h, L):
         """Whole sequences (no lengths) to the common length L."""

@@ -39,6 +39,10 @@ DEFAULT_OPSET = 18
 MIN_OPSET = {"float32": 18, "float16": 18, "bfloat16": 22}
 OUTPUT_NAME = "output"
 FILES = {"tensorrt": "model.onnx", "portable": "model.portable.onnx"}
+# `export --streaming` adds (docs/streaming.md)
+STREAM_FILES = {"stream_tensorrt": "model.stream.onnx", "stream_portable": "model.stream.portable.onnx"}
+CHUNK_DIM = "T"
+STATE_PREFIX, NEXT_STATE_PREFIX = "state.", "next_state."
 MANIFEST_NAME = "manifest.json"
 PLUGIN_NAME, PLUGIN_VERSION = "CoupledScan", "1"
 BATCH_DIM = "batch"
@@ -58,6 +62,28 @@ def lengths_input(modality: str) -> str:
 def input_names(config) -> list:
     """The graph's inputs in order: the modalities, then one lengths input per modality."""
     return list(config.modalities) + [lengths_input(n) for n in config.modalities]
+
+
+class _Streaming(nn.Module):
+    """model.step with positional inputs: the chunks, their lengths, then the state tensors (in
+    state_specs order); outputs: the prediction, then the next state tensors."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.keys = list(model.state_specs())
+
+    def forward(self, *args):
+        m = len(self.model.names)
+        out, state = self.model.step(list(args[:m]), dict(zip(self.keys, args[2 * m:])), lengths=list(args[m:2 * m]))
+        return (out, *(state[k] for k in self.keys))
+
+
+def stream_io_names(model) -> tuple[list, list]:
+    """(inputs, outputs) of the streaming graphs."""
+    keys = list(model.state_specs())
+    return (input_names(model.config) + [STATE_PREFIX + k for k in keys],
+            [OUTPUT_NAME] + [NEXT_STATE_PREFIX + k for k in keys])
 
 
 class _Positional(nn.Module):
@@ -140,9 +166,31 @@ def _dynamic_shapes(config, batch, lengths):
     return (tuple(shapes),)     # one entry: forward's *args
 
 
-def _torch_export(model, config, dtype, opset, batch, lengths) -> onnx.ModelProto:
-    wrapped = _Positional(_prepare(model, dtype))
-    args = _example_inputs(config, dtype, batch, lengths)
+def _stream_example_and_shapes(model, config, dtype, batch):
+    """Example chunk inputs (T = 5 for every modality), lengths, zero state; their dynamic shapes."""
+    Dim = torch.export.Dim
+    b = batch if batch is not None else 2
+    xs = [torch.randn(b, 5, f, generator=torch.Generator().manual_seed(i)).to(DTYPES[dtype])
+          for i, f in enumerate(config.modalities.values())]
+    lens = [torch.full((b,), 5, dtype=torch.int64) for _ in xs]
+    state = list(model.initial_state(b).values())
+    bd = Dim(BATCH_DIM, min=1) if batch is None else None
+    T = Dim(CHUNK_DIM, min=1)
+    shapes = [({0: bd, 1: T} if bd is not None else {1: T}) for _ in xs]
+    shapes += [{0: bd} if bd is not None else None for _ in xs + state]
+    return tuple(xs + lens + state), (tuple(shapes),)
+
+
+def _torch_export(model, config, dtype, opset, batch, lengths, streaming=False) -> onnx.ModelProto:
+    prepared = _prepare(model, dtype)
+    if streaming:
+        wrapped = _Streaming(prepared)
+        args, dynamic = _stream_example_and_shapes(prepared, config, dtype, batch)
+        names_in, names_out = stream_io_names(prepared)
+    else:
+        wrapped = _Positional(prepared)
+        args, dynamic = _example_inputs(config, dtype, batch, lengths), _dynamic_shapes(config, batch, lengths)
+        names_in, names_out = input_names(config), [OUTPUT_NAME]
     log = io.StringIO()
     # The exporter narrates every step and torch warns about its own internals: keep that out of
     # the user's terminal, but put it in the error when the export fails.
@@ -154,8 +202,7 @@ def _torch_export(model, config, dtype, opset, batch, lengths) -> onnx.ModelProt
             torch_log.setLevel(logging.ERROR)
             program = torch.onnx.export(
                 wrapped, args, dynamo=True, opset_version=opset,
-                input_names=input_names(config), output_names=[OUTPUT_NAME],
-                dynamic_shapes=_dynamic_shapes(config, batch, lengths), verbose=False)
+                input_names=names_in, output_names=names_out, dynamic_shapes=dynamic, verbose=False)
     except Exception as e:
         tail = "\n".join(log.getvalue().strip().splitlines()[-20:])
         raise RuntimeError(f"torch.onnx.export failed: {e}\n{tail}") from e
@@ -174,25 +221,32 @@ def _dtype_name(value_info):
         if value_info.type.tensor_type.elem_type != onnx.TensorProto.BFLOAT16 else "bfloat16"
 
 
-def _finish_tensorrt_graph(proto, config, dtype, batch, lengths):
-    """Check the exported graph against the contract; fix what the exporter leaves open."""
+def _finish_tensorrt_graph(proto, config, dtype, batch, lengths, stream_io=None):
+    """Check the exported graph against the contract; fix what the exporter leaves open.
+    stream_io: (input names, output names) of a streaming graph."""
     g = proto.graph
     names = [i.name for i in g.input]
-    if names != input_names(config) or [o.name for o in g.output] != [OUTPUT_NAME]:
+    want_in, want_out = stream_io or (input_names(config), [OUTPUT_NAME])
+    if names != want_in or [o.name for o in g.output] != want_out:
         raise RuntimeError(f"exporter produced inputs {names} and outputs {[o.name for o in g.output]}")
-    # Pin the symbolic dims' names to the contract's ("batch", "L_<modality>") whatever the
-    # exporter called them, on the inputs and on the output.
+    # Pin the symbolic dims' names to the contract's ("batch", "L_<modality>" or the chunk's "T")
+    # whatever the exporter called them, on the inputs and on the output.
     M = config.n_modalities
     for vi, name in zip(g.input[:M], config.modalities):
         dims = vi.type.tensor_type.shape.dim
         if batch is None:
             dims[0].dim_param = BATCH_DIM
-        if name not in lengths:
+        if stream_io:
+            dims[1].dim_param = CHUNK_DIM
+        elif name not in lengths:
             dims[1].dim_param = length_dim(name)
-    for vi in g.input[M:]:
+    for vi in g.input[M:2 * M]:
         if vi.type.tensor_type.elem_type != onnx.TensorProto.INT64 or len(vi.type.tensor_type.shape.dim) != 1:
             raise RuntimeError(f"exporter produced lengths input {vi.name} that is not int64 (batch,)")
         if batch is None:
+            vi.type.tensor_type.shape.dim[0].dim_param = BATCH_DIM
+    if batch is None:       # state tensors: (batch, ...)
+        for vi in list(g.input[2 * M:]) + list(g.output[1:]):
             vi.type.tensor_type.shape.dim[0].dim_param = BATCH_DIM
     out = g.output[0].type.tensor_type.shape
     want = [BATCH_DIM if batch is None else batch, config.num_outputs]
@@ -204,6 +258,9 @@ def _finish_tensorrt_graph(proto, config, dtype, batch, lengths):
     expected = config.n_layers * (1 if config.coupled else config.n_modalities)
     if len(nodes) != expected or any(n.domain != DOMAIN for n in nodes):
         raise RuntimeError(f"expected {expected} {DOMAIN}::{OP_TYPE} nodes, found {len(nodes)}")
+    form = (9, 2) if stream_io else (8, 1)
+    if any((len(n.input), len(n.output)) != form for n in nodes):
+        raise RuntimeError(f"expected every {OP_TYPE} node with {form[0]} inputs and {form[1]} outputs")
     if any(f.name == OP_TYPE for f in proto.functions):
         raise RuntimeError(f"the TensorRT graph must not define a function {OP_TYPE}")
     if not any(o.domain == DOMAIN and o.version == DOMAIN_VERSION for o in proto.opset_import):
@@ -224,12 +281,14 @@ def _check(proto, what):
         raise RuntimeError(f"{what} fails onnx.checker: {e}") from e
 
 
-def build_onnx(model, *, dtype="float32", opset=None, batch=None, lengths=None):
-    """(tensorrt ModelProto, portable ModelProto, info) for a CoupledMamba; nothing is written."""
+def build_onnx(model, *, dtype="float32", opset=None, batch=None, lengths=None, streaming=False):
+    """(tensorrt ModelProto, portable ModelProto, info) for a CoupledMamba; nothing is written.
+    streaming: the step graphs (chunks + state in, prediction + next state out) instead."""
     config = model.config
     opset, lengths = _check_options(config, dtype, opset, batch, lengths)
-    trt = _torch_export(model, config, dtype, opset, batch, lengths)
-    count = _finish_tensorrt_graph(trt, config, dtype, batch, lengths)
+    trt = _torch_export(model, config, dtype, opset, batch, lengths, streaming=streaming)
+    count = _finish_tensorrt_graph(trt, config, dtype, batch, lengths,
+                                   stream_io=stream_io_names(model) if streaming else None)
     portable = make_portable(trt)
     _check(trt, FILES["tensorrt"])
     _check(portable, FILES["portable"])
@@ -248,12 +307,20 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _manifest(proto, config, dtype, info, checkpoint):
+def _io(proto) -> dict:
     g = proto.graph
     dyn = {}
     for vi in list(g.input) + list(g.output):
         dyn[vi.name] = {str(i): d for i, d in enumerate(_dims(vi)) if isinstance(d, str)}
-    return {
+    return {"inputs": [{"name": vi.name, "shape": _dims(vi), "dtype": _dtype_name(vi)} for vi in g.input],
+            "outputs": [{"name": vi.name, "shape": _dims(vi), "dtype": _dtype_name(vi)} for vi in g.output],
+            "dynamic_axes": dyn}
+
+
+def _manifest(proto, config, dtype, info, checkpoint, stream=None):
+    """stream: the streaming graph (its inputs, outputs and state names go under "stream")."""
+    io = _io(proto)
+    m = {
         "format": MANIFEST_FORMAT,
         "tool_version": __version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -261,15 +328,18 @@ def _manifest(proto, config, dtype, info, checkpoint):
         "config": config.to_dict(),
         "dtype": dtype,
         "opset": info["opset"],
-        "files": dict(FILES),
-        "inputs": [{"name": vi.name, "shape": _dims(vi), "dtype": _dtype_name(vi)} for vi in g.input],
-        "outputs": [{"name": vi.name, "shape": _dims(vi), "dtype": _dtype_name(vi)} for vi in g.output],
-        "dynamic_axes": dyn,
+        "files": dict(FILES, **(STREAM_FILES if stream is not None else {})),
+        **io,
         "custom_ops": [{"domain": DOMAIN, "op_type": OP_TYPE, "count": info["count"],
                         "plugin_name": PLUGIN_NAME, "plugin_version": PLUGIN_VERSION}],
         "torch_version": torch.__version__,
         "onnx_version": onnx.__version__,
     }
+    if stream is not None:
+        sio = _io(stream)
+        sio["state"] = [e["name"][len(STATE_PREFIX):] for e in sio["inputs"] if e["name"].startswith(STATE_PREFIX)]
+        m["stream"] = sio
+    return m
 
 
 class _Staging:
@@ -322,7 +392,7 @@ def _save(proto, path: Path):
 
 
 def export_checkpoint(ckpt_path, out_dir, *, dtype="float32", opset=None, batch=None,
-                      lengths=None) -> dict:
+                      lengths=None, streaming=False) -> dict:
     """Export a cm-deploy checkpoint to `out_dir` and return the manifest (also written there).
 
     dtype: "float32", "float16" or "bfloat16" for the graph's inputs, output and activations (A, D,
@@ -331,6 +401,7 @@ def export_checkpoint(ckpt_path, out_dir, *, dtype="float32", opset=None, batch=
     batch: an int fixes the batch dimension; None keeps it dynamic ("batch").
     lengths: {modality: int} fixes those modalities' sequence lengths; the others stay dynamic
         ("L_<modality>").
+    streaming: also DIR/model.stream.onnx and DIR/model.stream.portable.onnx (docs/streaming.md).
     Writes DIR/model.onnx, DIR/model.portable.onnx and DIR/manifest.json; all or nothing. Bad
     input (checkpoint, options, output folder) raises cm_deploy.errors.UserError.
     """
@@ -347,12 +418,17 @@ def export_checkpoint(ckpt_path, out_dir, *, dtype="float32", opset=None, batch=
     staging = _Staging(out_dir)
     try:
         trt, portable, info = build_onnx(model, dtype=dtype, opset=opset, batch=batch, lengths=lengths)
-        manifest = _manifest(trt, model.config, dtype, info, checkpoint)
+        graphs = {FILES["tensorrt"]: trt, FILES["portable"]: portable}
+        stream = None
+        if streaming:
+            stream, stream_portable, _ = build_onnx(model, dtype=dtype, opset=opset, batch=batch, streaming=True)
+            graphs.update({STREAM_FILES["stream_tensorrt"]: stream, STREAM_FILES["stream_portable"]: stream_portable})
+        manifest = _manifest(trt, model.config, dtype, info, checkpoint, stream=stream)
         try:
-            _save(trt, staging.path / FILES["tensorrt"])
-            _save(portable, staging.path / FILES["portable"])
+            for name, proto in graphs.items():
+                _save(proto, staging.path / name)
             (staging.path / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
-            staging.commit([FILES["tensorrt"], FILES["portable"], MANIFEST_NAME])
+            staging.commit([*graphs, MANIFEST_NAME])
         except OSError as e:
             raise UserError(f"cannot write to {out_dir}: {e.strerror or e}") from None
     except BaseException:

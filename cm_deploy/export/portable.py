@@ -63,10 +63,10 @@ def _scan_body() -> onnx.GraphProto:
     return helper.make_graph(nodes, "CoupledScan_step", inputs, outputs)
 
 
-def coupled_scan_function(opset: int) -> onnx.FunctionProto:
+def coupled_scan_function(opset: int, stateful: bool = False) -> onnx.FunctionProto:
     """FunctionProto cm_deploy.CoupledScan(u, delta, A, B, C, D, z, delta_bias) -> y with the
-    attributes delta_softplus (int), coupling_scale (float) and has_final_state (int, must be 0);
-    body in ONNX opset `opset`."""
+    attributes delta_softplus (int), coupling_scale (float) and has_final_state (int); body in ONNX
+    opset `opset`. stateful: the streaming form, (..., delta_bias, initial_state) -> (y, final_state)."""
     mk = helper.make_node
     nodes = [
         *(mk("Cast", [x], [f"{x}32"], to=FLOAT) for x in ("u", "delta", "A", "B", "C", "D", "z")),
@@ -89,15 +89,18 @@ def coupled_scan_function(opset: int) -> onnx.FunctionProto:
         mk("Where", ["softplus_b", "dt_sp", "dt_raw"], ["dt"]),
         mk("Mul", ["dt", "u32"], ["dtu"]),
         mk("Constant", [], ["kappa"]),
-        # c[0] = 0, shape (batch, E, N) read at run time
-        mk("Shape", ["u"], ["s_b"], start=0, end=1),
-        mk("Shape", ["u"], ["s_e"], start=3, end=4),
-        mk("Shape", ["A"], ["s_n"], start=2, end=3),
-        mk("Concat", ["s_b", "s_e", "s_n"], ["c0_shape"], axis=0),
-        mk("ConstantOfShape", ["c0_shape"], ["c0"],
-           value=helper.make_tensor("zero", FLOAT, [1], [0.0])),
-        mk("Scan", ["c0", "dt", "dtu", "B32", "C32"], ["c_last", "y_scan"], num_scan_inputs=4,
-           scan_input_axes=[2, 2, 2, 2], scan_output_axes=[2], body=_scan_body()),
+        # c[0]: the initial state (streaming), else zeros of shape (batch, E, N) read at run time
+        *([mk("Cast", ["initial_state"], ["c0"], to=FLOAT)] if stateful else [
+            mk("Shape", ["u"], ["s_b"], start=0, end=1),
+            mk("Shape", ["u"], ["s_e"], start=3, end=4),
+            mk("Shape", ["A"], ["s_n"], start=2, end=3),
+            mk("Concat", ["s_b", "s_e", "s_n"], ["c0_shape"], axis=0),
+            mk("ConstantOfShape", ["c0_shape"], ["c0"], value=helper.make_tensor("zero", FLOAT, [1], [0.0]))]),
+        # time first: Scan over axis 0, the axis every conforming runtime implements
+        *(mk("Transpose", [x], [f"{x}_t"], perm=[2, 0, 1, 3]) for x in ("dt", "dtu", "B32", "C32")),
+        mk("Scan", ["c0", "dt_t", "dtu_t", "B32_t", "C32_t"], ["final_state" if stateful else "c_last", "y_scan_t"],
+           num_scan_inputs=4, body=_scan_body()),
+        mk("Transpose", ["y_scan_t"], ["y_scan"], perm=[1, 2, 0, 3]),
         # y += D * u ; y *= z * sigmoid(z)
         mk("Unsqueeze", ["D32", "ax1"], ["D_b"]),
         mk("Mul", ["D_b", "u32"], ["Du"]),
@@ -113,21 +116,25 @@ def coupled_scan_function(opset: int) -> onnx.FunctionProto:
     by_out["kappa"].attribute.append(_ref_attr("value_float", "coupling_scale", AttributeProto.FLOAT))
     return helper.make_function(
         DOMAIN, OP_TYPE,
-        inputs=["u", "delta", "A", "B", "C", "D", "z", "delta_bias"],
-        outputs=["y"],
+        inputs=["u", "delta", "A", "B", "C", "D", "z", "delta_bias"] + (["initial_state"] if stateful else []),
+        outputs=["y"] + (["final_state"] if stateful else []),
         nodes=nodes,
         opset_imports=[helper.make_opsetid("", opset)],
-        # has_final_state is declared for the TensorRT plugin's sake; this body has only y
+        # has_final_state is declared for the TensorRT plugin's sake; the body's outputs are fixed
         attributes=["delta_softplus", "coupling_scale", "has_final_state"],
         doc_string="Coupled Mamba selective scan (cm-deploy DESIGN.md section 2) in standard ONNX.")
 
 
 def make_portable(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of `model` (with cm_deploy::CoupledScan nodes) that carries the function above."""
+    """A copy of `model` (with cm_deploy::CoupledScan nodes, all in one of the two forms) that
+    carries the function above."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     opset = next(o.version for o in out.opset_import if o.domain in ("", "ai.onnx"))
     if any(f.domain == DOMAIN and f.name == OP_TYPE for f in out.functions):
         raise ValueError("model already defines cm_deploy.CoupledScan")
-    out.functions.append(coupled_scan_function(opset))
+    forms = {len(n.input) for n in out.graph.node if n.domain == DOMAIN and n.op_type == OP_TYPE}
+    if len(forms) > 1:
+        raise ValueError("the graph mixes CoupledScan nodes with and without state")
+    out.functions.append(coupled_scan_function(opset, stateful=forms == {9}))
     return out

@@ -21,19 +21,24 @@ def coupled_scan_onnx(u, delta, A, B, C, D=None, z=None, delta_bias=None, *, del
                                       delta_softplus=delta_softplus, coupling_scale=coupling_scale,
                                       initial_state=initial_state,
                                       return_final_state=return_final_state)
-    # The exported model never streams and always has D, z and the bias; the portable function and
-    # the plugin are written for exactly that form, so refuse the rest rather than emit a node
-    # nothing can run.
-    if initial_state is not None or return_final_state:
-        raise NotImplementedError("CoupledScan export: initial_state / final_state are not exported")
+    # The exported model always has D, z and the bias, and streams with both state tensors or with
+    # neither; the portable function and the plugin are written for exactly those two forms, so
+    # refuse the rest rather than emit a node nothing can run.
+    if (initial_state is None) != (not return_final_state):
+        raise NotImplementedError("CoupledScan export: initial_state and final_state go together (streaming)")
     if D is None or z is None or delta_bias is None:
         raise NotImplementedError("CoupledScan export needs D, z and delta_bias (as the model has)")
     M = u.shape[1]
     # Always explicit: consumers must not have to know that "absent" means 1/M.
     kappa = 1.0 / M if coupling_scale is None else float(coupling_scale)
-    return torch.onnx.ops.symbolic(
-        f"{DOMAIN}::{OP_TYPE}", [u, delta, A, B, C, D, z, delta_bias],
-        # has_final_state: the plugin's output count (plugins/trt_coupled_scan/README.md); 0 = y only
-        {"delta_softplus": int(bool(delta_softplus)), "coupling_scale": float(kappa),
-         "has_final_state": 0},
-        dtype=u.dtype, shape=u.shape, version=DOMAIN_VERSION)
+    # has_final_state: the plugin's output count (plugins/trt_coupled_scan/README.md); 0 = y only
+    attrs = {"delta_softplus": int(bool(delta_softplus)), "coupling_scale": float(kappa),
+             "has_final_state": int(bool(return_final_state))}
+    inputs = [u, delta, A, B, C, D, z, delta_bias]
+    if initial_state is None:
+        return torch.onnx.ops.symbolic(f"{DOMAIN}::{OP_TYPE}", inputs, attrs, dtype=u.dtype, shape=u.shape,
+                                       version=DOMAIN_VERSION)
+    y, final = torch.onnx.ops.symbolic_multi_out(
+        f"{DOMAIN}::{OP_TYPE}", inputs + [initial_state], attrs, dtypes=[u.dtype, torch.float32],
+        shapes=[u.shape, initial_state.shape], version=DOMAIN_VERSION)
+    return y, final

@@ -13,7 +13,8 @@ import importlib
 
 __all__ = ["load", "Backend", "TensorSpec", "ShapeChoice", "Engine", "EngineInfo", "OrtBackend", "TorchBackend",
            "build_engine", "find_plugin", "import_tensorrt", "tensorrt_available", "DeviceArray",
-           "DeviceBuffer", "Stream", "CudaGraph", "run_parity", "time_backend", "model_kind"]
+           "DeviceBuffer", "CudaStream", "CudaGraph", "run_parity", "time_backend", "model_kind",
+           "Stream", "open_stream", "time_stream"]
 
 _LAZY = {
     "load": ".backend", "Backend": ".backend", "model_kind": ".backend",
@@ -22,12 +23,15 @@ _LAZY = {
     "OrtBackend": ".ort_backend", "TorchBackend": ".torch_backend",
     "build_engine": ".builder",
     "find_plugin": ".trt", "import_tensorrt": ".trt", "tensorrt_available": ".trt",
-    "DeviceArray": ".cuda", "DeviceBuffer": ".cuda", "Stream": ".cuda", "CudaGraph": ".cuda",
-    "run_parity": ".parity", "time_backend": ".profiling",
+    "DeviceArray": ".cuda", "DeviceBuffer": ".cuda", "CudaGraph": ".cuda",
+    "run_parity": ".parity", "time_backend": ".profiling", "time_stream": ".profiling",
+    "Stream": ".stream", "open_stream": ".stream",
 }
 
 
 def __getattr__(name):
+    if name == "CudaStream":      # cuda.Stream (a CUDA stream), named apart from the streaming Stream
+        return importlib.import_module(".cuda", __name__).Stream
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name], __name__), name)
     raise AttributeError(f"module 'cm_deploy.runtime' has no attribute {name!r}")

@@ -189,7 +189,7 @@ def build_engine(onnx, output=None, *, plugin=None, precision=None, batch=None, 
     out = Path(output) if output else onnx_path.with_suffix(".engine")
 
     if manifest:   # the export says which file carries CoupledScan plugin nodes
-        needs_plugin = manifest.get("_role") != "portable"
+        needs_plugin = not manifest.get("_role", "tensorrt").endswith("portable")
         wants_plugin = needs_plugin
     else:          # a file of unknown origin: load the plugin when one is around and the op is named
         needs_plugin = False

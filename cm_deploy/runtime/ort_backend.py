@@ -76,7 +76,7 @@ class OrtBackend(Backend):
         if threads:
             opts.intra_op_num_threads = int(threads)
         # A file made for TensorRT (CoupledScan nodes, no function body) needs the op library.
-        needs_ops = (self.manifest or {}).get("_role", "tensorrt") != "portable"
+        needs_ops = not (self.manifest or {}).get("_role", "tensorrt").endswith("portable")
         self.ort_ops = find_library("ort", ort_ops, required=False)
         if self.ort_ops is not None:
             try:
@@ -92,8 +92,10 @@ class OrtBackend(Backend):
             msg = _one_line(e)
             if ("CoupledScan" in msg or "cm_deploy" in msg) and self.ort_ops is None:
                 hint = ""
-                if self.manifest and self.manifest.get("files", {}).get("portable"):
-                    hint = f", or run {self.path.parent / self.manifest['files']['portable']} (stock ONNX Runtime)"
+                role = (self.manifest or {}).get("_role", "tensorrt")
+                portable = (self.manifest or {}).get("files", {}).get(role.replace("tensorrt", "portable"))
+                if portable:
+                    hint = f", or run {self.path.parent / portable} (stock ONNX Runtime)"
                 lib = LIBRARIES["ort"]
                 raise UserError(f"{self.path}: this ONNX file holds CoupledScan nodes: ONNX Runtime runs it with "
                                 f"the {lib.what} (build it with scripts/build_plugin.sh, then pass {lib.flag} or "

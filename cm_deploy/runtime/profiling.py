@@ -60,6 +60,22 @@ def time_backend(backend, feeds, warmup: int = 10, iters: int = 100, min_seconds
     return out
 
 
+def time_stream(stream, chunk, warmup: int = 10, iters: int = 100) -> dict:
+    """Built-in timer over stream.push(chunk): per-chunk latency with the state carried from one
+    push to the next (the stream is reset first; its state grows with every timed chunk)."""
+    stream.reset()
+    for _ in range(max(warmup, 0)):
+        stream.push(chunk)
+    lat = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        stream.push(chunk)
+        lat.append((time.perf_counter() - t0) * 1000.0)
+    out = latency_stats(lat, stream.batch)
+    out.update(timer="builtin", chunk=int(np.shape(next(iter(chunk.values())))[1]), streaming=True)
+    return out
+
+
 # ---------------------------------------------------------------------------- trtexec
 
 def find_trtexec() -> str | None:

@@ -238,7 +238,10 @@ def manifest_for(model_path) -> dict | None:
         return None
     m = dict(m)
     m["_path"] = str(cand)
-    m["_role"] = next(k for k, v in files.items() if v == model_path.name)   # "tensorrt" | "portable"
+    # "tensorrt" | "portable" | "stream_tensorrt" | "stream_portable"
+    m["_role"] = next(k for k, v in files.items() if v == model_path.name)
+    if m["_role"].startswith("stream_"):     # a streaming graph: its own inputs and outputs
+        m.update({k: v for k, v in (m.get("stream") or {}).items() if k in ("inputs", "outputs", "dynamic_axes")})
     return m
 
 

@@ -1,0 +1,94 @@
+"""Streaming inference over a streaming graph (`cm-deploy export --streaming`: model.stream.onnx,
+model.stream.portable.onnx, or an engine built from model.stream.onnx): the Stream object carries
+the state between chunks for the caller (docs/streaming.md).
+
+    with open_stream("export/model.stream.portable.onnx", batch=1) as s:
+        for chunk in chunks:                       # {"text": (1, T, 768), ...}, any T (1 included)
+            y = s.push(chunk)                      # the prediction over every step so far
+        s.reset()                                  # all-zero state: a new stream
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+
+from ..errors import UserError
+from .specs import LENGTHS_SUFFIX, np_dtype
+
+STATE_PREFIX, NEXT_STATE_PREFIX = "state.", "next_state."
+
+
+class Stream:
+    """Carries a streaming backend's `state.*` inputs from one push to the next (`next_state.*`)."""
+
+    def __init__(self, backend, batch: int = 1):
+        self.backend = backend
+        self.states = [s for s in backend.inputs if s.name.startswith(STATE_PREFIX)]
+        if not self.states:
+            raise UserError(f"{backend.name}: not a streaming graph (no state.* inputs): export with "
+                            "`cm-deploy export --streaming` and open model.stream.onnx / model.stream.portable.onnx")
+        outs = {s.name for s in backend.outputs}
+        missing = [s.name for s in self.states if NEXT_STATE_PREFIX + s.name[len(STATE_PREFIX):] not in outs]
+        if missing or "output" not in outs:
+            raise UserError(f"{backend.name}: streaming graph lacks output(s) "
+                            f"{', '.join(['output'] if 'output' not in outs else [NEXT_STATE_PREFIX + m[len(STATE_PREFIX):] for m in missing])}")
+        self.chunk_inputs = [s.name for s in backend.inputs
+                             if not s.name.startswith(STATE_PREFIX) and not s.name.endswith(LENGTHS_SUFFIX)]
+        self.steps = 0
+        self.reset(batch)
+
+    def reset(self, batch: int | None = None) -> None:
+        """All-zero state (a new stream), for `batch` streams (default: the current batch)."""
+        if batch is not None:
+            if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
+                raise UserError(f"stream batch must be a positive int, got {batch!r}")
+            self.batch = batch
+        self.state = {}
+        for s in self.states:
+            shape = [self.batch] + [d for d in s.shape[1:]]
+            if not all(isinstance(d, int) and d >= 0 for d in shape):
+                raise UserError(f"{self.backend.name}: state {s.name!r} has a dynamic shape {s.shape}")
+            self.state[s.name] = np.zeros(shape, dtype=np_dtype(s.dtype))
+        self.steps = 0
+
+    def push(self, chunk: Mapping, lengths: Mapping | None = None) -> np.ndarray:
+        """Run one chunk ({modality: (batch, T, F)}, one T for all; optional {modality: (batch,)}
+        valid steps in this chunk) and return the prediction over every valid step so far."""
+        if not isinstance(chunk, Mapping):
+            raise UserError(f"stream chunk must be a dict name -> array, got {type(chunk).__name__}")
+        stray = [k for k in chunk if k.startswith(STATE_PREFIX)]
+        if stray:
+            raise UserError(f"stream chunk must not hold state ({stray[0]!r}): the Stream carries it")
+        feeds = dict(chunk)
+        for name, v in (lengths or {}).items():
+            feeds[name if name.endswith(LENGTHS_SUFFIX) else name + LENGTHS_SUFFIX] = v
+        for name in self.chunk_inputs:
+            if name in feeds and np.shape(feeds[name])[0] != self.batch:
+                raise UserError(f"stream chunk {name!r} has batch {np.shape(feeds[name])[0]}, the stream "
+                                f"{self.batch} (reset(batch) to change it)")
+        feeds.update(self.state)
+        out = self.backend.run(feeds)
+        self.state = {s.name: np.asarray(out[NEXT_STATE_PREFIX + s.name[len(STATE_PREFIX):]]) for s in self.states}
+        self.steps += int(np.shape(next(iter(chunk.values())))[1]) if chunk else 0
+        return out["output"]
+
+    def close(self):
+        self.backend.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def open_stream(path, batch: int = 1, **load_kw) -> Stream:
+    """A Stream over the streaming graph or engine at `path` (load() options apply)."""
+    from .backend import load
+    backend = load(path, **load_kw)
+    try:
+        return Stream(backend, batch)
+    except BaseException:
+        backend.close()
+        raise

@@ -1,0 +1,159 @@
+"""Streaming (docs/streaming.md): CoupledMamba.step in chunks of any sizes equals one forward pass,
+in PyTorch (reference and Triton scans) and through the exported streaming graphs in ONNX Runtime
+(model.stream.portable.onnx; model.stream.onnx with the op library), via the runtime's Stream."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from cm_deploy import CoupledMamba, CoupledMambaConfig, save_checkpoint
+from cm_deploy.errors import UserError
+
+MODS = {"text": 5, "audio": 3}
+SPLITS = [[13], [1] * 13, [2] * 6 + [1], [4, 1, 8]]
+
+
+def _model(rule="pad", coupled=True, seed=0):
+    torch.manual_seed(seed)
+    cfg = CoupledMambaConfig(modalities=dict(MODS), d_model=16, n_layers=2, d_state=4, d_conv=3,
+                             length_rule=rule, coupled=coupled)
+    return CoupledMamba(cfg).eval()
+
+
+def _data(L=13, lens=((13, 9), (7, 9)), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    xs = [torch.randn(2, L, f, generator=g) for f in MODS.values()]
+    return xs, [torch.tensor(v) for v in lens]
+
+
+def _chunks(xs, lens, sizes):
+    t0 = 0
+    for T in sizes:
+        yield [x[:, t0:t0 + T] for x in xs], [(ln - t0).clamp(0, T) for ln in lens]
+        t0 += T
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+@pytest.mark.parametrize("rule,coupled", [("pad", True), ("pad", False), ("interpolate", True)])
+def test_step_in_chunks_equals_one_forward(rule, coupled, impl):
+    model = _model(rule, coupled).set_scan_impl(impl)
+    xs, lens = _data()
+    if rule == "interpolate":            # streaming is exact for interpolate when lengths are equal
+        lens = [torch.tensor([13, 13])] * 2
+    with torch.no_grad():
+        whole = model(xs, lengths=lens)
+        for sizes in SPLITS[:3] if impl == "triton" else SPLITS:
+            state = model.initial_state(2)
+            for chunk, cl in _chunks(xs, lens, sizes):
+                y, state = model.step(chunk, state, lengths=cl)
+            torch.testing.assert_close(y, whole, rtol=1e-5, atol=1e-6, msg=f"chunks {sizes}")
+            assert set(state) == set(model.state_specs())
+
+
+def test_step_refuses_bad_state_and_chunks():
+    model = _model()
+    xs, _ = _data()
+    with pytest.raises(ValueError, match="state lacks"):
+        model.step(xs, {})
+    with pytest.raises(ValueError, match=r"must be \(batch, T, 5\)"):
+        model.step([xs[0][..., :4], xs[1]], model.initial_state(2))
+
+
+# ---------------------------------------------------------------------------- exported graphs
+
+ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    from cm_deploy.cli import main
+    d = tmp_path_factory.mktemp("stream")
+    model = _model("pad")
+    ckpt = save_checkpoint(model, d / "ckpt.pt")
+    assert main(["export", str(ckpt), "-o", str(d / "out"), "--streaming"]) == 0
+    return {"model": model.set_scan_impl("reference"), "ckpt": ckpt, "out": d / "out"}
+
+
+def test_export_streaming_writes_both_graphs_and_the_manifest(exported):
+    out = exported["out"]
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["files"]["stream_tensorrt"] == "model.stream.onnx"
+    assert man["files"]["stream_portable"] == "model.stream.portable.onnx"
+    names = [e["name"] for e in man["stream"]["inputs"]]
+    assert names[:4] == ["text", "audio", "text_lengths", "audio_lengths"]
+    assert all(n.startswith("state.") for n in names[4:]) and "state.scan.0" in names and "state.count" in names
+    assert [e["name"] for e in man["stream"]["outputs"]] == ["output"] + ["next_" + n for n in names[4:]]
+    assert man["stream"]["inputs"][0]["shape"] == ["batch", "T", 5]
+    import onnx
+    g = onnx.load(str(out / "model.stream.onnx")).graph
+    scans = [n for n in g.node if n.op_type == "CoupledScan"]
+    assert len(scans) == 2 and all(len(n.input) == 9 and len(n.output) == 2 for n in scans)
+    assert all({a.name: a.i for a in n.attribute if a.name == "has_final_state"} == {"has_final_state": 1}
+               for n in scans)
+
+
+def _stream_files():
+    from cm_deploy.runtime.native import find_library
+    files = ["model.stream.portable.onnx"]
+    if find_library("ort", required=False) is not None:
+        files.append("model.stream.onnx")
+    return files
+
+
+@pytest.mark.parametrize("fname", _stream_files())
+def test_stream_push_in_chunks_equals_whole_sequence(exported, fname):
+    from cm_deploy.runtime import open_stream
+    xs, lens = _data(seed=4)
+    with torch.no_grad():
+        whole = exported["model"](xs, lengths=lens).numpy()
+    with open_stream(exported["out"] / fname, batch=2, device="cpu") as s:
+        for sizes in SPLITS:
+            s.reset()
+            for chunk, cl in _chunks(xs, lens, sizes):
+                y = s.push({n: c.numpy() for n, c in zip(MODS, chunk)},
+                           lengths={n: v.numpy() for n, v in zip(MODS, cl)})
+            np.testing.assert_allclose(y, whole, rtol=1e-4, atol=1e-5, err_msg=f"{fname} chunks {sizes}")
+        # without lengths: every step of every chunk valid
+        s.reset()
+        full, _ = _data(L=6, seed=5)
+        for chunk, _ in _chunks(full, [torch.tensor([6, 6])] * 2, [2, 4]):
+            y = s.push({n: c.numpy() for n, c in zip(MODS, chunk)})
+        with torch.no_grad():
+            np.testing.assert_allclose(y, exported["model"](full).numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_stream_refusals(exported):
+    from cm_deploy.runtime import load, open_stream
+    with pytest.raises(UserError, match="not a streaming graph"):
+        open_stream(exported["out"] / "model.portable.onnx")
+    with open_stream(exported["out"] / "model.stream.portable.onnx", batch=2) as s:
+        chunk = {"text": np.zeros((2, 3, 5), np.float32), "audio": np.zeros((2, 3, 3), np.float32)}
+        with pytest.raises(UserError, match="must not hold state"):
+            s.push({**chunk, "state.count": np.zeros(2, np.float32)})
+        with pytest.raises(UserError, match="has batch 1, the stream 2"):
+            s.push({n: v[:1] for n, v in chunk.items()})
+        with pytest.raises(UserError, match=r"'text_lengths' must hold valid lengths in \[0, 3\]"):
+            s.push(chunk, lengths={"text": np.array([4, 1])})
+    # a state of the wrong shape, given by hand
+    with load(exported["out"] / "model.stream.portable.onnx") as b:
+        feeds = {"text": np.zeros((2, 3, 5), np.float32), "audio": np.zeros((2, 3, 3), np.float32)}
+        feeds.update({s.name: np.zeros([2] + list(s.shape[1:]), np.float32) for s in b.inputs
+                      if s.name.startswith("state.")})
+        feeds["state.scan.0"] = np.zeros((2, 32, 5), np.float32)
+        with pytest.raises(UserError, match="'state.scan.0' axis 2 is 5, expected 4"):
+            b.run(feeds)
+
+
+def test_cli_profile_streaming(exported, capsys):
+    from cm_deploy.cli import main
+    rc = main(["profile", str(exported["out"] / "model.stream.portable.onnx"), "--streaming", "--batch", "1",
+               "--length", "1,4", "--iters", "3", "--warmup", "1", "--json"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    rows = json.loads(out)
+    assert [r["chunk"] for r in rows] == [1, 4] and all(r["streaming"] and r["p50_ms"] > 0 for r in rows)
+    rc = main(["profile", str(exported["out"] / "model.portable.onnx"), "--streaming"])
+    out, err = capsys.readouterr()
+    assert rc == 2 and "not a streaming graph" in err
