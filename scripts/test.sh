@@ -23,10 +23,12 @@ if command -v nvcc >/dev/null 2>&1 || [[ -x /usr/local/cuda/bin/nvcc ]]; then
   bash scripts/build_plugin.sh build/ci          # one architecture (80) unless CUDA_ARCHITECTURES says otherwise
   export CM_DEPLOY_PLUGIN=$PWD/build/ci/plugins/trt_coupled_scan/libcoupled_scan_plugin.so
   export CM_DEPLOY_ORT_OP_LIBRARY=$PWD/build/ci/plugins/ort_coupled_scan/libcoupled_scan_ort.so
+  export CM_DEPLOY_CPP_EXAMPLE=$PWD/build/ci/examples/cpp/cm_infer_ort
 else
   # no CUDA toolkit: the ONNX Runtime library's CPU kernel still builds (no TensorRT plugin, no GPU code)
   echo "SKIPPED: TensorRT plugin build and its C++ tests: nvcc (the CUDA toolkit) is not installed" >&2
   bash scripts/build_plugin.sh build/ci-cpu -DCM_DEPLOY_WITH_CUDA=OFF -DCM_DEPLOY_BUILD_TRT_PLUGIN=OFF
   export CM_DEPLOY_ORT_OP_LIBRARY=$PWD/build/ci-cpu/plugins/ort_coupled_scan/libcoupled_scan_ort.so
+  export CM_DEPLOY_CPP_EXAMPLE=$PWD/build/ci-cpu/examples/cpp/cm_infer_ort
 fi
 python -m pytest -q -ra tests

@@ -536,3 +536,17 @@ def test_float16_graph_honours_lengths(fp16):
         out = sess.run(["output"], _feeds(fp16.config, xs, lens, np.float16))[0]
         assert np.isfinite(out).all(), name
         np.testing.assert_allclose(out.astype(np.float32), alone, rtol=2e-2, atol=2e-2, err_msg=name)
+
+
+def test_portable_runs_in_onnx_reference_evaluator(fp32):
+    """The portable file runs on every conforming runtime, ONNX's own reference evaluator included,
+    and agrees with ONNX Runtime and PyTorch."""
+    from onnx.reference import ReferenceEvaluator
+    ev = ReferenceEvaluator(onnx.load(str(fp32.out / "model.portable.onnx")))
+    xs, lens = _padded(fp32.config, [(5, 3), (2, 4)], (5, 4), seed=2)
+    feeds = _feeds(fp32.config, xs, lens)
+    got = ev.run(["output"], feeds)[0]
+    sess = ort.InferenceSession(str(fp32.out / "model.portable.onnx"), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(got, sess.run(["output"], feeds)[0], rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        np.testing.assert_allclose(got, fp32.model(xs, lengths=lens).numpy(), rtol=1e-4, atol=1e-5)
