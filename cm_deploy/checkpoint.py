@@ -1,20 +1,21 @@
-"""Checkpoints (DESIGN.md section 4): torch.save of a plain dict
-{"format": "cm-deploy/1", "config": <dict>, "state_dict": <tensors>}, loaded with weights_only=True
+"""Checkpoints (docs/design.md): torch.save of a plain dict
+{"format": contract.CHECKPOINT_FORMAT, "config": <dict>, "state_dict": <tensors>}, loaded with weights_only=True
 so that nothing in a user's file is ever unpickled as an arbitrary object."""
 from __future__ import annotations
 
 import os
 import pickle
+import re
 import tempfile
+import warnings
 import zipfile
 from pathlib import Path
 
 import torch
 
 from .config import CoupledMambaConfig
+from .contract import CHECKPOINT_FORMAT as FORMAT
 from .errors import UserError
-
-FORMAT = "cm-deploy/1"
 
 
 def save_checkpoint(model, path, meta: dict | None = None) -> Path:
@@ -42,14 +43,21 @@ def read_checkpoint(path) -> tuple[CoupledMambaConfig, dict, dict]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
+    # torch.save writes a zip archive; anything else (random bytes, text, the legacy format) is not a
+    # checkpoint of ours, and torch's own messages for it would suggest an unsafe way to load it.
+    if not zipfile.is_zipfile(path):
+        raise UserError(f"{path}: not a cm-deploy checkpoint (torch.save writes a zip archive; this is not one)")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():       # torch warns about weights_only before refusing
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:   # weights_only refused a global: not a plain checkpoint
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path}: refused to load (it holds objects other than tensors and plain "
-                        f"data; only cm-deploy checkpoints are accepted): {first}") from None
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = f" (it references {found.group(1)})" if found else ""
+        raise UserError(f"{path}: refused: it holds objects other than tensors and plain data{what}; "
+                        "cm-deploy loads only its own checkpoints (save_checkpoint)") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        raise UserError(f"{path}: not a readable checkpoint (truncated or not a torch file): "
+        raise UserError(f"{path}: not a readable checkpoint (truncated or damaged): "
                         f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         fmt = obj.get("format") if isinstance(obj, dict) else type(obj).__name__

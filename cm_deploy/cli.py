@@ -49,6 +49,9 @@ def _model_options(f):
     f = click.option("--ort-ops", type=click.Path(dir_okay=False), default=None, expose_value=False,
                      callback=_remember, help="CoupledScan ONNX Runtime op library for model.onnx (default: "
                                               "$CM_DEPLOY_ORT_OP_LIBRARY, the package's lib/, build/ folders).")(f)
+    f = click.option("--check-finite/--no-check-finite", default=True, expose_value=False, callback=_remember,
+                     help="Refuse inputs holding NaN/Inf within their valid steps (padding may hold anything).",
+                     show_default=True)(f)
     f = click.option("--backend", type=click.Choice(["ort", "trt", "torch"]), default=None, expose_value=False,
                      callback=_remember, help="Override the backend the file type picks (.engine: trt, .onnx: "
                                               "ort, .pt: torch); trt on an .onnx builds an engine first.")(f)
@@ -63,12 +66,21 @@ def _remember(ctx, param, value):
 def _open(path, plugin=None, device=None, trt_module=None, dtype=None, cuda_graph=False, scan_impl=None):
     from .runtime import load
     meta = click.get_current_context().meta
-    return load(path, plugin=plugin, device=device, trt_module=trt_module, dtype=dtype,
-                cuda_graph=cuda_graph, scan_impl=scan_impl, backend=meta.get("cm_deploy.backend"),
-                ort_ops=meta.get("cm_deploy.ort_ops"))
+    b = load(path, plugin=plugin, device=device, trt_module=trt_module, dtype=dtype,
+             cuda_graph=cuda_graph, scan_impl=scan_impl, backend=meta.get("cm_deploy.backend"),
+             ort_ops=meta.get("cm_deploy.ort_ops"))
+    b.check_finite = meta.get("cm_deploy.check_finite", True)
+    return b
 
 
 def _read_npz(path, specs=None) -> dict:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(6)
+    except OSError as e:
+        raise UserError(f"{path}: cannot read it: {e.strerror or e}") from None
+    if head[:4] != b"PK\x03\x04" and head != b"\x93NUMPY":   # neither a zip (.npz) nor an .npy
+        raise UserError(f"{path}: not an .npz archive (write one with numpy.savez(path, name=array, ...))")
     try:
         z = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as e:
@@ -86,6 +98,9 @@ def _read_npz(path, specs=None) -> dict:
         raise UserError(f"{path}: not a readable .npz archive: {type(e).__name__}: {_die_line(e)}") from None
     if not data:
         raise UserError(f"{path}: the archive holds no arrays")
+    odd = [k for k, v in data.items() if not isinstance(v, np.ndarray)]
+    if odd:     # numpy hands back raw bytes for members that are not .npy arrays
+        raise UserError(f"{path}: not a readable .npz archive: member {odd[0]!r} is not a numpy array")
     if specs:   # bfloat16 is stored as 2-byte void by numpy; give it its type back
         from .runtime.specs import np_dtype
         for s in specs:
@@ -149,7 +164,8 @@ def cli():
               help="Fix a modality's sequence length (repeatable); a bare L fixes every modality.")
 @click.option("--streaming", is_flag=True, help="Also write model.stream.onnx and model.stream.portable.onnx: one "
                                                 "chunk of a stream per call, the state carried by the caller.")
-def export(checkpoint, output, dtype, opset, batch, lengths, streaming):
+@click.option("--quiet", is_flag=True, help="No progress lines (they go to stderr, on a terminal only).")
+def export(checkpoint, output, dtype, opset, batch, lengths, streaming, quiet):
     """Export CHECKPOINT to ONNX: model.onnx (CoupledScan nodes: TensorRT with the plugin, ONNX
     Runtime with the op library), model.portable.onnx (stock ONNX Runtime) and manifest.json."""
     try:
@@ -159,6 +175,10 @@ def export(checkpoint, output, dtype, opset, batch, lengths, streaming):
         raise UserError(f"export needs PyTorch and onnx (missing {missing}): pip install 'cm-deploy[model]'") from None
     ckpt = Path(checkpoint)
     out = Path(output) if output else ckpt.with_name(f"{ckpt.stem}_export")
+    from .contract import FILES, MANIFEST_NAME, STREAM_FILES
+    from .runtime.specs import refuse_overwrite
+    for name in [*FILES.values(), *STREAM_FILES.values(), MANIFEST_NAME]:
+        refuse_overwrite(out / name, ckpt)
     fixed = None
     if lengths:
         fixed = {}
@@ -178,13 +198,14 @@ def export(checkpoint, output, dtype, opset, batch, lengths, streaming):
             config, _, _ = read_checkpoint(ckpt)
             every = fixed.pop("*")
             fixed = {**{m: every for m in config.modalities}, **fixed}
+    from .progress import Progress
     manifest = export_checkpoint(ckpt, out, dtype=dtype, opset=opset, batch=batch, lengths=fixed,
-                                 streaming=streaming)
+                                 streaming=streaming, progress=Progress(quiet))
     files = (manifest or {}).get("files", {})
     click.echo(f"exported {ckpt} -> {out}/")
     for role, name in files.items():
-        click.echo(f"  {role:9s} {out / name}")
-    click.echo(f"  manifest  {out / 'manifest.json'}")
+        click.echo(f"  {role:15s} {out / name}")
+    click.echo(f"  {'manifest':15s} {out / 'manifest.json'}")
 
 
 # ---------------------------------------------------------------------------- build
@@ -223,7 +244,8 @@ def build(onnx, output, precision, batch, lengths, timing_cache, workspace, tf32
     sc = build_engine(onnx, output, plugin=plugin, precision=precision,
                       batch=parse_range(batch, "--batch") if batch else None, length=length, lengths=per or None,
                       timing_cache=timing_cache, workspace_mb=workspace, tf32=tf32, opt_level=opt_level,
-                      trt_module=trt_module, progress=not quiet, verbose=verbose, device=device)
+                      trt_module=trt_module, progress=not quiet and sys.stderr.isatty(), verbose=verbose,
+                      device=device)
     eng = sc["engine"]
     click.echo(f"engine {eng['path']} ({eng['bytes'] / 2**20:.1f} MiB, {sc['precision']}, {sc['typing']}ly typed, "
                f"{sc['tensorrt']['module']} {sc['tensorrt']['version']}, built in {sc['build']['seconds']:.1f} s)")
@@ -243,7 +265,11 @@ def build(onnx, output, precision, batch, lengths, timing_cache, workspace, tf32
                                                  "ORT's CUDA provider).")
 @_model_options
 def run(model, inputs_path, output, dtype, cuda_graph, plugin, device, trt_module):
-    """Run MODEL on the arrays of an .npz archive."""
+    """Run MODEL on the arrays of an .npz archive (np.savez(path, text=..., audio=...); inputs
+    <name>_lengths left out mean full length)."""
+    from .runtime.specs import refuse_overwrite
+    if output:
+        refuse_overwrite(output, model, inputs_path)
     with _open(model, plugin, device, trt_module, dtype, cuda_graph) as m:
         feeds = _read_npz(inputs_path, m.inputs)
         outs = m.run(feeds)
@@ -326,62 +352,22 @@ def parity(checkpoint, model, inputs_path, batch, lengths, atol, rtol, seed, dty
 @click.option("--streaming", is_flag=True, help="MODEL is a streaming graph (model.stream*.onnx): time one chunk "
                                                 "per push with the state carried; --length is the chunk size "
                                                 "[default 1].")
+@click.option("--quiet", is_flag=True, help="No progress lines (they go to stderr, on a terminal only).")
 @_model_options
-def profile(models, batch, lengths, warmup, iters, timer, cuda_graph, dtype, plot_path, as_json, streaming, plugin,
-            device, trt_module):
+def profile(models, batch, lengths, warmup, iters, timer, cuda_graph, dtype, plot_path, as_json, streaming, quiet,
+            plugin, device, trt_module):
     """Latency of one or more MODELs (side by side) over batch sizes and lengths (chunk sizes with
     --streaming)."""
-    from .runtime.backend import model_kind
-    from .runtime.engine import EngineInfo
-    from .runtime.profiling import find_trtexec, plot, run_trtexec, time_backend, time_stream
-    from .runtime.specs import (concrete_shape, parse_int_list, parse_length_options, random_feeds,
-                                shape_grid)
-    from .runtime.trt import find_plugin
+    from .progress import Progress
+    from .runtime.profiling import plot, profile_models
+    from .runtime.specs import parse_int_list, parse_length_options, refuse_overwrite
+    if plot_path:
+        refuse_overwrite(plot_path, *models)
     bs = parse_int_list(batch, "--batch")
     ls = parse_length_options(lengths) if lengths else [1 if streaming else 128]
-    if streaming:
-        if timer == "trtexec":
-            raise UserError("--streaming times chunk after chunk with the built-in timer; trtexec cannot carry state")
-        timer = "builtin"
-    trtexec = find_trtexec() if timer in ("auto", "trtexec") else None
-    if timer == "trtexec" and not trtexec:
-        raise UserError("--timer trtexec: trtexec not found on PATH (or $CM_DEPLOY_TRTEXEC)")
-    results = []
-    for path in models:
-        use_trtexec = trtexec is not None and model_kind(path) == "tensorrt"
-        if timer == "trtexec" and not use_trtexec:
-            raise UserError(f"--timer trtexec profiles engines only, not {path}")
-        backend = EngineInfo(path) if use_trtexec else _open(path, plugin, device, trt_module, dtype, cuda_graph)
-        try:
-            ranges = backend.input_ranges() or {}
-            plugin_path = None
-            if use_trtexec:
-                rec = (backend.plugin or {}).get("path")
-                plugin_path = find_plugin(plugin, recorded=rec, required=bool(backend.plugin))
-            for choice in shape_grid(backend.inputs, bs, ls):
-                row = {"model": backend.name, "path": str(path), "batch": choice.batch, "length": choice.common_length(),
-                       "shape": choice.label()}
-                shapes = {s.name: concrete_shape(s, choice) for s in backend.inputs}
-                outside = [n for n, shp in shapes.items() if n in ranges and
-                           any(not lo <= d <= hi for d, (lo, _, hi) in zip(shp, ranges[n]))]
-                if outside:
-                    row["skipped"] = f"outside the engine profile ({outside[0]})"
-                    results.append(row)
-                    continue
-                if use_trtexec:
-                    row.update(run_trtexec(path, plugin_path, shapes, choice.batch, iterations=iters,
-                                           cuda_graph=cuda_graph, trtexec=trtexec))
-                elif streaming:
-                    from .runtime.stream import Stream
-                    feeds = random_feeds(backend.inputs, choice)
-                    s = Stream(backend, choice.batch)
-                    row.update(time_stream(s, {n: feeds[n] for n in s.chunk_inputs}, warmup=warmup, iters=iters))
-                else:
-                    feeds = random_feeds(backend.inputs, choice)
-                    row.update(time_backend(backend, feeds, warmup=warmup, iters=iters))
-                results.append(row)
-        finally:
-            backend.close()
+    results = profile_models(models, bs, ls, open_model=lambda p: _open(p, plugin, device, trt_module, dtype, cuda_graph),
+                             warmup=warmup, iters=iters, timer=timer, cuda_graph=cuda_graph, streaming=streaming,
+                             plugin=plugin, progress=Progress(quiet))
     timed = [r for r in results if "p50_ms" in r]
     if plot_path and timed:
         x = "batch" if len(bs) > 1 else "length"
@@ -424,26 +410,27 @@ def profile(models, batch, lengths, warmup, iters, timer, cuda_graph, dtype, plo
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 @_model_options
 def inspect(model, as_json, plugin, device, trt_module):
-    """Show MODEL's inputs, outputs, precision and (engines) optimisation profile."""
-    from .runtime.backend import model_kind
-    from .runtime.engine import EngineInfo
-    if model_kind(model) == "tensorrt":
-        b = EngineInfo(model)       # the sidecar: no TensorRT or GPU needed
-    else:
-        b = _open(model, plugin, device, trt_module)
-    with b:
-        d = b.describe()
-        if isinstance(b, EngineInfo):
-            d["built_with"] = {k: b.sidecar.get(k) for k in ("tensorrt", "device", "plugin", "typing", "created")}
+    """Describe MODEL without running it: inputs, outputs, precision; ONNX: opsets, CoupledScan
+    nodes and their attributes, what runs it; engines: the build's profile (from the sidecar)."""
+    from .runtime.describe import describe_file
+    d = describe_file(model)
     if as_json:
         _echo_json(d)
         return
-    click.echo(f"{d['name']}  ({d['kind']}, {d['precision']})")
+    click.echo(f"{d['name']}  ({d['kind']}, {d.get('precision', 'float32')})")
     click.echo(_table([("in", s["name"], s["shape"], s["dtype"]) for s in d["inputs"]] +
                       [("out", s["name"], s["shape"], s["dtype"]) for s in d["outputs"]],
                       ("", "name", "shape", "dtype")))
     for name, p in (d.get("profile") or {}).items():
         click.echo(f"profile {name}: min {p['min']} opt {p['opt']} max {p['max']}")
+    if d["kind"] == "onnx":
+        click.echo(f"opsets {d['opsets']}; {d['nodes']} nodes, {len(d['coupled_scan_nodes'])} CoupledScan")
+        for n in d["coupled_scan_nodes"]:
+            attrs = ", ".join(f"{k}={v}" for k, v in sorted(n["attributes"].items()))
+            click.echo(f"  {n['name']}: {n['inputs']} inputs, {n['outputs']} outputs, {attrs}")
+        click.echo(f"runs on: {d['runs_on']}")
+    if d["kind"] == "checkpoint":
+        click.echo(f"{d['parameters']} parameters; config {json.dumps(d['config'])}")
 
 
 # ---------------------------------------------------------------------------- entry point
@@ -492,8 +479,8 @@ def main(argv=None) -> int:
         if debug:
             import traceback
             traceback.print_exc()
-        click.echo(f"{prog}: internal error: {type(e).__name__}: {_die_line(e)} "
-                   f"(set {DEBUG_ENV}=1 for the traceback)", err=True)
+        click.echo(f"{prog}: internal error (a bug in cm-deploy; please report it with the traceback that "
+                   f"{DEBUG_ENV}=1 prints): {type(e).__name__}: {_die_line(e)}", err=True)
         return _exit(3)
 
 

@@ -1,6 +1,6 @@
 """The demo: train a small Coupled Mamba on synthetic multimodal data, export it, check parity.
 
-    python -m cm_deploy.demo [--out demo_out] [--seconds 60]
+    python -m cm_deploy.demo [--out demo_out] [--steps 240] [--quiet]
 
 The data set is built so that the label depends on how the modalities interact over time and on
 nothing else: three sensors observe three latent signals. In class 1 the signals are coupled (the
@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from . import CoupledMamba, CoupledMambaConfig, save_checkpoint
+from .progress import Progress, silent
 
 MODALITIES = {"text": 16, "audio": 8, "vision": 6}
 
@@ -57,13 +58,15 @@ def make_dataset(n, L=64, lag=5, seed=0):
     return inputs, y
 
 
-def train(config, data, seconds, seed=0, log=print, tag=""):
+def train(config, data, steps, seed=0, progress=silent, tag=""):
+    """`steps` AdamW steps of batch 64 (equal steps for every model compared: equal time would give
+    the slower one fewer under load). Returns (model, validation accuracy, steps, seconds)."""
     torch.manual_seed(seed)
     model = CoupledMamba(config)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     (xtr, ytr), (xva, yva) = data
     n, bs, step, t0 = ytr.shape[0], 64, 0, time.time()
-    while time.time() - t0 < seconds:
+    while step < steps:
         idx = torch.randint(0, n, (bs,))
         loss = F.cross_entropy(model({k: v[idx] for k, v in xtr.items()}), ytr[idx])
         opt.zero_grad()
@@ -71,21 +74,22 @@ def train(config, data, seconds, seed=0, log=print, tag=""):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         step += 1
-        if step % 50 == 0:
-            log(f"  {tag} step {step:4d}  loss {loss.item():.3f}  ({time.time() - t0:.0f}s)")
+        if step % 10 == 0:
+            progress(f"{tag} step {step}/{steps}, loss {loss.item():.3f}")
     model.eval()
     with torch.no_grad():
         acc = (model(xva).argmax(-1) == yva).float().mean().item()
-    return model, acc, step
+    return model, acc, step, time.time() - t0
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="demo_out", help="output folder (ckpt.pt, export/, parity.json)")
-    p.add_argument("--seconds", type=float, default=60.0, help="training time for the coupled model")
-    p.add_argument("--baseline-seconds", type=float, default=None,
-                   help="training time for the independent-chains baseline (default: same; 0 skips)")
+    p.add_argument("--steps", type=int, default=240, help="training steps of the coupled model")
+    p.add_argument("--baseline-steps", type=int, default=None,
+                   help="training steps of the independent-chains baseline (default: the same; 0 skips it)")
     p.add_argument("--no-export", action="store_true", help="stop after training")
+    p.add_argument("--quiet", action="store_true", help="no progress lines (stderr, terminal only)")
     a = p.parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -94,19 +98,22 @@ def main(argv=None):
     data = (make_dataset(4096, seed=1), make_dataset(1024, seed=2))
     cfg = CoupledMambaConfig(modalities=dict(MODALITIES), d_model=32, n_layers=2, d_state=8,
                              num_outputs=2, task="classification")
-    print(f"[1/3] training Coupled Mamba for {a.seconds:.0f}s on the CPU "
+    if a.steps < 1 or (a.baseline_steps is not None and a.baseline_steps < 0):
+        p.error("--steps must be positive and --baseline-steps >= 0")
+    progress = Progress(a.quiet, prefix="demo")
+    print(f"[1/3] training Coupled Mamba for {a.steps} steps on the CPU "
           f"(3 modalities, L=64, d_model 32, 2 layers, N 8)")
-    model, acc, steps = train(cfg, data, a.seconds, tag="coupled")
-    base_s = a.seconds if a.baseline_seconds is None else a.baseline_seconds
-    results = {"coupled": {"val_accuracy": acc, "steps": steps}}
-    if base_s > 0:
-        print(f"      and the same model with independent per-modality chains for {base_s:.0f}s")
+    model, acc, steps, secs = train(cfg, data, a.steps, progress=progress, tag="coupled")
+    base_steps = a.steps if a.baseline_steps is None else a.baseline_steps
+    results = {"coupled": {"val_accuracy": acc, "steps": steps, "seconds": secs}}
+    if base_steps > 0:
+        print(f"      and the same model with independent per-modality chains for {base_steps} steps")
         bcfg = CoupledMambaConfig(**{**cfg.to_dict(), "coupled": False})
-        _, bacc, bsteps = train(bcfg, data, base_s, tag="independent")
-        results["independent"] = {"val_accuracy": bacc, "steps": bsteps}
+        _, bacc, bsteps, bsecs = train(bcfg, data, base_steps, progress=progress, tag="independent")
+        results["independent"] = {"val_accuracy": bacc, "steps": bsteps, "seconds": bsecs}
     print(f"      validation accuracy: coupled {acc:.3f}"
-          + (f", independent chains {results['independent']['val_accuracy']:.3f}" if base_s > 0 else "")
-          + " (chance 0.5)")
+          + (f", independent chains {results['independent']['val_accuracy']:.3f}" if base_steps > 0 else "")
+          + f" (chance 0.5); {secs:.0f} s for the coupled model")
     ckpt = save_checkpoint(model, out / "ckpt.pt", meta={"demo": results})
     print(f"      wrote {ckpt}")
     (out / "train.json").write_text(json.dumps(results, indent=2))
@@ -124,7 +131,7 @@ def main(argv=None):
         return 0
     try:
         print("[2/3] exporting to ONNX (TensorRT graph + portable graph)")
-        manifest = export_checkpoint(ckpt, out / "export")
+        manifest = export_checkpoint(ckpt, out / "export", progress=progress)
         print(f"      wrote {out / 'export'}: model.onnx ({manifest['custom_ops'][0]['count']} CoupledScan "
               "nodes), model.portable.onnx, manifest.json")
         print("[3/3] parity: portable ONNX in ONNX Runtime vs the PyTorch reference")

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .config import CoupledMambaConfig
+from .contract import FLOAT32_PARAMS, normalize_precision
 from .ops import coupled_scan
 
 
@@ -171,6 +172,19 @@ class CoupledMamba(nn.Module):
         self.layers = nn.ModuleList(CoupledLayer(config) for _ in range(config.n_layers))
         self.norm_f = nn.ModuleList(nn.LayerNorm(config.d_model) for _ in self.names)
         self.head = nn.Linear(config.n_modalities * config.d_model, config.num_outputs)
+
+    def to_precision(self, precision: str) -> "CoupledMamba":
+        """Cast in place for inference at `precision` (float32, float16, bfloat16): the one dtype
+        policy of every backend and export. contract.FLOAT32_PARAMS stay float32 (they feed the
+        scan's float32 inputs A, D, delta_bias); the rest takes the precision. Returns self."""
+        dtype = {"float32": torch.float32, "float16": torch.float16,
+                 "bfloat16": torch.bfloat16}[normalize_precision(precision)]
+        keep = {k: p.detach().float().clone() for k, p in self.named_parameters() if k.endswith(FLOAT32_PARAMS)}
+        self.to(dtype)
+        params = dict(self.named_parameters())
+        for k, v in keep.items():
+            params[k].data = v
+        return self
 
     def set_scan_impl(self, impl: str) -> "CoupledMamba":
         """Choose the CoupledScan implementation of every layer ("auto", "reference", "triton", "onnx")."""

@@ -82,7 +82,8 @@ def test_internal_error_is_one_line_exit_3(capsys, monkeypatch, art, npz):
     monkeypatch.setattr(ob.OrtBackend, "_run", boom)
     rc, _, err = cli(capsys, "run", art["portable"], "--inputs", npz())
     assert rc == 3
-    assert_one_line_error(err, "internal error: ZeroDivisionError: bug (set CM_DEPLOY_DEBUG=1")
+    line = assert_one_line_error(err, "internal error (a bug in cm-deploy; please report it")
+    assert "CM_DEPLOY_DEBUG=1" in line and "ZeroDivisionError: bug" in line
     monkeypatch.setenv("CM_DEPLOY_DEBUG", "1")
     rc, _, err = cli(capsys, "run", art["portable"], "--inputs", npz())
     assert rc == 3 and "Traceback" in err
@@ -109,13 +110,13 @@ def test_export_options(capsys, monkeypatch, art, tmp_path):
     monkeypatch.setattr(ex, "export_checkpoint", fake_export)
     rc, out, _ = cli(capsys, "export", art["a"])
     assert rc == 0 and calls[-1][1] == art["a"].with_name("a_export")
-    assert calls[-1][2] == {"dtype": "float32", "opset": None, "batch": None, "lengths": None}
+    assert calls[-1][2] == {"dtype": "float32", "opset": None, "batch": None, "lengths": None, "streaming": False}
     rc, _, _ = cli(capsys, "export", art["a"], "-o", tmp_path / "o", "--dtype", "float16", "--opset", "18",
-                   "--batch", "2", "--length", "32", "--length", "text=8")
+                   "--batch", "2", "--length", "32", "--length", "text=8", "--streaming")
     assert rc == 0
     assert calls[-1][1] == tmp_path / "o"
     assert calls[-1][2] == {"dtype": "float16", "opset": 18, "batch": 2,
-                            "lengths": {"text": 8, "audio": 32, "vision": 32}}
+                            "lengths": {"text": 8, "audio": 32, "vision": 32}, "streaming": True}
     rc, _, err = cli(capsys, "export", art["a"], "--length", "text=abc")
     assert rc == 2
     assert_one_line_error(err, "--length: expected NAME=L or L")

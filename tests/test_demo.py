@@ -5,8 +5,8 @@ import sys
 
 
 def test_demo_end_to_end(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "cm_deploy.demo", "--out", str(tmp_path), "--seconds", "3",
-                        "--baseline-seconds", "0"], capture_output=True, text=True, timeout=900)
+    r = subprocess.run([sys.executable, "-m", "cm_deploy.demo", "--out", str(tmp_path), "--steps", "8",
+                        "--baseline-steps", "0"], capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert (tmp_path / "ckpt.pt").is_file()
     assert {p.name for p in (tmp_path / "export").iterdir()} == {"model.onnx", "model.portable.onnx", "manifest.json"}

@@ -1,7 +1,7 @@
-"""ONNX export (DESIGN.md sections 3-5).
+"""ONNX export (docs/design.md). The names and files of the contract live in cm_deploy.contract.
 
-`export_checkpoint(ckpt, out_dir, dtype=..., opset=..., batch=..., lengths=...)` writes, all or
-nothing:
+`export_checkpoint(ckpt, out_dir, dtype=..., opset=..., batch=..., lengths=..., streaming=...)`
+writes, all or nothing:
 
     DIR/model.onnx           for TensorRT: one cm_deploy::CoupledScan node per layer (per modality
                              and layer for the coupled=False ablation), no function body, so that
@@ -11,20 +11,21 @@ nothing:
     DIR/model.portable.onnx  the same graph plus CoupledScan as a model-local ONNX function of
                              standard ops (a Scan over time): stock ONNX Runtime, no custom library
     DIR/manifest.json        format "cm-deploy-manifest/1": I/O names, shapes, dtypes, dynamic axes
+    DIR/model.stream*.onnx   with streaming=True: one chunk per call, state in and out (docs/streaming.md)
 
-Inputs are named after the modalities, (batch, L_m, F_m), the output "output", (batch, num_outputs);
-batch and every L_m are dynamic unless fixed. I/O and activations are in `dtype`; A, D and
+Inputs are named after the modalities, (batch, L_m, F_m), then one <name>_lengths (int64, (batch,))
+per modality (docs/lengths.md); the output "output", (batch, num_outputs); batch and every L_m are
+dynamic unless fixed. I/O and activations are in `dtype`; A, D and
 delta_bias stay float32, and the portable scan computes in float32 whatever the dtype.
 
 What runs where (checked here with ONNX Runtime 1.30 and 1.32, CPU provider):
-    float32   model.portable.onnx runs on ORT CPU (and any ORT); model.onnx needs the plugin.
+    float32   model.portable.onnx runs on ORT CPU (and any ORT); model.onnx needs the plugin
+              (TensorRT) or the op library (ONNX Runtime).
     float16   model.portable.onnx runs on ORT CPU too (its fp16 kernels cover this graph).
     bfloat16  opset 22 or newer (Conv has no bfloat16 before); ORT CPU has no bfloat16 MatMul, so
               the portable file is for GPU providers or TensorRT; model.onnx needs the plugin.
 """
-from .exporter import (DEFAULT_OPSET, DTYPES, FILES, MANIFEST_FORMAT, MANIFEST_NAME, OUTPUT_NAME,
-                       build_onnx, export_checkpoint)
+from .exporter import DEFAULT_OPSET, DTYPES, build_onnx, export_checkpoint
 from .portable import coupled_scan_function, make_portable
 
-__all__ = ["export_checkpoint", "build_onnx", "make_portable", "coupled_scan_function", "DTYPES",
-           "DEFAULT_OPSET", "FILES", "MANIFEST_FORMAT", "MANIFEST_NAME", "OUTPUT_NAME"]
+__all__ = ["export_checkpoint", "build_onnx", "make_portable", "coupled_scan_function", "DTYPES", "DEFAULT_OPSET"]

@@ -27,41 +27,23 @@ import torch.nn as nn
 
 from .. import __version__
 from ..checkpoint import load_checkpoint
+from ..contract import (BATCH_DIM, CHUNK_DIM, DOMAIN, DOMAIN_VERSION, FILES, MANIFEST_FORMAT, MANIFEST_NAME,
+                        MAX_MODALITIES, MAX_STATES, NEXT_STATE_PREFIX, OP_TYPE, OUTPUT_NAME, PLUGIN_VERSION,
+                        STATE_PREFIX, STREAM_FILES, input_names as _graph_inputs, length_dim)
 from ..errors import UserError
+from ..progress import silent
 from .portable import make_portable
-from .symbolic import DOMAIN, DOMAIN_VERSION, OP_TYPE
 
-MANIFEST_FORMAT = "cm-deploy-manifest/1"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # 18: the exporter's native opset (no version conversion) and what TensorRT 10 / TensorRT-RTX and
 # ONNX Runtime >= 1.14 all read. bfloat16 needs 22: Conv has no bfloat16 before it.
 DEFAULT_OPSET = 18
 MIN_OPSET = {"float32": 18, "float16": 18, "bfloat16": 22}
-OUTPUT_NAME = "output"
-FILES = {"tensorrt": "model.onnx", "portable": "model.portable.onnx"}
-# `export --streaming` adds (docs/streaming.md)
-STREAM_FILES = {"stream_tensorrt": "model.stream.onnx", "stream_portable": "model.stream.portable.onnx"}
-CHUNK_DIM = "T"
-STATE_PREFIX, NEXT_STATE_PREFIX = "state.", "next_state."
-MANIFEST_NAME = "manifest.json"
-PLUGIN_NAME, PLUGIN_VERSION = "CoupledScan", "1"
-BATCH_DIM = "batch"
-# Weights that DESIGN.md section 3 keeps in float32 whatever the activation dtype (A, D, delta_bias).
-_FP32_PARAMS = ("A_log", "D", "dt_proj.bias")
-
-
-def length_dim(modality: str) -> str:
-    return f"L_{modality}"
-
-
-def lengths_input(modality: str) -> str:
-    """Graph input of a modality's per-sample valid lengths: int64 (batch,)."""
-    return f"{modality}_lengths"
 
 
 def input_names(config) -> list:
     """The graph's inputs in order: the modalities, then one lengths input per modality."""
-    return list(config.modalities) + [lengths_input(n) for n in config.modalities]
+    return _graph_inputs(config.modalities)
 
 
 class _Streaming(nn.Module):
@@ -117,6 +99,10 @@ def _check_options(config, dtype, opset, batch, lengths):
             raise UserError(f"lengths: unknown modality {name!r} (the model has {list(config.modalities)})")
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise UserError(f"lengths[{name!r}] must be a positive int, got {n!r}")
+    if config.d_state > MAX_STATES or config.n_modalities > MAX_MODALITIES:
+        raise UserError(f"the exported CoupledScan's kernels take d_state <= {MAX_STATES} and at most "
+                        f"{MAX_MODALITIES} modalities; this model has d_state {config.d_state} and "
+                        f"{config.n_modalities} modalities")
     names = input_names(config)
     if OUTPUT_NAME in names or len(set(names)) != len(names):
         raise UserError(f"modality names {list(config.modalities)} clash with the graph's other names "
@@ -128,15 +114,8 @@ def _check_options(config, dtype, opset, batch, lengths):
 # torch -> ONNX
 
 def _prepare(model, dtype):
-    """A copy of `model` in `dtype` (A_log, D and the dt bias stay float32) with the ONNX scan."""
-    model = copy.deepcopy(model).eval()
-    keep = {k: p.detach().float().clone() for k, p in model.named_parameters()
-            if k.endswith(_FP32_PARAMS)}
-    model.to(DTYPES[dtype])
-    params = dict(model.named_parameters())
-    for k, v in keep.items():
-        params[k].data = v
-    return model.set_scan_impl("onnx")
+    """A copy of `model` at `dtype` (the model's one precision policy) with the ONNX scan."""
+    return copy.deepcopy(model).eval().to_precision(dtype).set_scan_impl("onnx")
 
 
 def _example_inputs(config, dtype, batch, lengths):
@@ -331,7 +310,7 @@ def _manifest(proto, config, dtype, info, checkpoint, stream=None):
         "files": dict(FILES, **(STREAM_FILES if stream is not None else {})),
         **io,
         "custom_ops": [{"domain": DOMAIN, "op_type": OP_TYPE, "count": info["count"],
-                        "plugin_name": PLUGIN_NAME, "plugin_version": PLUGIN_VERSION}],
+                        "plugin_name": OP_TYPE, "plugin_version": PLUGIN_VERSION}],
         "torch_version": torch.__version__,
         "onnx_version": onnx.__version__,
     }
@@ -392,7 +371,7 @@ def _save(proto, path: Path):
 
 
 def export_checkpoint(ckpt_path, out_dir, *, dtype="float32", opset=None, batch=None,
-                      lengths=None, streaming=False) -> dict:
+                      lengths=None, streaming=False, progress=silent) -> dict:
     """Export a cm-deploy checkpoint to `out_dir` and return the manifest (also written there).
 
     dtype: "float32", "float16" or "bfloat16" for the graph's inputs, output and activations (A, D,
@@ -402,11 +381,13 @@ def export_checkpoint(ckpt_path, out_dir, *, dtype="float32", opset=None, batch=
     lengths: {modality: int} fixes those modalities' sequence lengths; the others stay dynamic
         ("L_<modality>").
     streaming: also DIR/model.stream.onnx and DIR/model.stream.portable.onnx (docs/streaming.md).
+    progress: called with a short message before each step that can take seconds.
     Writes DIR/model.onnx, DIR/model.portable.onnx and DIR/manifest.json; all or nothing. Bad
     input (checkpoint, options, output folder) raises cm_deploy.errors.UserError.
     """
     ckpt_path = Path(ckpt_path)
     out_dir = Path(out_dir)
+    progress(f"loading {ckpt_path}")
     try:
         model = load_checkpoint(ckpt_path)
     except RuntimeError as e:   # load_state_dict: a tensor whose shape does not fit the config
@@ -417,12 +398,15 @@ def export_checkpoint(ckpt_path, out_dir, *, dtype="float32", opset=None, batch=
     checkpoint = {"path": str(ckpt_path.resolve()), "sha256": _sha256(ckpt_path)}
     staging = _Staging(out_dir)
     try:
+        progress(f"tracing the model into {FILES['tensorrt']} and {FILES['portable']} (torch.export)")
         trt, portable, info = build_onnx(model, dtype=dtype, opset=opset, batch=batch, lengths=lengths)
         graphs = {FILES["tensorrt"]: trt, FILES["portable"]: portable}
         stream = None
         if streaming:
+            progress("tracing the streaming graphs")
             stream, stream_portable, _ = build_onnx(model, dtype=dtype, opset=opset, batch=batch, streaming=True)
             graphs.update({STREAM_FILES["stream_tensorrt"]: stream, STREAM_FILES["stream_portable"]: stream_portable})
+        progress(f"writing {out_dir}")
         manifest = _manifest(trt, model.config, dtype, info, checkpoint, stream=stream)
         try:
             for name, proto in graphs.items():

@@ -19,7 +19,7 @@ from __future__ import annotations
 import onnx
 from onnx import AttributeProto, TensorProto, helper
 
-from .symbolic import DOMAIN, OP_TYPE
+from ..contract import DOMAIN, INPUT_NAMES, OP_TYPE, OUTPUT_NAMES, STATE_INPUT
 
 FLOAT = TensorProto.FLOAT
 
@@ -116,8 +116,8 @@ def coupled_scan_function(opset: int, stateful: bool = False) -> onnx.FunctionPr
     by_out["kappa"].attribute.append(_ref_attr("value_float", "coupling_scale", AttributeProto.FLOAT))
     return helper.make_function(
         DOMAIN, OP_TYPE,
-        inputs=["u", "delta", "A", "B", "C", "D", "z", "delta_bias"] + (["initial_state"] if stateful else []),
-        outputs=["y"] + (["final_state"] if stateful else []),
+        inputs=list(INPUT_NAMES) + ([STATE_INPUT] if stateful else []),
+        outputs=list(OUTPUT_NAMES[:2 if stateful else 1]),
         nodes=nodes,
         opset_imports=[helper.make_opsetid("", opset)],
         # has_final_state is declared for the TensorRT plugin's sake; the body's outputs are fixed

@@ -90,7 +90,7 @@ def coupled_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, *, delta_so
     if impl == "auto":
         impl = "triton" if (u.is_cuda and triton_available(u.device)) else "reference"
     if impl == "onnx":   # one cm_deploy::CoupledScan node under torch.onnx.export, else the reference
-        from ..export.symbolic import coupled_scan_onnx
+        from .onnx_node import coupled_scan_onnx
         return coupled_scan_onnx(u, delta, A, B, C, D, z, delta_bias, **kwargs)
     if impl == "triton":
         if not triton_available(u.device):

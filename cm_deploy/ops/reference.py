@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..contract import coupling_scale as _kappa
+
 
 def coupled_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None, *,
                            delta_softplus=False, coupling_scale=None, initial_state=None,
@@ -18,7 +20,7 @@ def coupled_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None, *
     out_dtype = u.dtype
     batch, M, L, E = u.shape
     N = A.shape[-1]
-    kappa = 1.0 / M if coupling_scale is None else float(coupling_scale)
+    kappa = _kappa(coupling_scale, M)
 
     u32, dt = u.float(), delta.float()
     if delta_bias is not None:

@@ -55,6 +55,8 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
+from ..contract import coupling_scale as _kappa
+
 __all__ = ["coupled_scan_triton", "tuning"]
 
 _LOG2E = tl.constexpr(1.4426950408889634)
@@ -1082,7 +1084,7 @@ def coupled_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, *,
     `coupled_scan_reference` (float32 state math, y in u's dtype, final_state float32).
     Differentiable in every tensor argument (first-order)."""
     batch, M, L, E = u.shape
-    kappa = 1.0 / M if coupling_scale is None else float(coupling_scale)
+    kappa = _kappa(coupling_scale, M)
     if L == 0:
         # Nothing to scan: y is empty and final_state is initial_state; the reference does that.
         from .reference import coupled_scan_reference

@@ -17,7 +17,7 @@ __all__ = ["load", "Backend", "TensorSpec", "ShapeChoice", "Engine", "EngineInfo
            "Stream", "open_stream", "time_stream"]
 
 _LAZY = {
-    "load": ".backend", "Backend": ".backend", "model_kind": ".backend",
+    "load": ".loader", "Backend": ".backend", "model_kind": ".backend",
     "TensorSpec": ".specs", "ShapeChoice": ".specs",
     "Engine": ".engine", "EngineInfo": ".engine",
     "OrtBackend": ".ort_backend", "TorchBackend": ".torch_backend",

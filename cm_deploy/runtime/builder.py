@@ -22,8 +22,10 @@ import time
 from pathlib import Path
 
 from .. import __version__
+from ..contract import OP_TYPE, precision_of
 from ..errors import UserError
-from .specs import manifest_for, normalize_precision
+from ..contract import normalize_precision
+from .specs import manifest_for, refuse_overwrite
 from .trt import (atomic_write, find_plugin, import_tensorrt, load_plugin, make_logger, now_iso,
                   sha256_file, sidecar_path, SIDECAR_FORMAT, trt_dtype_name, trt_version)
 
@@ -155,7 +157,7 @@ def _parse(trt, builder, logger, onnx_path: Path, flags: int):
             errs.append(" ".join(str(e.desc() if hasattr(e, "desc") else e).split()))
         msg = errs[0] if errs else logger.last_error("unknown parser error")
         hint = ""
-        if "CoupledScan" in msg or "plugin" in msg.lower():
+        if OP_TYPE in msg or "plugin" in msg.lower():
             hint = " (is the CoupledScan plugin library the right one? --plugin PATH)"
         raise UserError(f"TensorRT cannot parse {onnx_path}: {msg}{hint}")
     return network, parser
@@ -187,13 +189,14 @@ def build_engine(onnx, output=None, *, plugin=None, precision=None, batch=None, 
     manifest = manifest_for(onnx_path)
     precision = normalize_precision(precision)
     out = Path(output) if output else onnx_path.with_suffix(".engine")
+    refuse_overwrite(out, onnx_path, timing_cache, plugin)
 
     if manifest:   # the export says which file carries CoupledScan plugin nodes
         needs_plugin = not manifest.get("_role", "tensorrt").endswith("portable")
         wants_plugin = needs_plugin
     else:          # a file of unknown origin: load the plugin when one is around and the op is named
         needs_plugin = False
-        wants_plugin = b"CoupledScan" in onnx_path.read_bytes()
+        wants_plugin = OP_TYPE.encode() in onnx_path.read_bytes()
     plugin_path = find_plugin(plugin, required=needs_plugin) if (wants_plugin or plugin) else None
 
     trt = import_tensorrt(trt_module)
@@ -216,9 +219,7 @@ def build_engine(onnx, output=None, *, plugin=None, precision=None, batch=None, 
     strong = strong_flag is not None
     network, parser = _parse(trt, builder, logger, onnx_path, (1 << int(strong_flag)) if strong else 0)
     net_inputs = [network.get_input(i) for i in range(network.num_inputs)]
-    floats = [trt_dtype_name(t.dtype) for t in net_inputs
-              if trt_dtype_name(t.dtype) in ("float32", "float16", "bfloat16")]
-    file_dtype = (manifest or {}).get("dtype") or (floats[0] if floats else "float32")
+    file_dtype = (manifest or {}).get("dtype") or precision_of(trt_dtype_name(t.dtype) for t in net_inputs)
     precision = precision or file_dtype
     precision_flag = None
     if precision != file_dtype:

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..contract import precision_of
 from ..errors import UserError
 from . import cuda as cu
 from .backend import Backend
@@ -131,8 +132,7 @@ class Engine(Backend):
                 self._ranges[name] = [(int(a), int(b), int(c)) for a, b, c in zip(mn, op, mx)]
             else:
                 self.outputs.append(spec)
-        floats = [s.dtype for s in self.inputs if s.dtype in ("float32", "float16", "bfloat16")]
-        self.precision = self.sidecar.get("precision") or (floats[0] if floats else "float32")
+        self.precision = self.sidecar.get("precision") or precision_of(s.dtype for s in self.inputs)
         self.config = (self.sidecar.get("manifest") or {}).get("config")
         self.name = f"tensorrt:{self.path.name}"
 

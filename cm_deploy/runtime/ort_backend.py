@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..contract import DOMAIN, OP_TYPE, precision_of
 from ..errors import UserError
 from .backend import Backend
 from .native import LIBRARIES, find_library
@@ -90,7 +91,7 @@ class OrtBackend(Backend):
             self.session = ort.InferenceSession(str(self.path), sess_options=opts, providers=providers)
         except Exception as e:
             msg = _one_line(e)
-            if ("CoupledScan" in msg or "cm_deploy" in msg) and self.ort_ops is None:
+            if (OP_TYPE in msg or DOMAIN in msg) and self.ort_ops is None:
                 hint = ""
                 role = (self.manifest or {}).get("_role", "tensorrt")
                 portable = (self.manifest or {}).get("files", {}).get(role.replace("tensorrt", "portable"))
@@ -107,8 +108,7 @@ class OrtBackend(Backend):
         self.outputs = [self._spec(a, "outputs") for a in self.session.get_outputs()]
         m = self.manifest or {}
         self.config = m.get("config")
-        floats = [s.dtype for s in self.inputs if s.dtype in ("float32", "float16", "bfloat16")]
-        self.precision = m.get("dtype") or (floats[0] if floats else "float32")
+        self.precision = m.get("dtype") or precision_of(s.dtype for s in self.inputs)
         ep = "CUDA" if self.on_cuda else "CPU"
         self.name = f"onnxruntime[{ep}{'+graph' if self.cuda_graph else ''}]:{self.path.name}"
 

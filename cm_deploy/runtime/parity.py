@@ -45,17 +45,21 @@ def compare(ref: np.ndarray, got, atol: float, rtol: float) -> dict:
                 "max_abs": math.inf, "max_rel": math.inf, "score": math.inf}
     r = np.asarray(ref, dtype=np.float64)
     g = got.astype(np.float64)
-    bad = np.isfinite(r) & ~np.isfinite(g)
-    d = np.abs(g - r)
+    # a non-finite value equal on both sides (NaN and NaN, +inf and +inf) agrees; one side only does not
+    same = (np.isnan(r) & np.isnan(g)) | (np.isinf(r) & (r == g))
+    bad = ~same & ~(np.isfinite(r) & np.isfinite(g))
+    with np.errstate(invalid="ignore"):
+        d = np.where(same, 0.0, np.abs(g - r))
     d = np.where(np.isfinite(d), d, np.inf)
     if d.size == 0:
         return {"ok": True, "max_abs": 0.0, "max_rel": 0.0, "score": 0.0}
     max_abs = float(d.max())
-    max_rel = float((d / np.maximum(np.abs(r), atol)).max())
-    score = float((d / (atol + rtol * np.abs(r))).max())
+    ra = np.where(np.isfinite(r), np.abs(r), 0.0)
+    max_rel = float((d / np.maximum(ra, atol)).max())
+    score = float((d / (atol + rtol * ra)).max())
     out = {"ok": bool(score <= 1.0 and not bad.any()), "max_abs": max_abs, "max_rel": max_rel, "score": score}
     if bad.any():
-        out["error"] = f"{int(bad.sum())} non-finite value(s)"
+        out["error"] = f"{int(bad.sum())} non-finite value(s) where the other side differs"
     return out
 
 

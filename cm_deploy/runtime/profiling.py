@@ -76,6 +76,62 @@ def time_stream(stream, chunk, warmup: int = 10, iters: int = 100) -> dict:
     return out
 
 
+def profile_models(models, batches, lengths, *, open_model, warmup: int = 10, iters: int = 50, timer: str = "auto",
+                   cuda_graph: bool = False, streaming: bool = False, plugin=None, progress=None) -> list[dict]:
+    """Latency of every model over the grid batches x lengths (chunk sizes when streaming), one row
+    per (model, shape): trtexec for engines when timer allows and it is found, else the built-in
+    timer; shapes outside an engine's profile are rows with "skipped". open_model(path) -> Backend."""
+    from .backend import model_kind
+    from .engine import EngineInfo
+    from .specs import concrete_shape, random_feeds, shape_grid
+    from .stream import Stream
+    from .trt import find_plugin
+    if streaming:
+        if timer == "trtexec":
+            raise UserError("--streaming times chunk after chunk with the built-in timer; trtexec cannot carry state")
+        timer = "builtin"
+    trtexec = find_trtexec() if timer in ("auto", "trtexec") else None
+    if timer == "trtexec" and not trtexec:
+        raise UserError("--timer trtexec: trtexec not found on PATH (or $CM_DEPLOY_TRTEXEC)")
+    results = []
+    for path in models:
+        use_trtexec = trtexec is not None and model_kind(path) == "tensorrt"
+        if timer == "trtexec" and not use_trtexec:
+            raise UserError(f"--timer trtexec profiles engines only, not {path}")
+        backend = EngineInfo(path) if use_trtexec else open_model(path)
+        try:
+            ranges = backend.input_ranges() or {}
+            plugin_path = None
+            if use_trtexec:
+                rec = (backend.plugin or {}).get("path")
+                plugin_path = find_plugin(plugin, recorded=rec, required=bool(backend.plugin))
+            stream = Stream(backend) if streaming else None
+            for choice in shape_grid(backend.inputs, batches, lengths):
+                row = {"model": backend.name, "path": str(path), "batch": choice.batch, "length": choice.common_length(),
+                       "shape": choice.label()}
+                if progress is not None:
+                    progress(f"timing {backend.name} at {choice.label()}")
+                shapes = {s.name: concrete_shape(s, choice) for s in backend.inputs}
+                outside = [n for n, shp in shapes.items() if n in ranges and
+                           any(not lo <= d <= hi for d, (lo, _, hi) in zip(shp, ranges[n]))]
+                if outside:
+                    row["skipped"] = f"outside the engine profile ({outside[0]})"
+                elif use_trtexec:
+                    row.update(run_trtexec(path, plugin_path, shapes, choice.batch, iterations=iters,
+                                           cuda_graph=cuda_graph, trtexec=trtexec))
+                elif stream is not None:
+                    feeds = random_feeds(backend.inputs, choice)
+                    stream.reset(choice.batch)
+                    row.update(time_stream(stream, {n: feeds[n] for n in stream.chunk_inputs}, warmup=warmup,
+                                           iters=iters))
+                else:
+                    row.update(time_backend(backend, random_feeds(backend.inputs, choice), warmup=warmup, iters=iters))
+                results.append(row)
+        finally:
+            backend.close()
+    return results
+
+
 # ---------------------------------------------------------------------------- trtexec
 
 def find_trtexec() -> str | None:

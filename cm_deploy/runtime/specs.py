@@ -19,22 +19,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from ..contract import LENGTHS_SUFFIX, MANIFEST_FORMAT
 from ..errors import UserError
-
-MANIFEST_FORMAT = "cm-deploy-manifest/1"
-PRECISIONS = ("float32", "float16", "bfloat16")
-_PRECISION_ALIASES = {"fp32": "float32", "float": "float32", "float32": "float32", "f32": "float32",
-                      "fp16": "float16", "half": "float16", "float16": "float16", "f16": "float16",
-                      "bf16": "bfloat16", "bfloat16": "bfloat16"}
-
-
-def normalize_precision(p: str | None) -> str | None:
-    if p is None:
-        return None
-    key = str(p).strip().lower()
-    if key not in _PRECISION_ALIASES:
-        raise UserError(f"unknown precision {p!r}: use float32, float16 or bfloat16 (fp32/fp16/bf16)")
-    return _PRECISION_ALIASES[key]
 
 
 def np_dtype(name: str) -> np.dtype:
@@ -287,7 +273,53 @@ def concrete_shape(spec: TensorSpec, choice: ShapeChoice) -> tuple:
     return tuple(shape)
 
 
-LENGTHS_SUFFIX = "_lengths"
+def refuse_overwrite(output, *inputs) -> None:
+    """UserError when writing `output` would replace one of a command's own `inputs` (same file,
+    whatever the spelling of the path)."""
+    out = Path(output)
+    for i in inputs:
+        if i is None:
+            continue
+        p = Path(i)
+        same = out.resolve() == p.resolve()
+        if not same and out.exists() and p.exists():
+            try:
+                same = out.samefile(p)
+            except OSError:
+                same = False
+        if same:
+            raise UserError(f"refusing to write {out}: it is an input of this command ({p})")
+
+
+def check_nonempty(where: str, specs: Sequence[TensorSpec], infos: Mapping) -> None:
+    """Every sequence input has at least one step and the batch at least one sample."""
+    seq = set(length_inputs(specs))
+    for s in specs:
+        shape = infos[s.name].shape
+        if shape and shape[0] == 0:
+            raise UserError(f"{where}: input {s.name!r} has batch 0: nothing to run")
+        if s.name in seq and shape[1] == 0:
+            raise UserError(f"{where}: input {s.name!r} has 0 steps; every sequence needs at least one "
+                            f"(an empty sample is one with {s.name}{LENGTHS_SUFFIX} = 0)")
+
+
+def check_finite(where: str, specs: Sequence[TensorSpec], feeds: Mapping, infos: Mapping) -> None:
+    """Float host inputs hold no NaN/Inf within their valid steps (padding past a sample's
+    <name>_lengths may hold anything). UserError (one line) naming the first bad element."""
+    lens = {m: k for k, m in lengths_inputs(specs).items()}
+    for s in specs:
+        if infos[s.name].on_device or np_dtype(s.dtype).kind not in "fV":
+            continue
+        a = np.asarray(feeds[s.name])
+        a = a.astype(np.float32) if a.dtype.kind == "V" or a.dtype.name == "bfloat16" else a
+        bad = ~np.isfinite(a)
+        if s.name in lens and lens[s.name] in feeds and a.ndim >= 2:
+            valid = np.arange(a.shape[1])[None, :] < np.asarray(feeds[lens[s.name]]).reshape(-1, 1)
+            bad &= valid.reshape(valid.shape + (1,) * (a.ndim - 2))
+        if bad.any():
+            idx = tuple(int(i) for i in np.argwhere(bad)[0])
+            raise UserError(f"{where}: input {s.name!r} holds {int(bad.sum())} NaN/Inf value(s) within its valid "
+                            f"steps, the first at {idx} (pass --no-check-finite to run anyway)")
 
 
 def lengths_inputs(specs: Sequence[TensorSpec]) -> dict[str, str]:

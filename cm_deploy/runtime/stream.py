@@ -14,9 +14,8 @@ from typing import Mapping
 import numpy as np
 
 from ..errors import UserError
-from .specs import LENGTHS_SUFFIX, np_dtype
-
-STATE_PREFIX, NEXT_STATE_PREFIX = "state.", "next_state."
+from ..contract import LENGTHS_SUFFIX, NEXT_STATE_PREFIX, OUTPUT_NAME, STATE_PREFIX
+from .specs import np_dtype
 
 
 class Stream:
@@ -30,9 +29,9 @@ class Stream:
                             "`cm-deploy export --streaming` and open model.stream.onnx / model.stream.portable.onnx")
         outs = {s.name for s in backend.outputs}
         missing = [s.name for s in self.states if NEXT_STATE_PREFIX + s.name[len(STATE_PREFIX):] not in outs]
-        if missing or "output" not in outs:
-            raise UserError(f"{backend.name}: streaming graph lacks output(s) "
-                            f"{', '.join(['output'] if 'output' not in outs else [NEXT_STATE_PREFIX + m[len(STATE_PREFIX):] for m in missing])}")
+        if missing or OUTPUT_NAME not in outs:
+            lack = [OUTPUT_NAME] if OUTPUT_NAME not in outs else [NEXT_STATE_PREFIX + m[len(STATE_PREFIX):] for m in missing]
+            raise UserError(f"{backend.name}: streaming graph lacks output(s) {', '.join(lack)}")
         self.chunk_inputs = [s.name for s in backend.inputs
                              if not s.name.startswith(STATE_PREFIX) and not s.name.endswith(LENGTHS_SUFFIX)]
         self.steps = 0
@@ -71,7 +70,7 @@ class Stream:
         out = self.backend.run(feeds)
         self.state = {s.name: np.asarray(out[NEXT_STATE_PREFIX + s.name[len(STATE_PREFIX):]]) for s in self.states}
         self.steps += int(np.shape(next(iter(chunk.values())))[1]) if chunk else 0
-        return out["output"]
+        return out[OUTPUT_NAME]
 
     def close(self):
         self.backend.close()
@@ -85,7 +84,7 @@ class Stream:
 
 def open_stream(path, batch: int = 1, **load_kw) -> Stream:
     """A Stream over the streaming graph or engine at `path` (load() options apply)."""
-    from .backend import load
+    from .loader import load
     backend = load(path, **load_kw)
     try:
         return Stream(backend, batch)

@@ -16,7 +16,8 @@ import numpy as np
 
 from ..errors import UserError
 from .backend import Backend
-from .specs import LENGTHS_SUFFIX, PRECISIONS, TensorSpec, normalize_precision, np_dtype
+from ..contract import LENGTHS_SUFFIX, PRECISIONS, normalize_precision
+from .specs import TensorSpec, np_dtype
 
 
 def _import_torch():
@@ -54,7 +55,7 @@ class TorchBackend(Backend):
         self.model.set_scan_impl(scan_impl)
         self.scan_impl = scan_impl
         self._tdtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[self.precision]
-        self.model.to(self._tdtype)
+        self.model.to_precision(self.precision)      # the policy export uses: A, D, dt bias stay float32
         cfg = self.model.config
         self.config = cfg.to_dict()
         self.inputs = [TensorSpec(n, ("batch", f"L_{n}", f), self.precision) for n, f in cfg.modalities.items()]

@@ -20,10 +20,10 @@ import threading
 from pathlib import Path
 
 from ..errors import UserError
+from ..contract import OP_TYPE as PLUGIN_NAME, PLUGIN_NAMESPACE, PLUGIN_VERSION
 from .native import LIBRARIES, find_library
 
 SIDECAR_FORMAT = "cm-deploy-engine/1"
-PLUGIN_NAME, PLUGIN_VERSION, PLUGIN_NAMESPACE = "CoupledScan", "1", ""
 PLUGIN_ENV = LIBRARIES["trt"].env
 MODULE_ENV = "CM_DEPLOY_TRT_MODULE"
 

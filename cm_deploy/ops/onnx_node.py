@@ -6,12 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from ..ops.reference import coupled_scan_reference
-
-DOMAIN = "cm_deploy"
-OP_TYPE = "CoupledScan"
-DOMAIN_VERSION = 1
-INPUT_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+from ..contract import DOMAIN, DOMAIN_VERSION, OP_TYPE, coupling_scale as _kappa
+from .reference import coupled_scan_reference
 
 
 def coupled_scan_onnx(u, delta, A, B, C, D=None, z=None, delta_bias=None, *, delta_softplus=False,
@@ -28,9 +24,8 @@ def coupled_scan_onnx(u, delta, A, B, C, D=None, z=None, delta_bias=None, *, del
         raise NotImplementedError("CoupledScan export: initial_state and final_state go together (streaming)")
     if D is None or z is None or delta_bias is None:
         raise NotImplementedError("CoupledScan export needs D, z and delta_bias (as the model has)")
-    M = u.shape[1]
     # Always explicit: consumers must not have to know that "absent" means 1/M.
-    kappa = 1.0 / M if coupling_scale is None else float(coupling_scale)
+    kappa = _kappa(coupling_scale, u.shape[1])
     # has_final_state: the plugin's output count (plugins/trt_coupled_scan/README.md); 0 = y only
     attrs = {"delta_softplus": int(bool(delta_softplus)), "coupling_scale": float(kappa),
              "has_final_state": int(bool(return_final_state))}
