@@ -61,7 +61,8 @@ def start_background_build(repo, log_path, jobs=4):
         return None, "TensorRT headers not found ($TensorRT_ROOT, .carry/trt, build/trt)"
     gen = ["-G", "Ninja"] if shutil.which("ninja") else []
     script = (f"set -e; '{cmake}' -S '{repo}' -B '{BUILD_DIR}' {' '.join(gen)} -DTensorRT_ROOT='{trt}' "
-              f"-DCMAKE_CUDA_ARCHITECTURES=90 -DBUILD_TESTING=ON -DCMAKE_BUILD_TYPE=Release; "
+              f"-DCMAKE_CUDA_ARCHITECTURES=90 -DBUILD_TESTING=ON -DCMAKE_BUILD_TYPE=Release "
+              f"-DCM_DEPLOY_BUILD_ORT_OPS=OFF -DCM_DEPLOY_BUILD_EXAMPLES=OFF; "
               f"'{cmake}' --build '{BUILD_DIR}' --target coupled_scan_harness -j {jobs}")
     return common.start_logged(["bash", "-c", script], log_path), "building"
 

@@ -79,7 +79,7 @@ def _read_npz(path, specs=None) -> dict:
             head = f.read(6)
     except OSError as e:
         raise UserError(f"{path}: cannot read it: {e.strerror or e}") from None
-    if head[:4] != b"PK\x03\x04" and head != b"\x93NUMPY":   # neither a zip (.npz) nor an .npy
+    if head[:2] != b"PK" and head != b"\x93NUMPY":   # neither a zip (.npz, empty ones too) nor an .npy
         raise UserError(f"{path}: not an .npz archive (write one with numpy.savez(path, name=array, ...))")
     try:
         z = np.load(path, allow_pickle=False)

@@ -6,12 +6,16 @@
 #   export   export float32/float16 with the GPU box's torch, portable ONNX in ONNX Runtime vs PyTorch
 #   rtx      TensorRT-RTX (carried, see shared/tools/trt-rtx-carry): parse + build with the plugin
 #   runtime  cm_deploy.runtime's device-memory path, CUDA graphs, build_engine with TensorRT-RTX
+#   deploy   model.onnx on ONNX Runtime's CUDA provider with the CoupledScan op library (built here for
+#            sm_90), the portable file, PyTorch eager / CUDA graph: parity and latency (bench_deploy.py).
+#            Needs onnxruntime-gpu: carry it with shared/tools/wheel-carry (onnxruntime-gpu==1.31.1) and
+#            set PYTHONPATH=/tmp/wheels/site before this script.
 # Logs and JSON go to $WORK (default /tmp/cm-gpu-checks); with $OUT set, they are packed into
 # $OUT/gpu_checks.tar.gz (the device tool brings back at most 8 files). TensorRT headers: TensorRT_ROOT
 # (default .carry/trt). Exit status: the number of failed stages.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-stages=${*:-ops plugin export rtx runtime}
+stages=${*:-ops plugin export rtx runtime deploy}
 work=${WORK:-/tmp/cm-gpu-checks}; mkdir -p "$work"
 export PYTHONUNBUFFERED=1 TensorRT_ROOT=${TensorRT_ROOT:-$PWD/.carry/trt}
 py=${PYTHON:-python3}
@@ -25,6 +29,8 @@ for s in $stages; do case $s in
   export)  stage export "$py" benchmarks/gpu_check_export.py --out "$work/export" ;;
   rtx)     stage rtx "$py" plugins/trt_coupled_scan/tests/trt_rtx_check.py --plugin "$plugin_lib" \
              --out "$work/rtx_check.json" --workdir "$work/rtx" "$work/export/float32/model.onnx" "$work/export/float16/model.onnx" ;;
+  deploy)  stage deploy "$py" benchmarks/bench_deploy.py --out "$work/deploy" \
+             --ort-ops "$PWD/build/gpu-sm90/plugins/ort_coupled_scan/libcoupled_scan_ort.so" ;;
   runtime) stage runtime "$py" benchmarks/gpu_check_runtime.py --out "$work/runtime_check.json" \
              --trt-module tensorrt_rtx_bindings --plugin "$plugin_lib" --onnx "$work/export/float32/model.onnx" ;;
   *) echo "unknown stage $s"; failed=$((failed+1)) ;;

@@ -110,11 +110,14 @@ def test_export_options(capsys, monkeypatch, art, tmp_path):
     monkeypatch.setattr(ex, "export_checkpoint", fake_export)
     rc, out, _ = cli(capsys, "export", art["a"])
     assert rc == 0 and calls[-1][1] == art["a"].with_name("a_export")
+    from cm_deploy.progress import Progress
+    assert isinstance(calls[-1][2].pop("progress"), Progress)
     assert calls[-1][2] == {"dtype": "float32", "opset": None, "batch": None, "lengths": None, "streaming": False}
     rc, _, _ = cli(capsys, "export", art["a"], "-o", tmp_path / "o", "--dtype", "float16", "--opset", "18",
                    "--batch", "2", "--length", "32", "--length", "text=8", "--streaming")
     assert rc == 0
     assert calls[-1][1] == tmp_path / "o"
+    calls[-1][2].pop("progress")
     assert calls[-1][2] == {"dtype": "float16", "opset": 18, "batch": 2,
                             "lengths": {"text": 8, "audio": 32, "vision": 32}, "streaming": True}
     rc, _, err = cli(capsys, "export", art["a"], "--length", "text=abc")
@@ -268,7 +271,7 @@ def test_engine_from_other_tensorrt_or_gpu(capsys, fake_trt, art, plugin_lib, np
 
 # ---------------------------------------------------------------------------- build
 
-def test_build_stand_in(capsys, fake_trt, art, plugin_lib, tmp_path):
+def test_build_stand_in(capsys, fake_trt, art, plugin_lib, tmp_path, monkeypatch):
     trt = fake_trt()
     out = tmp_path / "b" / "m.engine"
     rc, stdout, err = cli(capsys, "build", art["onnx"], "-o", out, "--plugin", plugin_lib, "--batch", "1:2:4",
@@ -277,7 +280,7 @@ def test_build_stand_in(capsys, fake_trt, art, plugin_lib, tmp_path):
     assert rc == 0, err
     assert f"engine {out}" in stdout and "float32, strongly typed, tensorrt 10.8.0" in stdout
     assert "profile text: min [1, 2, 12] opt [2, 4, 12] max [4, 8, 12]" in stdout
-    assert "[build] Building engine" in err
+    assert "[build] Building engine" not in err            # progress goes to a terminal only
     assert trt.calls[-1] == ("build", {"flags": [], "strong": True, "pools": 1})
     assert (tmp_path / "tc").is_file() and T.sidecar_path(out).is_file()
     rc, stdout, _ = cli(capsys, "inspect", out)          # the sidecar: no TensorRT needed
@@ -285,6 +288,11 @@ def test_build_stand_in(capsys, fake_trt, art, plugin_lib, tmp_path):
     rc, stdout, _ = cli(capsys, "inspect", out, "--json")
     d = json.loads(stdout)
     assert d["built_with"]["tensorrt"]["version"] == "10.8.0" and d["precision"] == "float32"
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    rc, _, err = cli(capsys, "build", art["onnx"], "-o", tmp_path / "b2.engine", "--plugin", plugin_lib)
+    assert rc == 0 and "[build] Building engine" in err
+    rc, _, err = cli(capsys, "build", art["onnx"], "-o", tmp_path / "b3.engine", "--plugin", plugin_lib, "--quiet")
+    assert rc == 0 and "[build] Building engine" not in err
 
 
 @pytest.mark.parametrize("args,needle", [

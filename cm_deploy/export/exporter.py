@@ -118,16 +118,17 @@ def _prepare(model, dtype):
     return copy.deepcopy(model).eval().to_precision(dtype).set_scan_impl("onnx")
 
 
-def _example_inputs(config, dtype, batch, lengths):
-    # Distinct example sizes (batch 2; lengths 5, 7, 9, ...) so that no two dynamic dims look alike
-    # to the tracer and none is 0 or 1 (which it would specialise).
+def _example_inputs(config, dtype, batch, length_of):
+    """Example modality inputs and their full lengths; length_of(i, name) gives a modality's L.
+    Distinct example sizes (batch 2; lengths 5, 7, 9, ...) keep the tracer from taking two dynamic
+    dims for one, and none is 0 or 1 (which it would specialise)."""
     b = batch if batch is not None else 2
     xs, lens = [], []
     for i, (name, feat) in enumerate(config.modalities.items()):
-        L = lengths.get(name, 5 + 2 * i)
+        L = length_of(i, name)
         xs.append(torch.randn(b, L, feat, generator=torch.Generator().manual_seed(i)).to(DTYPES[dtype]))
         lens.append(torch.full((b,), L, dtype=torch.int64))
-    return tuple(xs + lens)
+    return xs + lens
 
 
 def _dynamic_shapes(config, batch, lengths):
@@ -148,16 +149,14 @@ def _dynamic_shapes(config, batch, lengths):
 def _stream_example_and_shapes(model, config, dtype, batch):
     """Example chunk inputs (T = 5 for every modality), lengths, zero state; their dynamic shapes."""
     Dim = torch.export.Dim
-    b = batch if batch is not None else 2
-    xs = [torch.randn(b, 5, f, generator=torch.Generator().manual_seed(i)).to(DTYPES[dtype])
-          for i, f in enumerate(config.modalities.values())]
-    lens = [torch.full((b,), 5, dtype=torch.int64) for _ in xs]
-    state = list(model.initial_state(b).values())
+    args = _example_inputs(config, dtype, batch, lambda i, name: 5)
+    state = list(model.initial_state(args[0].shape[0]).values())
     bd = Dim(BATCH_DIM, min=1) if batch is None else None
     T = Dim(CHUNK_DIM, min=1)
-    shapes = [({0: bd, 1: T} if bd is not None else {1: T}) for _ in xs]
-    shapes += [{0: bd} if bd is not None else None for _ in xs + state]
-    return tuple(xs + lens + state), (tuple(shapes),)
+    M = config.n_modalities
+    shapes = [({0: bd, 1: T} if bd is not None else {1: T}) for _ in range(M)]
+    shapes += [{0: bd} if bd is not None else None for _ in range(M + len(state))]
+    return tuple(args + state), (tuple(shapes),)
 
 
 def _torch_export(model, config, dtype, opset, batch, lengths, streaming=False) -> onnx.ModelProto:
@@ -168,7 +167,8 @@ def _torch_export(model, config, dtype, opset, batch, lengths, streaming=False) 
         names_in, names_out = stream_io_names(prepared)
     else:
         wrapped = _Positional(prepared)
-        args, dynamic = _example_inputs(config, dtype, batch, lengths), _dynamic_shapes(config, batch, lengths)
+        args = tuple(_example_inputs(config, dtype, batch, lambda i, name: lengths.get(name, 5 + 2 * i)))
+        dynamic = _dynamic_shapes(config, batch, lengths)
         names_in, names_out = input_names(config), [OUTPUT_NAME]
     log = io.StringIO()
     # The exporter narrates every step and torch warns about its own internals: keep that out of

@@ -85,14 +85,17 @@ Attrs readAttrs(OrtApi const& api, OrtKernelInfo const* info)
     size_t nOut = 0;
     Ort::ThrowOnError(api.KernelInfo_GetOutputCount(info, &nOut));
     int64_t hf = 0;
-    if (hasAttribute(api, info, "has_final_state", &hf, nullptr) && (hf != 0 && hf != 1))
+    if (hasAttribute(api, info, "has_final_state", &hf, nullptr))
     {
-        throw ScanError("attribute has_final_state must be 0 or 1, got " + std::to_string(hf));
-    }
-    if (hasAttribute(api, info, "has_final_state", &hf, nullptr) && static_cast<size_t>(1 + hf) != nOut)
-    {
-        throw ScanError("attribute has_final_state=" + std::to_string(hf) + " but the node has "
-            + std::to_string(nOut) + " outputs");
+        if (hf != 0 && hf != 1)
+        {
+            throw ScanError("attribute has_final_state must be 0 or 1, got " + std::to_string(hf));
+        }
+        if (static_cast<size_t>(1 + hf) != nOut)
+        {
+            throw ScanError("attribute has_final_state=" + std::to_string(hf) + " but the node has "
+                + std::to_string(nOut) + " outputs");
+        }
     }
     return a;
 }

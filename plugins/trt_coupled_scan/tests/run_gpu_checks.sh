@@ -7,7 +7,7 @@
 #    CUDA_ARCH says otherwise), unless CM_PLUGIN_LIB_DIR names a folder with both prebuilt libraries;
 # 2. runs the CPU unit tests (ctest) when GoogleTest was found;
 # 3. runs gpu_harness.py: every case and dtype against the PyTorch reference, plus timings (--bench);
-# 4. runs gpu_harness.py --sanitize under compute-sanitizer memcheck, then racecheck and synccheck
+# 4. runs gpu_harness.py --sanitize under compute-sanitizer memcheck, racecheck, synccheck and initcheck
 #    (the kernel is warp-specialized: producers and consumers share shared memory through barriers).
 #
 # TensorRT headers only are needed (no TensorRT library): TensorRT_ROOT/include/NvInfer.h. Without
@@ -49,6 +49,14 @@ else
     exit 2
   fi
   trt=$(cd "$trt" && pwd)
+  # the ONNX Runtime op library shares the kernel: build it too when its headers came along
+  ort=${ONNXRUNTIME_ROOT:-}
+  if [[ -z "$ort" ]]; then
+    for c in "$repo/.carry/ort" "$repo/build/ort"; do [[ -f "$c/include/onnxruntime_cxx_api.h" ]] && { ort=$c; break; }; done
+  fi
+  ortargs=(-DCM_DEPLOY_BUILD_ORT_OPS=OFF)
+  [[ -n "$ort" ]] && ortargs=(-DONNXRUNTIME_ROOT="$(cd "$ort" && pwd)")
+  [[ -z "$ort" ]] && note "ONNX Runtime headers not found (.carry/ort): the op library is not built"
   for tool in cmake nvcc; do
     if ! command -v "$tool" >/dev/null; then
       [[ $tool == nvcc && -x /usr/local/cuda/bin/nvcc ]] && { export PATH=/usr/local/cuda/bin:$PATH; continue; }
@@ -58,7 +66,7 @@ else
   done
   note "building for sm_$arch in $build (TensorRT headers: $trt)"
   tb=$(date +%s)
-  if ! cmake -S "$repo" -B "$build" -DCMAKE_BUILD_TYPE=Release -DTensorRT_ROOT="$trt" \
+  if ! cmake -S "$repo" -B "$build" -DCMAKE_BUILD_TYPE=Release -DTensorRT_ROOT="$trt" "${ortargs[@]}" \
         -DCMAKE_CUDA_ARCHITECTURES="$arch" -DBUILD_TESTING=ON > "$out/cmake_configure.log" 2>&1; then
     tail -n 30 "$out/cmake_configure.log"; note "SETUP: cmake configure failed (log: cmake_configure.log)"; exit 2
   fi
@@ -102,13 +110,13 @@ elif [[ -z "$san" ]]; then
 else
   filter=()
   if "$san" --help 2>/dev/null | grep -q -- "--kernel-name"; then filter=(--kernel-name kns=coupledScanKernel); fi
-  for tool in memcheck racecheck synccheck; do
+  for tool in memcheck racecheck synccheck initcheck; do
     ts=$(date +%s)
     extra=()
     [[ $tool == memcheck ]] && extra=(--leak-check no)
     [[ $tool == racecheck ]] && extra=(--racecheck-report all)
-    # memcheck checks every kernel (torch's too); the others only ours (they are slow).
-    f=(); [[ $tool != memcheck ]] && f=("${filter[@]}")
+    # memcheck and initcheck check every kernel (torch's too); the others only ours (they are slow).
+    f=(); [[ $tool != memcheck && $tool != initcheck ]] && f=("${filter[@]}")
     timeout "${SANITIZER_TIMEOUT:-100}" "$san" --tool "$tool" "${f[@]}" "${extra[@]}" --error-exitcode 9 \
       "${harness[@]}" --sanitize --out "$out/sanitize_$tool.json" > "$out/sanitize_$tool.log" 2>&1
     rc=$?
@@ -123,6 +131,15 @@ else
       grep -E "=========" "$out/sanitize_$tool.log" | head -n 20
       status=1
     fi
+  done
+fi
+
+# --- 5. racecheck on the hand-off alone: named barrier vs none (see racecheck_handoff.cu) -------------
+if [[ -n "$san" && "${SKIP_SANITIZERS:-0}" != 1 && -x "$build/plugins/trt_coupled_scan/racecheck_handoff" ]]; then
+  for v in named plain; do
+    "$san" --tool racecheck --racecheck-report all "$build/plugins/trt_coupled_scan/racecheck_handoff" "$v" \
+      > "$out/racecheck_handoff_$v.log" 2>&1
+    note "racecheck on the minimal hand-off ($v): exit $? $(grep -E "RACECHECK SUMMARY|ERROR SUMMARY" "$out/racecheck_handoff_$v.log" | tail -n 1) $(grep -E "^(named|plain) " "$out/racecheck_handoff_$v.log")"
   done
 fi
 
