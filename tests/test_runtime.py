@@ -128,23 +128,23 @@ MODEL_SPECS = SPECS + [S.TensorSpec(f"{n}_lengths", ("batch",), "int64") for n i
 
 def test_lengths_are_filled_and_checked():
     f = feeds_for(2, (6, 4, 3))
-    filled = S.fill_lengths(MODEL_SPECS, f)
+    filled = S.fill_defaults(MODEL_SPECS, f)
     assert [filled[f"{n}_lengths"].tolist() for n in MODS] == [[6, 6], [4, 4], [3, 3]]
     assert filled["text_lengths"].dtype == np.int64
     given = dict(f, audio_lengths=np.array([1, 0]))
-    assert S.fill_lengths(MODEL_SPECS, given)["audio_lengths"].tolist() == [1, 0]
-    infos = S.check_feeds("m", MODEL_SPECS, S.fill_lengths(MODEL_SPECS, given))
-    S.check_lengths("m", MODEL_SPECS, S.fill_lengths(MODEL_SPECS, given), infos)
+    assert S.fill_defaults(MODEL_SPECS, given)["audio_lengths"].tolist() == [1, 0]
+    infos = S.check_feeds("m", MODEL_SPECS, S.fill_defaults(MODEL_SPECS, given))
+    S.check_lengths("m", MODEL_SPECS, S.fill_defaults(MODEL_SPECS, given), infos)
     for bad, needle in ((np.array([5, 1]), "got 5 at sample 0"), (np.array([1, -2]), "got -2 at sample 1")):
-        feeds = S.fill_lengths(MODEL_SPECS, dict(f, audio_lengths=bad))
+        feeds = S.fill_defaults(MODEL_SPECS, dict(f, audio_lengths=bad))
         with pytest.raises(UserError, match=r"'audio_lengths' must hold valid lengths in \[0, 4\]") as e:
             S.check_lengths("m", MODEL_SPECS, feeds, S.check_feeds("m", MODEL_SPECS, feeds))
         one_line(e.value)
         assert needle in str(e.value)
     with pytest.raises(UserError, match="'text_lengths' has dtype float32, expected int64"):
-        S.check_feeds("m", MODEL_SPECS, S.fill_lengths(MODEL_SPECS, dict(f, text_lengths=np.ones(2, np.float32))))
+        S.check_feeds("m", MODEL_SPECS, S.fill_defaults(MODEL_SPECS, dict(f, text_lengths=np.ones(2, np.float32))))
     with pytest.raises(UserError, match="'text_lengths' has rank 2"):
-        S.check_feeds("m", MODEL_SPECS, S.fill_lengths(MODEL_SPECS, dict(f, text_lengths=np.ones((2, 1), np.int64))))
+        S.check_feeds("m", MODEL_SPECS, S.fill_defaults(MODEL_SPECS, dict(f, text_lengths=np.ones((2, 1), np.int64))))
 
 
 @pytest.mark.parametrize("mutate,needle", [

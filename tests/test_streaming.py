@@ -157,3 +157,22 @@ def test_cli_profile_streaming(exported, capsys):
     rc = main(["profile", str(exported["out"] / "model.portable.onnx"), "--streaming"])
     out, err = capsys.readouterr()
     assert rc == 2 and "not a streaming graph" in err
+
+
+def test_stream_state_stays_in_ort_values_and_run_fills_zero_state(exported, tmp_path, capsys):
+    """ONNX Runtime: the state is bound back as OrtValues (on the GPU with the CUDA provider, no host
+    round trip); `cm-deploy run` on a streaming graph without state starts a stream (zero state)."""
+    from cm_deploy.cli import main
+    from cm_deploy.runtime import open_stream
+    xs, lens = _data(L=7, seed=9)
+    chunk = {n: x.numpy() for n, x in zip(MODS, xs)}
+    with open_stream(exported["out"] / "model.stream.portable.onnx", batch=2) as s:
+        y1 = s.push(chunk)
+        assert s.device_state and all(type(v).__name__ == "OrtValue" for v in s.state.values())
+    np.savez(tmp_path / "x.npz", **chunk)
+    rc = main(["run", str(exported["out"] / "model.stream.portable.onnx"), "--inputs", str(tmp_path / "x.npz"),
+               "-o", str(tmp_path / "y.npz")])
+    assert rc == 0, capsys.readouterr().err
+    with np.load(tmp_path / "y.npz") as z:
+        np.testing.assert_allclose(z["output"], y1, rtol=1e-6, atol=1e-7)
+        assert "next_state.count" in z.files and (z["next_state.count"] == 7).all()

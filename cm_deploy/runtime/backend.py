@@ -12,7 +12,7 @@ from typing import Mapping
 import numpy as np
 
 from ..errors import UserError
-from .specs import TensorSpec, check_feeds, check_finite, check_lengths, check_nonempty, fill_lengths
+from .specs import TensorSpec, check_feeds, check_finite, check_lengths, check_nonempty, fill_defaults
 
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
 ONNX_SUFFIXES = (".onnx",)
@@ -48,8 +48,9 @@ class Backend:
         return infos
 
     def run(self, feeds: Mapping, **kw) -> dict[str, np.ndarray]:
-        """Outputs for `feeds` (name -> array); `<modality>_lengths` inputs left out mean full length."""
-        feeds = fill_lengths(self.inputs, feeds)
+        """Outputs for `feeds` (name -> array); `<modality>_lengths` inputs left out mean full length,
+        state.* inputs left out (streaming graphs) mean zero state: the start of a stream."""
+        feeds = fill_defaults(self.inputs, feeds)
         infos = self.check(feeds)
         return self._run(feeds, infos, **kw)
 

@@ -20,11 +20,8 @@ from ..contract import DOMAIN, OP_TYPE, precision_of
 from ..errors import UserError
 from .backend import Backend
 from .native import LIBRARIES, find_library
-from .specs import TensorSpec, manifest_for, np_dtype
+from .specs import ORT_TYPES, TensorSpec, manifest_for, np_dtype
 
-_ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16",
-              "tensor(double)": "float64", "tensor(int64)": "int64", "tensor(int32)": "int32",
-              "tensor(int8)": "int8", "tensor(uint8)": "uint8", "tensor(bool)": "bool"}
 
 
 def _one_line(e: BaseException) -> str:
@@ -113,7 +110,7 @@ class OrtBackend(Backend):
         self.name = f"onnxruntime[{ep}{'+graph' if self.cuda_graph else ''}]:{self.path.name}"
 
     def _spec(self, arg, which) -> TensorSpec:
-        dtype = _ORT_TYPES.get(arg.type)
+        dtype = ORT_TYPES.get(arg.type)
         if dtype is None:
             raise UserError(f"{self.path}: {which[:-1]} {arg.name!r} has unsupported type {arg.type}")
         shape = tuple(d if isinstance(d, int) else (d if isinstance(d, str) and d else None) for d in arg.shape)
@@ -124,14 +121,15 @@ class OrtBackend(Backend):
         return TensorSpec(arg.name, shape, dtype)
 
     def _run(self, feeds, infos, device_outputs=False):
+        """device_outputs=True: the outputs as OrtValues where the session leaves them (on the GPU
+        with the CUDA provider), which feed straight back in (Stream keeps its state that way)."""
         on_device = [n for n, i in infos.items() if i.on_device]
         if self.cuda_graph:
             return self._run_graph(feeds, infos, device_outputs)
-        if on_device or device_outputs:
-            if not self.on_cuda:
-                what = f"CUDA input {on_device[0]!r}" if on_device else "device_outputs=True"
-                raise UserError(f"{self.name}: {what} needs the CUDA provider (device='cuda'); the CPU "
-                                "session takes host arrays")
+        if on_device and not self.on_cuda:
+            raise UserError(f"{self.name}: CUDA input {on_device[0]!r} needs the CUDA provider (device='cuda'); "
+                            "the CPU session takes host arrays")
+        if on_device or device_outputs or any(i.ortvalue for i in infos.values()):
             return self._run_bound(feeds, infos, device_outputs)
         host = {}
         for spec in self.inputs:
@@ -148,7 +146,9 @@ class OrtBackend(Backend):
         binding = self.session.io_binding()
         for spec in self.inputs:
             info = infos[spec.name]
-            if info.on_device:
+            if info.ortvalue:
+                binding.bind_ortvalue_input(spec.name, feeds[spec.name])
+            elif info.on_device:
                 if info.stream is not None:
                     # ORT runs on its own stream: let the producer's queued work finish first
                     from .cuda import cudart, check
@@ -158,7 +158,7 @@ class OrtBackend(Backend):
             else:
                 binding.bind_cpu_input(spec.name, np.ascontiguousarray(feeds[spec.name]))
         for spec in self.outputs:
-            if device_outputs:
+            if device_outputs and self.on_cuda:
                 binding.bind_output(spec.name, "cuda", self.device_id)
             else:
                 binding.bind_output(spec.name)

@@ -19,7 +19,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from ..contract import LENGTHS_SUFFIX, MANIFEST_FORMAT
+from ..contract import LENGTHS_SUFFIX, MANIFEST_FORMAT, STATE_PREFIX
 from ..errors import UserError
 
 
@@ -81,6 +81,17 @@ class ArrayInfo:
     ptr: int | None = None
     stream: int | None = None
     contiguous: bool = True
+    ortvalue: bool = False   # an onnxruntime.OrtValue (on the CPU or a GPU): the ORT backend binds it as is
+
+
+# ONNX Runtime's type strings -> dtype names
+ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16",
+             "tensor(double)": "float64", "tensor(int64)": "int64", "tensor(int32)": "int32",
+             "tensor(int8)": "int8", "tensor(uint8)": "uint8", "tensor(bool)": "bool"}
+
+
+def is_ortvalue(value) -> bool:
+    return type(value).__name__ == "OrtValue" and callable(getattr(value, "device_name", None))
 
 
 def c_contiguous_strides(shape, itemsize):
@@ -120,6 +131,9 @@ def cai_info(obj) -> ArrayInfo:
 
 
 def array_info(value) -> ArrayInfo:
+    if is_ortvalue(value):
+        return ArrayInfo(tuple(value.shape()), ORT_TYPES.get(value.data_type(), value.data_type()),
+                         value.device_name().lower() != "cpu", value.data_ptr(), ortvalue=True)
     if hasattr(value, "__cuda_array_interface__"):
         return cai_info(value)
     if isinstance(value, np.ndarray):
@@ -308,7 +322,7 @@ def check_finite(where: str, specs: Sequence[TensorSpec], feeds: Mapping, infos:
     <name>_lengths may hold anything). UserError (one line) naming the first bad element."""
     lens = {m: k for k, m in lengths_inputs(specs).items()}
     for s in specs:
-        if infos[s.name].on_device or np_dtype(s.dtype).kind not in "fV":
+        if infos[s.name].on_device or infos[s.name].ortvalue or np_dtype(s.dtype).kind not in "fV":
             continue
         a = np.asarray(feeds[s.name])
         a = a.astype(np.float32) if a.dtype.kind == "V" or a.dtype.name == "bfloat16" else a
@@ -329,23 +343,32 @@ def lengths_inputs(specs: Sequence[TensorSpec]) -> dict[str, str]:
             if s.name.endswith(LENGTHS_SUFFIX) and s.name[:-len(LENGTHS_SUFFIX)] in names and s.rank == 1}
 
 
-def fill_lengths(specs: Sequence[TensorSpec], feeds: Mapping) -> Mapping:
-    """`feeds` with every lengths input the caller left out set to its modality's full length."""
+def fill_defaults(specs: Sequence[TensorSpec], feeds: Mapping) -> Mapping:
+    """`feeds` with the inputs a caller may leave out filled in: every lengths input with its
+    modality's full length, and (streaming graphs) every state.* input with zeros, which starts a
+    stream."""
     missing = {k: m for k, m in lengths_inputs(specs).items() if k not in feeds and m in feeds}
-    if not missing:
+    states = [s for s in specs if s.name.startswith(STATE_PREFIX) and s.name not in feeds]
+    if not missing and not states:
         return feeds
     out = dict(feeds)
     for k, m in missing.items():
         shape = array_info(feeds[m]).shape
         if len(shape) >= 2:
             out[k] = np.full((shape[0],), shape[1], dtype=np.int64)
+    given = [array_info(v).shape for k, v in feeds.items() if not k.startswith(STATE_PREFIX)]
+    batch = next((sh[0] for sh in given if sh), None)
+    for s in states:
+        dims = [batch] + list(s.shape[1:])
+        if batch is not None and all(isinstance(d, int) and d >= 0 for d in dims):
+            out[s.name] = np.zeros(dims, dtype=np_dtype(s.dtype))
     return out
 
 
 def check_lengths(where: str, specs: Sequence[TensorSpec], feeds: Mapping, infos: Mapping) -> None:
     """Valid lengths (host arrays) must lie in [0, L] of their modality; UserError (one line) otherwise."""
     for k, m in lengths_inputs(specs).items():
-        if k not in feeds or infos[k].on_device:
+        if k not in feeds or infos[k].on_device or infos[k].ortvalue:
             continue
         v, L = np.asarray(feeds[k]), infos[m].shape[1]
         bad = (v < 0) | (v > L)

@@ -23,6 +23,9 @@ class Stream:
 
     def __init__(self, backend, batch: int = 1):
         self.backend = backend
+        # ONNX Runtime: the next state stays an OrtValue where the session put it (GPU memory on the CUDA
+        # provider) and is bound as the next chunk's input: no copy to the host and back
+        self.device_state = backend.kind == "onnxruntime"
         self.states = [s for s in backend.inputs if s.name.startswith(STATE_PREFIX)]
         if not self.states:
             raise UserError(f"{backend.name}: not a streaming graph (no state.* inputs): export with "
@@ -67,10 +70,12 @@ class Stream:
                 raise UserError(f"stream chunk {name!r} has batch {np.shape(feeds[name])[0]}, the stream "
                                 f"{self.batch} (reset(batch) to change it)")
         feeds.update(self.state)
-        out = self.backend.run(feeds)
-        self.state = {s.name: np.asarray(out[NEXT_STATE_PREFIX + s.name[len(STATE_PREFIX):]]) for s in self.states}
+        out = self.backend.run(feeds, device_outputs=True) if self.device_state else self.backend.run(feeds)
+        nxt = {s.name: out[NEXT_STATE_PREFIX + s.name[len(STATE_PREFIX):]] for s in self.states}
+        self.state = nxt if self.device_state else {k: np.asarray(v) for k, v in nxt.items()}
         self.steps += int(np.shape(next(iter(chunk.values())))[1]) if chunk else 0
-        return out[OUTPUT_NAME]
+        y = out[OUTPUT_NAME]
+        return y.numpy() if self.device_state else y
 
     def close(self):
         self.backend.close()
