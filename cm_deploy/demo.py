@@ -138,11 +138,19 @@ def main(argv=None):
         with load(out / "export" / "model.portable.onnx") as onnx_model, \
                 TorchBackend(ckpt, device="cpu", dtype="float32", scan_impl="reference") as ref:
             report = run_parity(ref, onnx_model, default_shapes([onnx_model]))
+            print(format_report(report))
+            # model.onnx too, where the CoupledScan op library is built (scripts/build_plugin.sh)
+            from .runtime.native import find_library
+            if find_library("ort", required=False) is not None:
+                print("      and model.onnx in ONNX Runtime with the CoupledScan op library")
+                with load(out / "export" / "model.onnx") as op_model:
+                    op_report = run_parity(ref, op_model, default_shapes([op_model]))
+                print(format_report(op_report))
+                report = dict(report, ok=report["ok"] and op_report["ok"], model_onnx=op_report)
     except CmDeployError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     (out / "parity.json").write_text(json.dumps(report, indent=2, default=str))
-    print(format_report(report))
     print(f"      parity {'PASSED' if report['ok'] else 'FAILED'} (tolerance atol {report['atol']:g}, "
           f"rtol {report['rtol']:g}); next: cm-deploy build {out / 'export' / 'model.onnx'} on a TensorRT machine")
     return 0 if report["ok"] else 1

@@ -10,6 +10,7 @@
 # "all" for the project's default list (Ampere to Blackwell, incl. Jetson Orin), or e.g. "90".
 # ONNX Runtime headers: ONNXRUNTIME_ROOT (env) when set, else fetched into BUILD_DIR/ort by
 # scripts/fetch_ort_headers.sh (a pinned Debian package, unpacked, never installed).
+# CM_DEPLOY_CPU_ONLY=1: only the ONNX Runtime library with its CPU kernel (no CUDA, no TensorRT; seconds).
 # The unit tests need no GPU. Output: BUILD_DIR/plugins/trt_coupled_scan/libcoupled_scan_plugin.so and
 # BUILD_DIR/plugins/ort_coupled_scan/libcoupled_scan_ort.so.
 set -euo pipefail
@@ -21,8 +22,9 @@ mkdir -p "$build"
 build=$(cd "$build" && pwd)
 start=$(date +%s)
 
+cpu_only=${CM_DEPLOY_CPU_ONLY:-0}
 trt=${TensorRT_ROOT:-}
-if [[ -z "$trt" ]]; then
+if [[ -z "$trt" && $cpu_only != 1 ]]; then
   # A system TensorRT (e.g. the Debian/Ubuntu packages) is found by CMake itself; otherwise fetch headers.
   found=""
   for c in /usr/include /usr/include/x86_64-linux-gnu /usr/include/aarch64-linux-gnu /usr/local/include; do
@@ -45,6 +47,7 @@ args=(-S "$repo" -B "$build" -DCMAKE_BUILD_TYPE="${CMAKE_BUILD_TYPE:-Release}" -
 [[ -n "$trt" ]] && args+=(-DTensorRT_ROOT="$trt")
 args+=(-DONNXRUNTIME_ROOT="$ort")
 [[ "$arch" != all ]] && args+=(-DCMAKE_CUDA_ARCHITECTURES="$arch")
+[[ $cpu_only == 1 ]] && args+=(-DCM_DEPLOY_WITH_CUDA=OFF -DCM_DEPLOY_BUILD_TRT_PLUGIN=OFF)
 jobs=${JOBS:-$(nproc 2>/dev/null || echo 2)}
 
 echo "== configure ($build, CUDA architectures: $arch)"

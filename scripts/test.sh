@@ -27,7 +27,7 @@ if command -v nvcc >/dev/null 2>&1 || [[ -x /usr/local/cuda/bin/nvcc ]]; then
 else
   # no CUDA toolkit: the ONNX Runtime library's CPU kernel still builds (no TensorRT plugin, no GPU code)
   echo "SKIPPED: TensorRT plugin build and its C++ tests: nvcc (the CUDA toolkit) is not installed" >&2
-  bash scripts/build_plugin.sh build/ci-cpu -DCM_DEPLOY_WITH_CUDA=OFF -DCM_DEPLOY_BUILD_TRT_PLUGIN=OFF
+  CM_DEPLOY_CPU_ONLY=1 bash scripts/build_plugin.sh build/ci-cpu
   export CM_DEPLOY_ORT_OP_LIBRARY=$PWD/build/ci-cpu/plugins/ort_coupled_scan/libcoupled_scan_ort.so
   export CM_DEPLOY_CPP_EXAMPLE=$PWD/build/ci-cpu/examples/cpp/cm_infer_ort
 fi
