@@ -215,3 +215,45 @@ def test_one_dtype_policy_for_every_backend(art):
         for k, p in b.model.named_parameters():
             want = torch.float32 if k.endswith(("A_log", "D", "dt_proj.bias")) else torch.float16
             assert p.dtype == want, k
+
+
+def test_no_module_imports_a_layer_above_it():
+    """Layers, bottom up: errors, contract, progress < config, ops < model, checkpoint < export;
+    runtime stands beside export (it reads files, never the model's code at import time) and cli on
+    top. Checked on every import statement of the package (module level and inside functions)."""
+    import ast
+    pkg = Path(__file__).resolve().parents[1] / "cm_deploy"
+    # what each part may import from the package (besides itself)
+    allowed = {
+        "errors": set(), "contract": {"errors"}, "progress": set(), "config": {"contract", "errors"},
+        "ops": {"contract", "errors"}, "model": {"config", "contract", "ops", "errors"},
+        "checkpoint": {"config", "contract", "errors", "model"},
+        "export": {"checkpoint", "contract", "errors", "progress", "model", "ops", "config"},
+        "runtime": {"contract", "errors", "progress", "checkpoint", "model", "config", "ops"},
+        "demo": {"config", "contract", "errors", "progress", "model", "checkpoint", "export", "runtime"},
+        "cli": {"*"}, "__init__": {"config", "model", "checkpoint"},
+    }
+    bad = []
+    for f in pkg.rglob("*.py"):
+        rel = f.relative_to(pkg)
+        part = rel.parts[0].removesuffix(".py")
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = list(rel.parts[:-1])[: len(rel.parts) - node.level]
+                target = ".".join(base + ([node.module] if node.module else [])).split(".")
+                # `from cm_deploy import X`: the module that defines X (the package re-exports them)
+                root = {"__version__": "__init__", "CoupledMamba": "model", "CoupledMambaConfig": "config",
+                        "save_checkpoint": "checkpoint", "load_checkpoint": "checkpoint"}
+                names = [target[0]] if target[0] else [root.get(a.name, a.name) for a in node.names]
+                for t in names:
+                    if t and t not in (part, "__init__") and "*" not in allowed[part] and t not in allowed[part]:
+                        bad.append(f"{rel}: imports {t}")
+    assert not bad, bad
+
+
+def test_backend_base_imports_no_backend():
+    """runtime/backend.py (the Backend base) imports none of the backends that subclass it: no cycle."""
+    import ast
+    src = (Path(__file__).resolve().parents[1] / "cm_deploy/runtime/backend.py").read_text()
+    mods = {n.module for n in ast.walk(ast.parse(src)) if isinstance(n, ast.ImportFrom)}
+    assert not mods & {"engine", "ort_backend", "torch_backend", "loader", "builder"}, mods

@@ -36,11 +36,25 @@ def run(sess, feeds):
     return [o.numpy() for o in sess.run_with_ort_values([o.name for o in sess.get_outputs()], vals)]
 
 
-def session(model, threads=2):
+# The CPU kernel everywhere; the CUDA kernel too where this onnxruntime has the CUDA provider (a GPU
+# machine with onnxruntime-gpu: `pytest tests/test_ort_ops.py` there runs every case on both).
+PROVIDERS = ["CPUExecutionProvider"] + (["CUDAExecutionProvider"]
+                                        if "CUDAExecutionProvider" in ort.get_available_providers() else [])
+
+
+@pytest.fixture(params=PROVIDERS)
+def provider(request):
+    return request.param
+
+
+def session(model, provider="CPUExecutionProvider", threads=2):
     opts = ort.SessionOptions()
     opts.register_custom_ops_library(str(LIB))
     opts.intra_op_num_threads = threads
-    return ort.InferenceSession(model.SerializeToString(), sess_options=opts, providers=["CPUExecutionProvider"])
+    providers = [provider] + (["CPUExecutionProvider"] if provider != "CPUExecutionProvider" else [])
+    sess = ort.InferenceSession(model.SerializeToString(), sess_options=opts, providers=providers)
+    assert sess.get_providers()[0] == provider
+    return sess
 
 
 def scan_model(dtype="float32", initial_state=False, final_state=False, attrs=None, types=None, ranks=None):
@@ -108,10 +122,11 @@ def close(got, want, dtype):
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 @pytest.mark.parametrize("shape", [(2, 3, 7, 5, 4), (1, 1, 1, 3, 2), (3, 2, 33, 17, 16), (1, 5, 20, 40, 8)])
-def test_one_node_matches_reference(shape, dtype):
+def test_one_node_matches_reference(shape, dtype, provider):
     args = random_args(*shape, dtype=dtype, seed=sum(shape))
     kappa = 1.0 / shape[1]       # mean coupling: the state stays bounded at every M
-    y, = run(session(scan_model(dtype, attrs={"coupling_scale": kappa})), {n: to_numpy(args[n]) for n in NAMES})
+    y, = run(session(scan_model(dtype, attrs={"coupling_scale": kappa}), provider),
+             {n: to_numpy(args[n]) for n in NAMES})
     want, _ = reference(args, kappa=kappa)
     assert y.shape == tuple(want.shape)
     assert y.dtype == (np.float32 if dtype == "bfloat16" else to_numpy(want).dtype)
@@ -119,11 +134,11 @@ def test_one_node_matches_reference(shape, dtype):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
-def test_state_in_and_out_and_streaming(dtype):
+def test_state_in_and_out_and_streaming(dtype, provider):
     batch, M, L, E, N = 2, 3, 12, 6, 5
     args = random_args(batch, M, L, E, N, dtype=dtype, seed=3)
     s0 = torch.randn(batch, E, N) * 0.3
-    sess = session(scan_model(dtype, initial_state=True, final_state=True))
+    sess = session(scan_model(dtype, initial_state=True, final_state=True), provider)
     feeds = {n: to_numpy(args[n]) for n in NAMES}
     y, c = sess.run(None, dict(feeds, initial_state=s0.numpy()))
     want_y, want_c = reference(args, initial_state=s0)
@@ -139,59 +154,59 @@ def test_state_in_and_out_and_streaming(dtype):
     np.testing.assert_array_equal(state, c)
 
 
-def test_final_state_without_initial_and_empty_sequence():
+def test_final_state_without_initial_and_empty_sequence(provider):
     args = random_args(2, 2, 0, 3, 4)
-    y, c = session(scan_model(final_state=True)).run(None, {n: to_numpy(args[n]) for n in NAMES})
+    y, c = session(scan_model(final_state=True), provider).run(None, {n: to_numpy(args[n]) for n in NAMES})
     assert y.shape == (2, 2, 0, 3) and c.shape == (2, 3, 4) and not c.any()
     args = random_args(0, 2, 5, 3, 4)
-    y, = session(scan_model()).run(None, {n: to_numpy(args[n]) for n in NAMES})
+    y, = session(scan_model(), provider).run(None, {n: to_numpy(args[n]) for n in NAMES})
     assert y.shape == (0, 2, 5, 3)
 
 
-def test_coupling_scale_defaults_to_one_over_m():
+def test_coupling_scale_defaults_to_one_over_m(provider):
     args = random_args(2, 4, 9, 5, 3, seed=7)
-    y, = session(scan_model(attrs={"coupling_scale": None})).run(None, {n: to_numpy(args[n]) for n in NAMES})
+    y, = session(scan_model(attrs={"coupling_scale": None}), provider).run(None, {n: to_numpy(args[n]) for n in NAMES})
     close(y, reference(args, kappa=0.25)[0], "float32")
 
 
-def _run_error(model, feeds):
+def _run_error(model, feeds, provider):
     with pytest.raises(Exception) as e:
-        session(model).run(None, feeds)
+        session(model, provider).run(None, feeds)
     msg = str(e.value)
     assert "CoupledScan" in msg, msg
     return msg
 
 
-def test_refuses_bad_shapes_and_types():
+def test_refuses_bad_shapes_and_types(provider):
     args = random_args(2, 3, 5, 4, 3)
     feeds = {n: to_numpy(args[n]) for n in NAMES}
     bad = dict(feeds, B=feeds["B"][:, :2])                         # M mismatch
-    assert "input B must be (batch, M, L, N)" in _run_error(scan_model(), bad)
+    assert "input B must be (batch, M, L, N)" in _run_error(scan_model(), bad, provider)
     bad = dict(feeds, A=feeds["A"][:, :, :2])                      # N mismatch between A and B
-    assert "input B must be" in _run_error(scan_model(), bad)
+    assert "input B must be" in _run_error(scan_model(), bad, provider)
     bad = dict(feeds, u=feeds["u"][0])                             # wrong rank
-    assert "input u must be (batch, M, L, E)" in _run_error(scan_model(ranks={"u": 3}), bad)
+    assert "input u must be (batch, M, L, E)" in _run_error(scan_model(ranks={"u": 3}), bad, provider)
     bad = dict(feeds, D=feeds["D"][:, :3])                         # E mismatch
-    assert "input D must be (M, E)" in _run_error(scan_model(), bad)
+    assert "input D must be (M, E)" in _run_error(scan_model(), bad, provider)
     many = random_args(1, 9, 2, 2, 2)                              # M beyond the kernel's limit
-    assert "M (u axis 1) must be in [1, 8]" in _run_error(scan_model(), {n: to_numpy(many[n]) for n in NAMES})
+    assert "M (u axis 1) must be in [1, 8]" in _run_error(scan_model(), {n: to_numpy(many[n]) for n in NAMES}, provider)
     # float64 activations: no kernel for them
     f64 = {n: (v.astype(np.float64) if n in ACT else v) for n, v in feeds.items()}
     with pytest.raises(Exception) as e:
-        session(scan_model(TensorProto.DOUBLE)).run(None, f64)
+        session(scan_model(TensorProto.DOUBLE), provider).run(None, f64)
     assert "float32, float16 or bfloat16" in str(e.value) or "CoupledScan" in str(e.value)
     # activations of two different types
     mixed = dict(feeds, z=feeds["z"].astype(np.float16))
-    msg = _run_error(scan_model(types={"z": TensorProto.FLOAT16}), mixed)
+    msg = _run_error(scan_model(types={"z": TensorProto.FLOAT16}), mixed, provider)
     assert "must have u's element type" in msg
 
 
 @pytest.mark.parametrize("attrs, text", [({"delta_softplus": 2}, "delta_softplus must be 0 or 1"),
                                          ({"coupling_scale": float("inf")}, "coupling_scale must be finite"),
                                          ({"has_final_state": 1}, "has_final_state=1 but the node has 1 outputs")])
-def test_refuses_bad_attributes(attrs, text):
+def test_refuses_bad_attributes(attrs, text, provider):
     with pytest.raises(Exception) as e:
-        session(scan_model(attrs=attrs))
+        session(scan_model(attrs=attrs), provider)
     assert text in str(e.value)
 
 
@@ -226,10 +241,11 @@ def fp16_export(tmp_path_factory):
 
 
 @pytest.mark.parametrize("batch,lengths", [(2, (6, 4, 3)), (1, (1, 1, 1)), (3, (17, 9, 30)), (1, (40, 2, 5))])
-def test_model_onnx_runs_on_ort_cpu_and_matches_pytorch(art, batch, lengths):
+def test_model_onnx_runs_on_ort_and_matches_pytorch(art, batch, lengths, provider):
     from cm_deploy.runtime import load
     feeds = feeds_for(batch, lengths, seed=batch)
-    with load(art["onnx"], device="cpu") as m, load(art["a"], device="cpu", scan_impl="reference") as ref:
+    device = "cuda" if provider == "CUDAExecutionProvider" else "cpu"
+    with load(art["onnx"], device=device) as m, load(art["a"], device="cpu", scan_impl="reference") as ref:
         assert m.kind == "onnxruntime" and m.ort_ops == LIB
         got, want = m.run(feeds)["output"], ref.run(feeds)["output"]
     assert got.shape == want.shape == (batch, 1)
