@@ -98,6 +98,8 @@ def main(argv=None) -> int:
                     with torch.no_grad():
                         ref = model(xs).numpy()
                     feeds = {n: x.numpy().astype(np_dt) for n, x in zip(config.modalities, xs)}
+                    feeds.update({f"{n}_lengths": np.full(batch, x.shape[1], np.int64)     # whole sequences
+                                  for n, x in zip(config.modalities, xs)})
                     t0 = time.perf_counter()
                     got = sess.run(["output"], feeds)[0].astype(np.float32)
                     ms = (time.perf_counter() - t0) * 1e3
