@@ -62,7 +62,7 @@ def test_exported_model_builds_with_the_plugin(tmp_path, dtype):
     cfg = CoupledMambaConfig(modalities={"text": 12, "audio": 6}, d_model=16, n_layers=2, d_state=4)
     ckpt = save_checkpoint(CoupledMamba(cfg), tmp_path / "ckpt.pt")
     cli = [sys.executable, "-m", "cm_deploy.cli"]
-    r = subprocess.run(cli + ["export", str(ckpt), "-o", str(tmp_path / "export"), "--dtype", dtype],
+    r = subprocess.run(cli + ["export", str(ckpt), "-o", str(tmp_path / "export"), "--dtype", dtype, "--streaming"],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     engine = tmp_path / "model.engine"
@@ -77,3 +77,12 @@ def test_exported_model_builds_with_the_plugin(tmp_path, dtype):
     assert info["plugin"]["sha256"] and Path(info["plugin"]["path"]).name == "libcoupled_scan_plugin.so"
     # no temporary left beside the engine
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "export", "model.engine", "model.engine.json"]
+    # the streaming graph: CoupledScan with initial_state / final_state through the plugin
+    stream = tmp_path / "stream.engine"
+    r = subprocess.run(cli + ["build", str(tmp_path / "export" / "model.stream.onnx"), "-o", str(stream),
+                              "--trt-module", "tensorrt_rtx_bindings", "--plugin", str(_plugin_library()),
+                              "--batch", "1:2:4", "--length", "1:8:32"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, (r.returncode, r.stdout[-2000:], r.stderr[-2000:])
+    names = [e["name"] for e in json.loads(stream.with_name("stream.engine.json").read_text())["inputs"]]
+    assert "state.scan.0" in names and "state.count" in names
