@@ -283,3 +283,27 @@ def test_cli_run_and_parity_of_model_onnx_without_tensorrt(art, tmp_path, capsys
     out, err = capsys.readouterr()
     assert rc == 0, out + err
     assert "onnxruntime" in out
+
+
+def test_both_cpu_state_loops_match_the_reference():
+    """The CPU kernel's vectorized state loop (polynomial exp) and the exact one (std::exp, with
+    CM_DEPLOY_SCAN_CPU_EXACT=1): both within float32 round-off of the reference, on states that
+    decay over the whole range (dt * A down to -1e3)."""
+    import subprocess
+    import sys
+    code = (
+        "import sys; sys.path.insert(0, 'tests'); import numpy as np, torch\n"
+        "from test_ort_ops import scan_model, session, random_args, to_numpy, reference, NAMES\n"
+        "a = random_args(2, 3, 40, 24, 64, seed=5); a['A'] = a['A'] * 50\n"
+        "y, c = session(scan_model(final_state=True)).run(None, {n: to_numpy(a[n]) for n in NAMES})\n"
+        "wy, wc = reference(a)\n"
+        "print(float(np.abs(y - wy.numpy()).max() / np.abs(wy.numpy()).max()),"
+        " float(np.abs(c - wc.numpy()).max() / np.abs(wc.numpy()).max()))\n")
+    errs = {}
+    for exact in ("0", "1"):
+        env = dict(os.environ, CM_DEPLOY_SCAN_CPU_EXACT=exact, CM_DEPLOY_ORT_OP_LIBRARY=str(LIB))
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                           cwd=os.path.dirname(os.path.dirname(__file__)), timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        errs[exact] = [float(v) for v in r.stdout.split()]
+        assert max(errs[exact]) < 2e-6, errs
