@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from . import CoupledMamba, CoupledMambaConfig, save_checkpoint
+from .contract import FILES
 from .progress import Progress, silent
 
 MODALITIES = {"text": 16, "audio": 8, "vision": 6}
@@ -135,7 +136,7 @@ def main(argv=None):
         print(f"      wrote {out / 'export'}: model.onnx ({manifest['custom_ops'][0]['count']} CoupledScan "
               "nodes), model.portable.onnx, manifest.json")
         print("[3/3] parity: portable ONNX in ONNX Runtime vs the PyTorch reference")
-        with load(out / "export" / "model.portable.onnx") as onnx_model, \
+        with load(out / "export" / FILES["portable"]) as onnx_model, \
                 TorchBackend(ckpt, device="cpu", dtype="float32", scan_impl="reference") as ref:
             report = run_parity(ref, onnx_model, default_shapes([onnx_model]))
             print(format_report(report))
@@ -143,7 +144,7 @@ def main(argv=None):
             from .runtime.native import find_library
             if find_library("ort", required=False) is not None:
                 print("      and model.onnx in ONNX Runtime with the CoupledScan op library")
-                with load(out / "export" / "model.onnx") as op_model:
+                with load(out / "export" / FILES["tensorrt"]) as op_model:
                     op_report = run_parity(ref, op_model, default_shapes([op_model]))
                 print(format_report(op_report))
                 report = dict(report, ok=report["ok"] and op_report["ok"], model_onnx=op_report)

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from .. import __version__
-from ..contract import OP_TYPE, precision_of
+from ..contract import BATCH_DIM, FILES, MANIFEST_NAME, OP_TYPE, length_dim, precision_of
 from ..errors import UserError
 from ..contract import normalize_precision
 from .specs import manifest_for, refuse_overwrite
@@ -182,8 +182,8 @@ def build_engine(onnx, output=None, *, plugin=None, precision=None, batch=None, 
     onnx_path = Path(onnx)
     if onnx_path.is_dir():
         from .specs import read_manifest
-        m = read_manifest(onnx_path / "manifest.json")
-        onnx_path = onnx_path / m.get("files", {}).get("tensorrt", "model.onnx")
+        m = read_manifest(onnx_path / MANIFEST_NAME)
+        onnx_path = onnx_path / m.get("files", {}).get("tensorrt", FILES["tensorrt"])
     if not onnx_path.is_file():
         raise UserError(f"ONNX file not found: {onnx_path}")
     manifest = manifest_for(onnx_path)
@@ -304,7 +304,7 @@ def build_engine(onnx, output=None, *, plugin=None, precision=None, batch=None, 
             if m and len(m.get("shape", [])) == len(shape):
                 sym = list(m["shape"])
             else:
-                sym = [d if d >= 0 else ("batch" if a == 0 else f"L_{t.name}" if a == 1 else f"{t.name}_{a}")
+                sym = [d if d >= 0 else (BATCH_DIM if a == 0 else length_dim(t.name) if a == 1 else f"{t.name}_{a}")
                        for a, d in enumerate(shape)]
             entries.append({"name": t.name, "shape": sym, "dtype": trt_dtype_name(t.dtype)})
         return entries

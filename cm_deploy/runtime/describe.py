@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..contract import DOMAIN, OP_TYPE
+from ..contract import BATCH_DIM, DOMAIN, OP_TYPE, OUTPUT_NAME, length_dim
 from ..errors import UserError
 from .backend import model_kind
 from .specs import manifest_for
@@ -85,6 +85,6 @@ def describe_file(path) -> dict:
     config, sd, meta = read_checkpoint(path)
     return {"name": path.name, "kind": "checkpoint", "path": str(path), "config": config.to_dict(),
             "parameters": int(sum(v.numel() for v in sd.values())), "meta": meta,
-            "inputs": [{"name": n, "shape": ["batch", f"L_{n}", f], "dtype": "float32"}
+            "inputs": [{"name": n, "shape": [BATCH_DIM, length_dim(n), f], "dtype": "float32"}
                        for n, f in config.modalities.items()],
-            "outputs": [{"name": "output", "shape": ["batch", config.num_outputs], "dtype": "float32"}]}
+            "outputs": [{"name": OUTPUT_NAME, "shape": [BATCH_DIM, config.num_outputs], "dtype": "float32"}]}

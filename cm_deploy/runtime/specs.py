@@ -19,7 +19,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from ..contract import LENGTHS_SUFFIX, MANIFEST_FORMAT, STATE_PREFIX
+from ..contract import LENGTHS_SUFFIX, MANIFEST_FORMAT, MANIFEST_NAME, STATE_PREFIX
 from ..errors import UserError
 
 
@@ -226,7 +226,7 @@ def read_manifest(path) -> dict:
 def manifest_for(model_path) -> dict | None:
     """The export manifest that describes an ONNX file (manifest.json beside it that lists it), or None."""
     model_path = Path(model_path)
-    cand = model_path.parent / "manifest.json"
+    cand = model_path.parent / MANIFEST_NAME
     if not cand.is_file():
         return None
     try:

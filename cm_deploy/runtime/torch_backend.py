@@ -16,7 +16,7 @@ import numpy as np
 
 from ..errors import UserError
 from .backend import Backend
-from ..contract import LENGTHS_SUFFIX, PRECISIONS, normalize_precision
+from ..contract import BATCH_DIM, LENGTHS_SUFFIX, OUTPUT_NAME, PRECISIONS, length_dim, normalize_precision
 from .specs import TensorSpec, np_dtype
 
 
@@ -58,11 +58,11 @@ class TorchBackend(Backend):
         self.model.to_precision(self.precision)      # the policy export uses: A, D, dt bias stay float32
         cfg = self.model.config
         self.config = cfg.to_dict()
-        self.inputs = [TensorSpec(n, ("batch", f"L_{n}", f), self.precision) for n, f in cfg.modalities.items()]
-        # per-sample valid lengths, as the exported graphs take them (export/exporter.py input_names)
-        self.inputs += [TensorSpec(n + LENGTHS_SUFFIX, ("batch",), "int64") for n in cfg.modalities]
+        self.inputs = [TensorSpec(n, (BATCH_DIM, length_dim(n), f), self.precision) for n, f in cfg.modalities.items()]
+        # per-sample valid lengths, as the exported graphs take them (contract.input_names)
+        self.inputs += [TensorSpec(n + LENGTHS_SUFFIX, (BATCH_DIM,), "int64") for n in cfg.modalities]
         self._names = list(cfg.modalities)
-        self.outputs = [TensorSpec("output", ("batch", cfg.num_outputs), self.precision)]
+        self.outputs = [TensorSpec(OUTPUT_NAME, (BATCH_DIM, cfg.num_outputs), self.precision)]
         self.cuda_graph = bool(cuda_graph) and self.device.type == "cuda"
         self.graph_max_batch = graph_max_batch
         self._graphs = {}
@@ -116,8 +116,8 @@ class TorchBackend(Backend):
             else:
                 out = self._forward(xs)
         if device_outputs:
-            return {"output": out}
-        return {"output": self._to_numpy(out)}
+            return {OUTPUT_NAME: out}
+        return {OUTPUT_NAME: self._to_numpy(out)}
 
     def _graph_run(self, xs):
         torch = self._torch
