@@ -29,7 +29,7 @@ from .. import __version__
 from ..checkpoint import load_checkpoint
 from ..contract import (BATCH_DIM, CHUNK_DIM, DOMAIN, DOMAIN_VERSION, FILES, MANIFEST_FORMAT, MANIFEST_NAME,
                         MAX_MODALITIES, MAX_STATES, NEXT_STATE_PREFIX, OP_TYPE, OUTPUT_NAME, PLUGIN_VERSION,
-                        STATE_PREFIX, STREAM_FILES, input_names as _graph_inputs, length_dim)
+                        STATE_PREFIX, STREAM_FILES, input_names, length_dim)
 from ..errors import UserError
 from ..progress import silent
 from .portable import make_portable
@@ -39,11 +39,6 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 # ONNX Runtime >= 1.14 all read. bfloat16 needs 22: Conv has no bfloat16 before it.
 DEFAULT_OPSET = 18
 MIN_OPSET = {"float32": 18, "float16": 18, "bfloat16": 22}
-
-
-def input_names(config) -> list:
-    """The graph's inputs in order: the modalities, then one lengths input per modality."""
-    return _graph_inputs(config.modalities)
 
 
 class _Streaming(nn.Module):
@@ -64,7 +59,7 @@ class _Streaming(nn.Module):
 def stream_io_names(model) -> tuple[list, list]:
     """(inputs, outputs) of the streaming graphs."""
     keys = list(model.state_specs())
-    return (input_names(model.config) + [STATE_PREFIX + k for k in keys],
+    return (input_names(model.config.modalities) + [STATE_PREFIX + k for k in keys],
             [OUTPUT_NAME] + [NEXT_STATE_PREFIX + k for k in keys])
 
 
@@ -103,7 +98,7 @@ def _check_options(config, dtype, opset, batch, lengths):
         raise UserError(f"the exported CoupledScan's kernels take d_state <= {MAX_STATES} and at most "
                         f"{MAX_MODALITIES} modalities; this model has d_state {config.d_state} and "
                         f"{config.n_modalities} modalities")
-    names = input_names(config)
+    names = input_names(config.modalities)
     if OUTPUT_NAME in names or len(set(names)) != len(names):
         raise UserError(f"modality names {list(config.modalities)} clash with the graph's other names "
                         f"({OUTPUT_NAME!r}, '<modality>_lengths')")
@@ -169,7 +164,7 @@ def _torch_export(model, config, dtype, opset, batch, lengths, streaming=False) 
         wrapped = _Positional(prepared)
         args = tuple(_example_inputs(config, dtype, batch, lambda i, name: lengths.get(name, 5 + 2 * i)))
         dynamic = _dynamic_shapes(config, batch, lengths)
-        names_in, names_out = input_names(config), [OUTPUT_NAME]
+        names_in, names_out = input_names(config.modalities), [OUTPUT_NAME]
     log = io.StringIO()
     # The exporter narrates every step and torch warns about its own internals: keep that out of
     # the user's terminal, but put it in the error when the export fails.
@@ -205,7 +200,7 @@ def _finish_tensorrt_graph(proto, config, dtype, batch, lengths, stream_io=None)
     stream_io: (input names, output names) of a streaming graph."""
     g = proto.graph
     names = [i.name for i in g.input]
-    want_in, want_out = stream_io or (input_names(config), [OUTPUT_NAME])
+    want_in, want_out = stream_io or (input_names(config.modalities), [OUTPUT_NAME])
     if names != want_in or [o.name for o in g.output] != want_out:
         raise RuntimeError(f"exporter produced inputs {names} and outputs {[o.name for o in g.output]}")
     # Pin the symbolic dims' names to the contract's ("batch", "L_<modality>" or the chunk's "T")
