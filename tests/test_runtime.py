@@ -730,3 +730,45 @@ def test_real_tensorrt_build_run_parity(art, tmp_path):
         assert np.array_equal(a, b) and eng.graphs.replays >= 1
         with pytest.raises(UserError, match="outside the engine's profile"):
             eng.run(feeds_for(8, (8, 8, 8)))
+
+
+def _stream_kernel(ctx, stream):
+    """A stand-in streaming engine on host memory: next_state.s = state.s + the chunk's sum per sample;
+    output = next_state.s (so the output after the last chunk is the sum over every chunk)."""
+    def view(name):
+        shape = ctx.get_tensor_shape(name)
+        n = int(np.prod(shape))
+        return np.ctypeslib.as_array((ctypes.c_float * n).from_address(ctx.addresses[name])).reshape(shape)
+    x = view("text")
+    s = view("state.s").copy()
+    nxt = s + x.reshape(x.shape[0], -1).sum(axis=1, keepdims=True)
+    view("next_state.s")[:] = nxt
+    view("output")[:] = nxt
+
+
+def test_stream_on_an_engine_keeps_state_in_device_buffers(fake_trt, host_cuda, tmp_path):
+    """Stream over a TensorRT engine: the state ping-pongs between two stream-owned device buffer
+    sets (the engine writes the next state through out=), never through the host."""
+    from cm_deploy.runtime import cuda as cuda_mod
+    from cm_deploy.runtime.engine import Engine
+    from cm_deploy.runtime.stream import Stream
+    fake_trt(kernel=_stream_kernel)
+    io_ = [{"name": "text", "shape": [-1, -1, 2], "dtype": "FLOAT", "mode": "INPUT",
+            "profile": [[1, 1, 2], [2, 4, 2], [4, 16, 2]]},
+           {"name": "state.s", "shape": [-1, 1], "dtype": "FLOAT", "mode": "INPUT",
+            "profile": [[1, 1], [2, 1], [4, 1]]},
+           {"name": "output", "shape": [-1, 1], "dtype": "FLOAT", "mode": "OUTPUT"},
+           {"name": "next_state.s", "shape": [-1, 1], "dtype": "FLOAT", "mode": "OUTPUT"}]
+    path = tmp_path / "s.engine"
+    path.write_bytes(fake_engine_bytes(io_, "10.8.0"))
+    eng = Engine(path)
+    s = Stream(eng, batch=2)
+    assert s.device_state == "trt"
+    x = np.arange(2 * 7 * 2, dtype=np.float32).reshape(2, 7, 2)
+    for t0, t1 in ((0, 1), (1, 4), (4, 7)):
+        y = s.push({"text": x[:, t0:t1]})
+        assert all(isinstance(v, cuda_mod.DeviceArray) for v in s.state.values())
+    np.testing.assert_allclose(y, x.reshape(2, -1).sum(axis=1, keepdims=True))
+    s.reset()
+    np.testing.assert_allclose(s.push({"text": x[:, :2]}), x[:, :2].reshape(2, -1).sum(axis=1, keepdims=True))
+    eng.close()

@@ -23,9 +23,14 @@ class Stream:
 
     def __init__(self, backend, batch: int = 1):
         self.backend = backend
-        # ONNX Runtime: the next state stays an OrtValue where the session put it (GPU memory on the CUDA
-        # provider) and is bound as the next chunk's input: no copy to the host and back
-        self.device_state = backend.kind == "onnxruntime"
+        # Where the state lives between chunks, without a round trip through the host:
+        #   "ort": the OrtValues the session returned (GPU memory on the CUDA provider), bound back as inputs;
+        #   "trt": two sets of stream-owned device buffers, ping-pong: the engine reads the state from one
+        #          and writes the next state into the other (its own output buffers are reused by every run,
+        #          so they cannot hold a state that the next run reads)
+        #   None: host arrays (the PyTorch backend and engines without a device)
+        self.device_state = ("ort" if backend.kind == "onnxruntime" else
+                             "trt" if backend.kind == "tensorrt" and hasattr(backend, "context") else None)
         self.states = [s for s in backend.inputs if s.name.startswith(STATE_PREFIX)]
         if not self.states:
             raise UserError(f"{backend.name}: not a streaming graph (no state.* inputs): export with "
@@ -52,6 +57,10 @@ class Stream:
             if not all(isinstance(d, int) and d >= 0 for d in shape):
                 raise UserError(f"{self.backend.name}: state {s.name!r} has a dynamic shape {s.shape}")
             self.state[s.name] = np.zeros(shape, dtype=np_dtype(s.dtype))
+        if self.device_state == "trt":
+            from . import cuda as cu
+            self._spare = {k: cu.DeviceArray.empty(v.shape, v.dtype) for k, v in self.state.items()}
+            self.state = {k: cu.DeviceArray.from_host(v) for k, v in self.state.items()}
         self.steps = 0
 
     def push(self, chunk: Mapping, lengths: Mapping | None = None) -> np.ndarray:
@@ -70,12 +79,22 @@ class Stream:
                 raise UserError(f"stream chunk {name!r} has batch {np.shape(feeds[name])[0]}, the stream "
                                 f"{self.batch} (reset(batch) to change it)")
         feeds.update(self.state)
-        out = self.backend.run(feeds, device_outputs=True) if self.device_state else self.backend.run(feeds)
-        nxt = {s.name: out[NEXT_STATE_PREFIX + s.name[len(STATE_PREFIX):]] for s in self.states}
-        self.state = nxt if self.device_state else {k: np.asarray(v) for k, v in nxt.items()}
+        nxt_name = {s.name: NEXT_STATE_PREFIX + s.name[len(STATE_PREFIX):] for s in self.states}
+        if self.device_state == "trt":
+            out = self.backend.run(feeds, device_outputs=True,
+                                   out={nxt_name[k]: self._spare[k] for k in self.state})
+            self.state, self._spare = self._spare, self.state        # the next state is in the spare set
+            y = out[OUTPUT_NAME].to_host()
+        elif self.device_state == "ort":
+            out = self.backend.run(feeds, device_outputs=True)
+            self.state = {k: out[n] for k, n in nxt_name.items()}
+            y = out[OUTPUT_NAME].numpy()
+        else:
+            out = self.backend.run(feeds)
+            self.state = {k: np.asarray(out[n]) for k, n in nxt_name.items()}
+            y = out[OUTPUT_NAME]
         self.steps += int(np.shape(next(iter(chunk.values())))[1]) if chunk else 0
-        y = out[OUTPUT_NAME]
-        return y.numpy() if self.device_state else y
+        return y
 
     def close(self):
         self.backend.close()
