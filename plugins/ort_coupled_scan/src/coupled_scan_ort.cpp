@@ -260,8 +260,17 @@ struct CudaKernel
             auto stream = static_cast<cudaStream_t>(ctx.GetGPUComputeStream());
             // Workspace for splitting L when the batch is small, from ORT's own device allocator (its
             // arena: no cudaMalloc per call, and CUDA-graph capture stays valid).
+            // Without one (no CUDA allocator found) L stays in one segment: slower for small batches, as correct.
             Ort::MemoryInfo mem("Cuda", OrtDeviceAllocator, dev, OrtMemTypeDefault);
-            OrtAllocator* alloc = ctx.GetAllocator(*mem);
+            OrtAllocator* alloc = nullptr;
+            if (OrtStatus* st = Ort::GetApi().KernelContext_GetAllocator(raw, mem, &alloc))
+            {
+                Ort::GetApi().ReleaseStatus(st);
+                alloc = nullptr;
+            }
+            // the allocator handle is ours to release (ORT's C API contract)
+            std::unique_ptr<OrtAllocator, void (*)(OrtAllocator*)> keep(
+                alloc, [](OrtAllocator* p) { Ort::GetApi().ReleaseAllocator(p); });
             size_t const wsBytes = scan::segmentWorkspaceBytes(a.E, a.N);
             void* ws = alloc != nullptr ? alloc->Alloc(alloc, wsBytes) : nullptr;
             std::string why;
