@@ -51,8 +51,13 @@ def resample_valid(h, length, target, L):
     i0 = torch.minimum(pos.floor(), hi)                                  # float clamps: no integer Clip
     w = (pos - i0).unsqueeze(-1)                                         # weight of the right neighbour
     i1 = torch.minimum(i0 + 1, hi)
-    idx = lambda i: i.long().clamp(max=Lm - 1).unsqueeze(-1).expand(-1, -1, h.shape[2])  # noqa: E731
-    left, right = torch.gather(h, 1, idx(i0)).float(), torch.gather(h, 1, idx(i1)).float()
+    # rows of h flattened to (b * L_m, d), picked by one index per (sample, step): a Gather of b * L
+    # rows, not of b * L * d elements
+    b, d = h.shape[0], h.shape[2]
+    rows = h.reshape(b * Lm, d)
+    base = (torch.arange(b, device=h.device) * Lm)[:, None]
+    pick = lambda i: rows.index_select(0, (base + i.long().clamp(max=Lm - 1)).reshape(-1)).reshape(b, L, d)  # noqa: E731
+    left, right = pick(i0).float(), pick(i1).float()
     out = (1 - w) * left + w * right
     steps = torch.arange(L, device=h.device)[None, :]
     keep = (steps < target[:, None]) & (length[:, None] > 0)
