@@ -772,3 +772,15 @@ def test_stream_on_an_engine_keeps_state_in_device_buffers(fake_trt, host_cuda, 
     s.reset()
     np.testing.assert_allclose(s.push({"text": x[:, :2]}), x[:, :2].reshape(2, -1).sum(axis=1, keepdims=True))
     eng.close()
+
+
+def test_backend_trt_on_an_onnx_file_builds_an_engine_in_a_temporary_folder(fake_trt, host_cuda, art, plugin_lib):
+    """load(model.onnx, backend="trt"): an engine built into a temporary folder, removed on close."""
+    from cm_deploy.runtime import load
+    fake_trt()
+    eng = load(art["onnx"], backend="trt", plugin=plugin_lib)
+    folder = eng.path.parent
+    assert eng.kind == "tensorrt" and eng.path.suffix == ".engine" and folder.is_dir()
+    assert folder != Path(art["onnx"]).parent and not (Path(art["onnx"]).parent / "model.engine").exists()
+    eng.close()
+    assert not folder.exists()
