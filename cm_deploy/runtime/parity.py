@@ -26,7 +26,7 @@ import numpy as np
 
 from ..errors import UserError
 from .backend import Backend
-from .specs import ShapeChoice, length_inputs, lengths_inputs, np_dtype, random_feeds
+from .specs import ShapeChoice, length_inputs, np_dtype, random_feeds, valid_length_inputs
 
 TOLERANCES = {"float32": (1e-4, 1e-4), "float16": (1e-2, 1e-2), "bfloat16": (5e-2, 5e-2)}
 DEFAULT_MAX_BATCH = 4
@@ -127,7 +127,7 @@ def check_compatible(reference: Backend, model: Backend) -> None:
     rn = {s.name: s for s in reference.inputs}
     mn = {s.name: s for s in model.inputs}
     # a file exported without lengths inputs compares with the checkpoint at full lengths
-    for name in set(lengths_inputs(reference.inputs)) - set(mn):
+    for name in set(valid_length_inputs(reference.inputs)) - set(mn):
         rn.pop(name)
     if set(rn) != set(mn):
         raise UserError(f"{model.name} takes inputs {', '.join(mn)} but the checkpoint's model takes "

@@ -320,7 +320,7 @@ def check_nonempty(where: str, specs: Sequence[TensorSpec], infos: Mapping) -> N
 def check_finite(where: str, specs: Sequence[TensorSpec], feeds: Mapping, infos: Mapping) -> None:
     """Float host inputs hold no NaN/Inf within their valid steps (padding past a sample's
     <name>_lengths may hold anything). UserError (one line) naming the first bad element."""
-    lens = {m: k for k, m in lengths_inputs(specs).items()}
+    lens = {m: k for k, m in valid_length_inputs(specs).items()}
     for s in specs:
         if infos[s.name].on_device or infos[s.name].ortvalue or np_dtype(s.dtype).kind not in "fV":
             continue
@@ -336,7 +336,7 @@ def check_finite(where: str, specs: Sequence[TensorSpec], feeds: Mapping, infos:
                             f"steps, the first at {idx} (pass --no-check-finite to run anyway)")
 
 
-def lengths_inputs(specs: Sequence[TensorSpec]) -> dict[str, str]:
+def valid_length_inputs(specs: Sequence[TensorSpec]) -> dict[str, str]:
     """{lengths input: its modality input} for every `<modality>_lengths` input, int64 (batch,)."""
     names = {s.name for s in specs}
     return {s.name: s.name[:-len(LENGTHS_SUFFIX)] for s in specs
@@ -347,7 +347,7 @@ def fill_defaults(specs: Sequence[TensorSpec], feeds: Mapping) -> Mapping:
     """`feeds` with the inputs a caller may leave out filled in: every lengths input with its
     modality's full length, and (streaming graphs) every state.* input with zeros, which starts a
     stream."""
-    missing = {k: m for k, m in lengths_inputs(specs).items() if k not in feeds and m in feeds}
+    missing = {k: m for k, m in valid_length_inputs(specs).items() if k not in feeds and m in feeds}
     states = [s for s in specs if s.name.startswith(STATE_PREFIX) and s.name not in feeds]
     if not missing and not states:
         return feeds
@@ -367,7 +367,7 @@ def fill_defaults(specs: Sequence[TensorSpec], feeds: Mapping) -> Mapping:
 
 def check_lengths(where: str, specs: Sequence[TensorSpec], feeds: Mapping, infos: Mapping) -> None:
     """Valid lengths (host arrays) must lie in [0, L] of their modality; UserError (one line) otherwise."""
-    for k, m in lengths_inputs(specs).items():
+    for k, m in valid_length_inputs(specs).items():
         if k not in feeds or infos[k].on_device or infos[k].ortvalue:
             continue
         v, L = np.asarray(feeds[k]), infos[m].shape[1]
@@ -382,7 +382,7 @@ def random_feeds(specs: Sequence[TensorSpec], choice: ShapeChoice, seed: int = 0
     Lengths inputs: the first sample full, the others random in [1, L] (padding exercised)."""
     rng = np.random.default_rng(seed)
     feeds = {}
-    lens = lengths_inputs(specs)
+    lens = valid_length_inputs(specs)
     for spec in specs:
         if spec.name in lens:
             continue
