@@ -307,3 +307,20 @@ def test_both_cpu_state_loops_match_the_reference():
         assert r.returncode == 0, r.stderr[-2000:]
         errs[exact] = [float(v) for v in r.stdout.split()]
         assert max(errs[exact]) < 2e-6, errs
+
+
+def test_runtime_runs_bfloat16_graphs_on_ort(tmp_path):
+    """OrtBackend takes and returns bfloat16 (ml_dtypes) arrays although ORT's numpy bridge has no
+    bfloat16: a bf16 CoupledScan graph (no Cast) through cm_deploy.runtime.load on the CPU provider."""
+    from cm_deploy.runtime import load
+    m = scan_model("bfloat16")
+    m.graph.node.pop()                                  # drop the test graph's Cast: y leaves as bfloat16
+    m.graph.output[0].CopyFrom(helper.make_tensor_value_info("y_bf16", TensorProto.BFLOAT16, None))
+    path = tmp_path / "bf16.onnx"
+    onnx.save(m, str(path))
+    args = random_args(2, 3, 9, 5, 4, dtype="bfloat16", seed=2)
+    with load(path, device="cpu") as b:
+        assert b.precision == "bfloat16"
+        y = b.run({n: to_numpy(args[n]) for n in NAMES})["y_bf16"]
+    assert y.dtype.name == "bfloat16" and y.shape == (2, 3, 9, 5)
+    close(y, reference(args)[0], "bfloat16")

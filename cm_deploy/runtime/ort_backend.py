@@ -24,6 +24,31 @@ from .specs import ORT_TYPES, TensorSpec, manifest_for, np_dtype
 
 
 
+_BF16 = 16    # onnx.TensorProto.BFLOAT16: ORT's Python bridge takes it where numpy has no bfloat16
+
+
+def _elem(dtype: str):
+    """Element type for ORT's binding calls: the numpy dtype, or ONNX's code for bfloat16."""
+    return _BF16 if dtype == "bfloat16" else np_dtype(dtype)
+
+
+def _to_numpy(value) -> np.ndarray:
+    """An output OrtValue as a host array. bfloat16 (which OrtValue.numpy() refuses) is read by
+    address, from host memory or with a device-to-host copy, as an ml_dtypes array."""
+    if value.data_type() != "tensor(bfloat16)":
+        return value.numpy()
+    shape = tuple(value.shape())
+    out = np.empty(shape, np_dtype("bfloat16"))
+    if out.size:
+        if value.device_name().lower() == "cpu":
+            import ctypes
+            ctypes.memmove(out.ctypes.data, value.data_ptr(), out.nbytes)
+        else:
+            from .cuda import copy_dtoh
+            copy_dtoh(out, value.data_ptr())
+    return out
+
+
 def _one_line(e: BaseException) -> str:
     text = " ".join(str(e).split())
     return text[:400] + ("..." if len(text) > 400 else "")
@@ -106,6 +131,7 @@ class OrtBackend(Backend):
         m = self.manifest or {}
         self.config = m.get("config")
         self.precision = m.get("dtype") or precision_of(s.dtype for s in self.inputs)
+        self._bf16 = any(s.dtype == "bfloat16" for s in self.inputs + self.outputs)
         ep = "CUDA" if self.on_cuda else "CPU"
         self.name = f"onnxruntime[{ep}{'+graph' if self.cuda_graph else ''}]:{self.path.name}"
 
@@ -129,7 +155,7 @@ class OrtBackend(Backend):
         if on_device and not self.on_cuda:
             raise UserError(f"{self.name}: CUDA input {on_device[0]!r} needs the CUDA provider (device='cuda'); "
                             "the CPU session takes host arrays")
-        if on_device or device_outputs or any(i.ortvalue for i in infos.values()):
+        if on_device or device_outputs or any(i.ortvalue for i in infos.values()) or self._bf16:
             return self._run_bound(feeds, infos, device_outputs)
         host = {}
         for spec in self.inputs:
@@ -153,8 +179,11 @@ class OrtBackend(Backend):
                     # ORT runs on its own stream: let the producer's queued work finish first
                     from .cuda import cudart, check
                     check(cudart().cudaStreamSynchronize(info.stream), "cudaStreamSynchronize")
-                binding.bind_input(spec.name, "cuda", self.device_id, np_dtype(spec.dtype), list(info.shape),
+                binding.bind_input(spec.name, "cuda", self.device_id, _elem(spec.dtype), list(info.shape),
                                    info.ptr)
+            elif spec.dtype == "bfloat16":      # numpy has no bfloat16 for ORT: pass the bits typed by ONNX code
+                bits = np.ascontiguousarray(feeds[spec.name]).view(np.uint16)
+                binding.bind_ortvalue_input(spec.name, self._ort.OrtValue.ortvalue_from_numpy_with_onnx_type(bits, _BF16))
             else:
                 binding.bind_cpu_input(spec.name, np.ascontiguousarray(feeds[spec.name]))
         for spec in self.outputs:
@@ -166,9 +195,10 @@ class OrtBackend(Backend):
             self.session.run_with_iobinding(binding)
         except Exception as e:
             raise RuntimeError(f"{self.name}: inference failed: {_one_line(e)}") from None
+        outs = binding.get_outputs()
         if device_outputs:
-            return dict(zip((s.name for s in self.outputs), binding.get_outputs()))   # OrtValues on device
-        return dict(zip((s.name for s in self.outputs), binding.copy_outputs_to_cpu()))
+            return dict(zip((s.name for s in self.outputs), outs))   # OrtValues where the session left them
+        return {s.name: _to_numpy(v) for s, v in zip(self.outputs, outs)}
 
     def _run_graph(self, feeds, infos, device_outputs):
         """CUDA-graph replay reads the addresses it captured: every input and output lives in one
@@ -180,7 +210,7 @@ class OrtBackend(Backend):
             if self._graph_buffers:
                 raise UserError(f"{self.name}: a CUDA-graph session runs one set of input shapes; open another "
                                 "for new shapes")
-            bufs = {s.name: ort.OrtValue.ortvalue_from_shape_and_type(list(infos[s.name].shape), np_dtype(s.dtype),
+            bufs = {s.name: ort.OrtValue.ortvalue_from_shape_and_type(list(infos[s.name].shape), _elem(s.dtype),
                                                                        "cuda", self.device_id)
                     for s in self.inputs}
             binding = self.session.io_binding()
@@ -200,14 +230,16 @@ class OrtBackend(Backend):
                 check(cudart().cudaMemcpy(dst.data_ptr(), info.ptr, nbytes,
                                           cudart().cudaMemcpyKind.cudaMemcpyDeviceToDevice), "cudaMemcpy")
             else:
-                dst.update_inplace(np.ascontiguousarray(feeds[spec.name], dtype=np_dtype(spec.dtype)))
+                from .cuda import copy_htod
+                copy_htod(dst.data_ptr(), np.ascontiguousarray(feeds[spec.name], dtype=np_dtype(spec.dtype)))
         try:
             self.session.run_with_iobinding(bufs["binding"])
         except Exception as e:
             raise RuntimeError(f"{self.name}: inference failed: {_one_line(e)}") from None
+        outs = bufs["binding"].get_outputs()
         if device_outputs:
-            return dict(zip((s.name for s in self.outputs), bufs["binding"].get_outputs()))
-        return dict(zip((s.name for s in self.outputs), bufs["binding"].copy_outputs_to_cpu()))
+            return dict(zip((s.name for s in self.outputs), outs))
+        return {s.name: _to_numpy(v) for s, v in zip(self.outputs, outs)}
 
     def close(self):
         self._graph_buffers.clear()
