@@ -343,6 +343,17 @@ def valid_length_inputs(specs: Sequence[TensorSpec]) -> dict[str, str]:
             if s.name.endswith(LENGTHS_SUFFIX) and s.name[:-len(LENGTHS_SUFFIX)] in names and s.rank == 1}
 
 
+def zero_state(specs: Sequence[TensorSpec], batch: int) -> dict[str, np.ndarray]:
+    """All-zero `state.*` inputs (the start of a stream) for `batch` streams; states whose other axes
+    are not fixed are left out (the caller decides whether that is an error)."""
+    out = {}
+    for s in specs:
+        dims = [batch] + list(s.shape[1:])
+        if s.name.startswith(STATE_PREFIX) and all(isinstance(d, int) and d >= 0 for d in dims):
+            out[s.name] = np.zeros(dims, dtype=np_dtype(s.dtype))
+    return out
+
+
 def fill_defaults(specs: Sequence[TensorSpec], feeds: Mapping) -> Mapping:
     """`feeds` with the inputs a caller may leave out filled in: every lengths input with its
     modality's full length, and (streaming graphs) every state.* input with zeros, which starts a
@@ -358,10 +369,8 @@ def fill_defaults(specs: Sequence[TensorSpec], feeds: Mapping) -> Mapping:
             out[k] = np.full((shape[0],), shape[1], dtype=np.int64)
     given = [array_info(v).shape for k, v in feeds.items() if not k.startswith(STATE_PREFIX)]
     batch = next((sh[0] for sh in given if sh), None)
-    for s in states:
-        dims = [batch] + list(s.shape[1:])
-        if batch is not None and all(isinstance(d, int) and d >= 0 for d in dims):
-            out[s.name] = np.zeros(dims, dtype=np_dtype(s.dtype))
+    if states and batch is not None:
+        out.update(zero_state(states, batch))
     return out
 
 

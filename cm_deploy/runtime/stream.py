@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..contract import LENGTHS_SUFFIX, NEXT_STATE_PREFIX, OUTPUT_NAME, STATE_PREFIX
-from .specs import np_dtype
+from .specs import zero_state
 
 
 class Stream:
@@ -51,12 +51,10 @@ class Stream:
             if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
                 raise UserError(f"stream batch must be a positive int, got {batch!r}")
             self.batch = batch
-        self.state = {}
-        for s in self.states:
-            shape = [self.batch] + [d for d in s.shape[1:]]
-            if not all(isinstance(d, int) and d >= 0 for d in shape):
-                raise UserError(f"{self.backend.name}: state {s.name!r} has a dynamic shape {s.shape}")
-            self.state[s.name] = np.zeros(shape, dtype=np_dtype(s.dtype))
+        self.state = zero_state(self.states, self.batch)
+        dynamic = [s for s in self.states if s.name not in self.state]
+        if dynamic:
+            raise UserError(f"{self.backend.name}: state {dynamic[0].name!r} has a dynamic shape {dynamic[0].shape}")
         if self.device_state == "trt":
             from . import cuda as cu
             self._spare = {k: cu.DeviceArray.empty(v.shape, v.dtype) for k, v in self.state.items()}

@@ -263,14 +263,5 @@ void coupledScanCpuItem(ActType type, ScanArgs const& a, int64_t item)
     }
 }
 
-void coupledScanCpu(ActType type, ScanArgs const& a)
-{
-    int64_t const items = cpuWorkItems(a);
-    for (int64_t i = 0; i < items; ++i)
-    {
-        coupledScanCpuItem(type, a, i);
-    }
-}
-
 } // namespace scan
 } // namespace cm_deploy

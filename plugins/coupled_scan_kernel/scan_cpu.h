@@ -26,11 +26,8 @@ inline int64_t cpuWorkItems(ScanArgs const& a)
 }
 
 // One work item: batch row item / etiles, channels [tile * kCpuChannelTile, ...). Items are
-// independent (a thread pool may run them in any order). a.work is not used.
+// independent (a thread pool may run them in any order, cpuWorkItems of them). a.work is not used.
 void coupledScanCpuItem(ActType type, ScanArgs const& a, int64_t item);
-
-// Every item in turn.
-void coupledScanCpu(ActType type, ScanArgs const& a);
 
 } // namespace scan
 } // namespace cm_deploy
