@@ -289,6 +289,67 @@ def test_triton_matches_reference(case):
         assert_close(g_t[k], g_r[k], tol, f"d{k}")
 
 
+def _strided_views(inp, layout):
+    """The same values as inp's activations in the layouts the fused model hands the scan:
+    "mmajor" - every activation a (M, b, L, .) tensor seen as (b, M, L, .); "slices" - u and z
+    halves of one (.., 2E) projection, delta, B and C column ranges of one (.., E + 2N) projection
+    (row strides wider than the row), modality-major too."""
+    u, delta, z, B, C = (inp[k] for k in ("u", "delta", "z", "B", "C"))
+    mm = lambda x: x.transpose(0, 1).contiguous().transpose(0, 1)  # noqa: E731
+    if layout == "mmajor":
+        return dict(inp, u=mm(u), delta=mm(delta), z=mm(z), B=mm(B), C=mm(C))
+    E, N = u.shape[-1], B.shape[-1]
+    uz = mm(torch.cat([u, z], dim=-1))
+    dbc = mm(torch.cat([delta, B, C], dim=-1))
+    return dict(inp, u=uz[..., :E], z=uz[..., E:], delta=dbc[..., :E], B=dbc[..., E:E + N],
+                C=dbc[..., E + N:])
+
+
+@needs_triton
+@pytest.mark.parametrize("layout", ["mmajor", "slices"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tune", [{}, dict(n_seg=2, bwd_n_seg=2, chunk=4, block_e=8, bwd_block_e=8)])
+def test_triton_strided_inputs(layout, dtype, tune):
+    # views are read in place (no copies), y and the gradients equal the reference's; y follows
+    # u's layout when u is dense
+    b, M, L, E, N = 2, 3, 13, 20, 8
+    inp = make_inputs(b, M, L, E, N, dtype=dtype, init=True, seed=5)
+    view = _strided_views(inp, layout)
+    assert not view["u"].is_contiguous() and not view["B"].is_contiguous()
+    names = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
+    gen = torch.Generator().manual_seed(3)
+    wy = torch.randn(b, M, L, E, generator=gen).to(DEV)
+    wf = torch.randn(b, E, N, generator=gen).to(DEV)
+    kw = dict(softplus=True, kappa=None, return_final=True, grad_names=names, wy=wy, wf=wf)
+    y_r, f_r, g_r = run_scan("reference", inp, **kw)
+    with tuning(**tune):
+        y_t, f_t, g_t = run_scan("triton", view, **kw)
+        y_ng = coupled_scan(*(view[k] for k in NAMES[:8]), delta_softplus=True,
+                            initial_state=view["initial_state"], impl="triton")
+    tol = TOL[dtype]
+    assert_close(y_t, y_r, tol, "y")
+    assert torch.equal(y_ng, y_t)
+    if layout == "mmajor":
+        assert y_ng.stride() == view["u"].stride()
+    assert_close(f_t, f_r, tol, "final_state")
+    for k in names:
+        assert_close(g_t[k], g_r[k], tol, f"d{k}")
+
+
+@needs_triton
+def test_triton_expanded_output_gradient():
+    # y.sum() hands the backward an expanded (stride 0) gradient; outputs must not alias it
+    inp = make_inputs(2, 2, 7, 6, 4, seed=9)
+    grads = {}
+    for impl in ("reference", "triton"):
+        leaves = {k: (v.detach().clone().requires_grad_(k in ("u", "delta", "z")) if v is not None else None)
+                  for k, v in inp.items()}
+        y = coupled_scan(*(leaves[k] for k in NAMES[:8]), delta_softplus=True, impl=impl)
+        grads[impl] = torch.autograd.grad(y.sum(dim=2).sum(), [leaves["u"], leaves["delta"], leaves["z"]])
+    for k, gt, gr in zip(("u", "delta", "z"), grads["triton"], grads["reference"]):
+        assert_close(gt, gr, TOL[torch.float32], f"d{k}")
+
+
 @needs_triton
 def test_triton_partial_requires_grad_and_final_state_only():
     # only some inputs require grad (dB, dC and dinit are skipped), and the loss uses final_state

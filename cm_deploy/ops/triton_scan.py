@@ -110,6 +110,8 @@ def _load_vec(ptr, m: tl.constexpr, E, offs_e, me, ENABLED: tl.constexpr):
 def _fwd_kernel(u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
                 y_ptr, c0_ptr, ckpt_ptr, final_ptr, scr_ptr,
                 L, E, N, seg_len, n_seg, chunk, n_ck, kappa, log2_kappa,
+                su0, su1, su2, sd0, sd1, sd2, sz0, sz1, sz2, sb0, sb1, sb2, sc0, sc1, sc2,
+                sy0, sy1, sy2,
                 M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr,
                 SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
                 HAS_BIAS: tl.constexpr, HAS_C0: tl.constexpr, SAVE_CKPT: tl.constexpr,
@@ -132,6 +134,7 @@ def _fwd_kernel(u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
     pid_e = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     pid_s = tl.program_id(2)
+    z64 = pid_b * 0     # (z64 + m) * stride: modality offsets in int64
     # scratch of this program, float32: dt and dt * u [M][T][BLOCK_E] each, then the ungated y
     # sums [M][T][BLOCK_E][YP]
     MTE: tl.constexpr = M * T * BLOCK_E
@@ -188,7 +191,8 @@ def _fwd_kernel(u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
     # path. Unused slots are dummies.
     zn = tl.zeros([BLOCK_E, BLOCK_N], dtype=tl.float32)
     zr = tl.zeros([BLOCK_E, BLOCK_N], dtype=B_ptr.dtype.element_ty)
-    r0 = (pid_b * M) * L + t_lo
+    ob = pid_b * sb0 + t_lo * sb2     # B and C rows of step t_lo, modality 0
+    oc = pid_b * sc0 + t_lo * sc2
     b0 = zr
     k0 = zr
     b1 = zr
@@ -198,31 +202,32 @@ def _fwd_kernel(u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
     b3 = zr
     k3 = zr
     if PF_BC:
-        b0 = tl.load(B_ptr + r0 * N + offs_bc, mask=mbc, other=obc)
+        b0 = tl.load(B_ptr + ob + offs_bc, mask=mbc, other=obc)
         if NEED_Y:
-            k0 = tl.load(C_ptr + r0 * N + offs_bc, mask=mbc, other=obc)
+            k0 = tl.load(C_ptr + oc + offs_bc, mask=mbc, other=obc)
         if M > 1:
-            b1 = tl.load(B_ptr + (r0 + L) * N + offs_bc, mask=mbc, other=obc)
+            b1 = tl.load(B_ptr + ob + (z64 + 1) * sb1 + offs_bc, mask=mbc, other=obc)
             if NEED_Y:
-                k1 = tl.load(C_ptr + (r0 + L) * N + offs_bc, mask=mbc, other=obc)
+                k1 = tl.load(C_ptr + oc + (z64 + 1) * sc1 + offs_bc, mask=mbc, other=obc)
         if M > 2:
-            b2 = tl.load(B_ptr + (r0 + 2 * L) * N + offs_bc, mask=mbc, other=obc)
+            b2 = tl.load(B_ptr + ob + (z64 + 2) * sb1 + offs_bc, mask=mbc, other=obc)
             if NEED_Y:
-                k2 = tl.load(C_ptr + (r0 + 2 * L) * N + offs_bc, mask=mbc, other=obc)
+                k2 = tl.load(C_ptr + oc + (z64 + 2) * sc1 + offs_bc, mask=mbc, other=obc)
         if M > 3:
-            b3 = tl.load(B_ptr + (r0 + 3 * L) * N + offs_bc, mask=mbc, other=obc)
+            b3 = tl.load(B_ptr + ob + (z64 + 3) * sb1 + offs_bc, mask=mbc, other=obc)
             if NEED_Y:
-                k3 = tl.load(C_ptr + (r0 + 3 * L) * N + offs_bc, mask=mbc, other=obc)
+                k3 = tl.load(C_ptr + oc + (z64 + 3) * sc1 + offs_bc, mask=mbc, other=obc)
 
     for t0 in range(t_lo, t_hi, T):
         nt = tl.minimum(t_hi - t0, T)
         mt = (ct < nt)[:, None] & me[None, :]
         # --- A: dt and dt * u for the chunk
         for m in tl.static_range(M):
-            rows = (pid_b * M + m) * L + t0 + ct
-            io = rows[:, None] * E + offs_e[None, :]
-            x = tl.load(dl_ptr + io, mask=mt, other=0.0).to(tl.float32)
-            uu = tl.load(u_ptr + io, mask=mt, other=0.0).to(tl.float32)
+            tc = t0 + ct
+            io_d = (pid_b * sd0 + (z64 + m) * sd1 + tc * sd2)[:, None] + offs_e[None, :]
+            io_u = (pid_b * su0 + (z64 + m) * su1 + tc * su2)[:, None] + offs_e[None, :]
+            x = tl.load(dl_ptr + io_d, mask=mt, other=0.0).to(tl.float32)
+            uu = tl.load(u_ptr + io_u, mask=mt, other=0.0).to(tl.float32)
             if HAS_BIAS:
                 x += tl.load(bias_ptr + m * E + offs_e, mask=me, other=0.0)[None, :]
             if SOFTPLUS:
@@ -302,26 +307,28 @@ def _fwd_kernel(u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
             g3 = b3
             h3 = k3
             if PF_BC:
-                rn = (pid_b * M) * L + tn
-                b0 = tl.load(B_ptr + rn * N + offs_bc, mask=mbc, other=obc)
+                obn = pid_b * sb0 + tn * sb2
+                ocn = pid_b * sc0 + tn * sc2
+                b0 = tl.load(B_ptr + obn + offs_bc, mask=mbc, other=obc)
                 if NEED_Y:
-                    k0 = tl.load(C_ptr + rn * N + offs_bc, mask=mbc, other=obc)
+                    k0 = tl.load(C_ptr + ocn + offs_bc, mask=mbc, other=obc)
                 if M > 1:
-                    b1 = tl.load(B_ptr + (rn + L) * N + offs_bc, mask=mbc, other=obc)
+                    b1 = tl.load(B_ptr + obn + (z64 + 1) * sb1 + offs_bc, mask=mbc, other=obc)
                     if NEED_Y:
-                        k1 = tl.load(C_ptr + (rn + L) * N + offs_bc, mask=mbc, other=obc)
+                        k1 = tl.load(C_ptr + ocn + (z64 + 1) * sc1 + offs_bc, mask=mbc, other=obc)
                 if M > 2:
-                    b2 = tl.load(B_ptr + (rn + 2 * L) * N + offs_bc, mask=mbc, other=obc)
+                    b2 = tl.load(B_ptr + obn + (z64 + 2) * sb1 + offs_bc, mask=mbc, other=obc)
                     if NEED_Y:
-                        k2 = tl.load(C_ptr + (rn + 2 * L) * N + offs_bc, mask=mbc, other=obc)
+                        k2 = tl.load(C_ptr + ocn + (z64 + 2) * sc1 + offs_bc, mask=mbc, other=obc)
                 if M > 3:
-                    b3 = tl.load(B_ptr + (rn + 3 * L) * N + offs_bc, mask=mbc, other=obc)
+                    b3 = tl.load(B_ptr + obn + (z64 + 3) * sb1 + offs_bc, mask=mbc, other=obc)
                     if NEED_Y:
-                        k3 = tl.load(C_ptr + (rn + 3 * L) * N + offs_bc, mask=mbc, other=obc)
+                        k3 = tl.load(C_ptr + ocn + (z64 + 3) * sc1 + offs_bc, mask=mbc, other=obc)
             acc = zn
             acc_p = zn
             for m in tl.static_range(M):
-                row = (pid_b * M + m) * L + t
+                rb = pid_b * sb0 + (z64 + m) * sb1 + t * sb2
+                rc = pid_b * sc0 + (z64 + m) * sc1 + t * sc2
                 if m < 4:
                     if m == 0:
                         a = a0
@@ -349,19 +356,19 @@ def _fwd_kernel(u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
                         cc = h3
                     if not PF_BC:
                         # B and C not carried: fewer registers, more programs per SM
-                        bb = tl.load(B_ptr + row * N + offs_bc, mask=mbc, other=obc)
+                        bb = tl.load(B_ptr + rb + offs_bc, mask=mbc, other=obc)
                         cc = bb
                         if NEED_Y:
-                            cc = tl.load(C_ptr + row * N + offs_bc, mask=mbc, other=obc)
+                            cc = tl.load(C_ptr + rc + offs_bc, mask=mbc, other=obc)
                 else:
                     # modalities past four: parameters and inputs at use
                     a = _load_a(A_ptr, m, E, N, offs_en, m2, True)
                     dtv = tl.load(s_dt + (m * T + tt) * BLOCK_E + le)
                     duv = tl.load(s_du + (m * T + tt) * BLOCK_E + le)
-                    bb = tl.load(B_ptr + row * N + offs_bc, mask=mbc, other=obc)
+                    bb = tl.load(B_ptr + rb + offs_bc, mask=mbc, other=obc)
                     cc = bb
                     if NEED_Y:
-                        cc = tl.load(C_ptr + row * N + offs_bc, mask=mbc, other=obc)
+                        cc = tl.load(C_ptr + rc + offs_bc, mask=mbc, other=obc)
                 arg = dtv[:, None] * a
                 if FOLD:
                     arg += log2_kappa
@@ -396,16 +403,18 @@ def _fwd_kernel(u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
         # --- C: skip term and gate, y out
         if NEED_Y:
             for m in tl.static_range(M):
-                rows = (pid_b * M + m) * L + t0 + ct
-                io = rows[:, None] * E + offs_e[None, :]
+                tc = t0 + ct
                 yv = tl.reduce(tl.load(s_y + m * T * BLOCK_E * YP + ytile), 2, _SUM)
                 if HAS_D:
-                    uu = tl.load(u_ptr + io, mask=mt, other=0.0).to(tl.float32)
+                    io_u = (pid_b * su0 + (z64 + m) * su1 + tc * su2)[:, None] + offs_e[None, :]
+                    uu = tl.load(u_ptr + io_u, mask=mt, other=0.0).to(tl.float32)
                     yv += tl.load(D_ptr + m * E + offs_e, mask=me, other=0.0)[None, :] * uu
                 if HAS_Z:
-                    zz = tl.load(z_ptr + io, mask=mt, other=0.0).to(tl.float32)
+                    io_z = (pid_b * sz0 + (z64 + m) * sz1 + tc * sz2)[:, None] + offs_e[None, :]
+                    zz = tl.load(z_ptr + io_z, mask=mt, other=0.0).to(tl.float32)
                     yv = yv * (zz / (1.0 + tl.exp(-zz)))
-                tl.store(y_ptr + io, yv.to(y_ptr.dtype.element_ty), mask=mt)
+                io_y = (pid_b * sy0 + (z64 + m) * sy1 + tc * sy2)[:, None] + offs_e[None, :]
+                tl.store(y_ptr + io_y, yv.to(y_ptr.dtype.element_ty), mask=mt)
     if FOLD:
         c = c * kappa
     if SUMMARY:
@@ -440,6 +449,7 @@ def _fwd_combine_kernel(P_ptr, S_ptr, c0_ptr, start_ptr, EN, n_seg,
 @triton.jit
 def _bwd_seg_kernel(dl_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, dy_ptr, P_ptr, R_ptr,
                     L, E, N, seg_len, n_seg, kappa,
+                    sd0, sd1, sd2, sz0, sz1, sz2, sc0, sc1, sc2, sy0, sy1, sy2,
                     M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr,
                     SOFTPLUS: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr):
     # Segment summary of the adjoint recurrence: R = adjoint at the segment's start given a zero
@@ -447,6 +457,7 @@ def _bwd_seg_kernel(dl_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, dy_ptr, P_ptr, R_ptr,
     pid_e = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     pid_s = tl.program_id(2) + 1  # segment 0 needs no summary
+    z64 = pid_b * 0
     offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
     offs_n = tl.arange(0, BLOCK_N)
     me = offs_e < E
@@ -472,7 +483,7 @@ def _bwd_seg_kernel(dl_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, dy_ptr, P_ptr, R_ptr,
         acc_p = tl.zeros([BLOCK_N, BLOCK_E], dtype=tl.float32)
         kg = kappa * g
         for m in tl.static_range(M):
-            row = (pid_b * M + m) * L + t
+            mm = z64 + m
             if m == 0:
                 a = a0
                 qm = q0
@@ -488,7 +499,7 @@ def _bwd_seg_kernel(dl_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, dy_ptr, P_ptr, R_ptr,
             else:
                 a = _load_a(A_ptr, m, E, N, offs_ne, m2, True)
                 qm = _load_vec(bias_ptr, m, E, offs_e, me, HAS_BIAS)
-            x = tl.load(dl_ptr + row * E + offs_e, mask=me, other=0.0).to(tl.float32)
+            x = tl.load(dl_ptr + pid_b * sd0 + mm * sd1 + t * sd2 + offs_e, mask=me, other=0.0).to(tl.float32)
             if HAS_BIAS:
                 x += qm
             if SOFTPLUS:
@@ -497,11 +508,11 @@ def _bwd_seg_kernel(dl_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, dy_ptr, P_ptr, R_ptr,
                 dt = tl.where(x > 20.0, x, tl.log(v) - ((v - 1.0) - w) / v)
             else:
                 dt = x
-            dyr = tl.load(dy_ptr + row * E + offs_e, mask=me, other=0.0).to(tl.float32)
+            dyr = tl.load(dy_ptr + pid_b * sy0 + mm * sy1 + t * sy2 + offs_e, mask=me, other=0.0).to(tl.float32)
             if HAS_Z:
-                zz = tl.load(z_ptr + row * E + offs_e, mask=me, other=0.0).to(tl.float32)
+                zz = tl.load(z_ptr + pid_b * sz0 + mm * sz1 + t * sz2 + offs_e, mask=me, other=0.0).to(tl.float32)
                 dyr = dyr * (zz * (1.0 / (1.0 + tl.exp(-zz))))
-            cc = tl.load(C_ptr + row * N + offs_n, mask=mn, other=0.0).to(tl.float32)
+            cc = tl.load(C_ptr + pid_b * sc0 + mm * sc1 + t * sc2 + offs_n, mask=mn, other=0.0).to(tl.float32)
             da = tl.exp2(dt[None, :] * a)
             acc_g += da * (cc[:, None] * dyr[None, :] + kg)
             acc_p += da
@@ -539,6 +550,8 @@ def _bwd_kernel(u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dy_p
                 ckpt_ptr, g_ptr, scr_ptr,
                 du_ptr, ddl_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr, dinit_ptr,
                 L, E, N, seg_len, n_seg, chunk, n_ck, n_eblk, n_rows, kappa,
+                su0, su1, su2, sd0, sd1, sd2, sz0, sz1, sz2, sb0, sb1, sb2, sc0, sc1, sc2,
+                sy0, sy1, sy2, so0, so1, so2, sg0, sg1, sg2,
                 M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr,
                 SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
                 HAS_BIAS: tl.constexpr, HAS_G: tl.constexpr, NEED_DB: tl.constexpr,
@@ -547,6 +560,7 @@ def _bwd_kernel(u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dy_p
     pid_e = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     pid_s = tl.program_id(2)
+    z64 = pid_b * 0
     offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
     offs_n = tl.arange(0, BLOCK_N)
     me = offs_e < E
@@ -610,7 +624,7 @@ def _bwd_kernel(u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dy_p
         for t in range(t0, t1 - 1):
             acc = tl.zeros([BLOCK_N, BLOCK_E], dtype=tl.float32)
             for m in tl.static_range(M):
-                row = (pid_b * M + m) * L + t
+                mm = z64 + m
                 if m == 0:
                     a = a0
                     qm = q0
@@ -626,8 +640,8 @@ def _bwd_kernel(u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dy_p
                 else:
                     a = _load_a(A_ptr, m, E, N, offs_ne, m2, True)
                     qm = _load_vec(bias_ptr, m, E, offs_e, me, HAS_BIAS)
-                u = tl.load(u_ptr + row * E + offs_e, mask=me, other=0.0).to(tl.float32)
-                x = tl.load(dl_ptr + row * E + offs_e, mask=me, other=0.0).to(tl.float32)
+                u = tl.load(u_ptr + pid_b * su0 + mm * su1 + t * su2 + offs_e, mask=me, other=0.0).to(tl.float32)
+                x = tl.load(dl_ptr + pid_b * sd0 + mm * sd1 + t * sd2 + offs_e, mask=me, other=0.0).to(tl.float32)
                 if HAS_BIAS:
                     x += qm
                 if SOFTPLUS:
@@ -636,7 +650,7 @@ def _bwd_kernel(u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dy_p
                     dt = tl.where(x > 20.0, x, tl.log(v) - ((v - 1.0) - w) / v)
                 else:
                     dt = x
-                bb = tl.load(B_ptr + row * N + offs_n, mask=mn, other=0.0).to(tl.float32)
+                bb = tl.load(B_ptr + pid_b * sb0 + mm * sb1 + t * sb2 + offs_n, mask=mn, other=0.0).to(tl.float32)
                 acc += tl.exp2(dt[None, :] * a) * c + bb[:, None] * (dt * u)[None, :]
             c = acc * kappa
             tl.store(scr + (t + 1 - t0) * TILE + scr_off, c)
@@ -649,7 +663,7 @@ def _bwd_kernel(u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dy_p
             kg = kappa * g
             gn = tl.zeros([BLOCK_N, BLOCK_E], dtype=tl.float32)
             for m in tl.static_range(M):
-                row = (pid_b * M + m) * L + t
+                mm = z64 + m
                 if m == 0:
                     a = a0
                     dm = d0
@@ -670,8 +684,8 @@ def _bwd_kernel(u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dy_p
                     a = _load_a(A_ptr, m, E, N, offs_ne, m2, True)
                     dm = _load_vec(D_ptr, m, E, offs_e, me, HAS_D)
                     qm = _load_vec(bias_ptr, m, E, offs_e, me, HAS_BIAS)
-                u = tl.load(u_ptr + row * E + offs_e, mask=me, other=0.0).to(tl.float32)
-                x = tl.load(dl_ptr + row * E + offs_e, mask=me, other=0.0).to(tl.float32)
+                u = tl.load(u_ptr + pid_b * su0 + mm * su1 + t * su2 + offs_e, mask=me, other=0.0).to(tl.float32)
+                x = tl.load(dl_ptr + pid_b * sd0 + mm * sd1 + t * sd2 + offs_e, mask=me, other=0.0).to(tl.float32)
                 if HAS_BIAS:
                     x += qm
                 if SOFTPLUS:
@@ -680,20 +694,22 @@ def _bwd_kernel(u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dy_p
                     dt = tl.where(x > 20.0, x, tl.log(v) - ((v - 1.0) - w) / v)
                 else:
                     dt = x
-                bb = tl.load(B_ptr + row * N + offs_n, mask=mn, other=0.0).to(tl.float32)
-                cc = tl.load(C_ptr + row * N + offs_n, mask=mn, other=0.0).to(tl.float32)
-                dy = tl.load(dy_ptr + row * E + offs_e, mask=me, other=0.0).to(tl.float32)
+                bb = tl.load(B_ptr + pid_b * sb0 + mm * sb1 + t * sb2 + offs_n, mask=mn, other=0.0).to(tl.float32)
+                cc = tl.load(C_ptr + pid_b * sc0 + mm * sc1 + t * sc2 + offs_n, mask=mn, other=0.0).to(tl.float32)
+                ro = pid_b * so0 + mm * so1 + t * so2      # du, d delta, dz
+                rg = pid_b * sg0 + mm * sg1 + t * sg2      # dB, dC
+                dy = tl.load(dy_ptr + pid_b * sy0 + mm * sy1 + t * sy2 + offs_e, mask=me, other=0.0).to(tl.float32)
                 da = tl.exp2(dt[None, :] * a)
                 xu = dt * u
                 h = da * cp + bb[:, None] * xu[None, :]
                 if HAS_Z:
-                    zz = tl.load(z_ptr + row * E + offs_e, mask=me, other=0.0).to(tl.float32)
+                    zz = tl.load(z_ptr + pid_b * sz0 + mm * sz1 + t * sz2 + offs_e, mask=me, other=0.0).to(tl.float32)
                     sz = (1.0 / (1.0 + tl.exp(-zz)))
                     yraw = tl.reduce(h * cc[:, None], 0, _SUM)
                     if HAS_D:
                         yraw += dm * u
                     dz = dy * yraw * (sz * (1.0 + zz * (1.0 - sz)))
-                    tl.store(dz_ptr + row * E + offs_e, dz.to(dz_ptr.dtype.element_ty), mask=me)
+                    tl.store(dz_ptr + ro + offs_e, dz.to(dz_ptr.dtype.element_ty), mask=me)
                     dyr = dy * (zz * sz)
                 else:
                     dyr = dy
@@ -708,8 +724,8 @@ def _bwd_kernel(u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dy_p
                     du += dyr * dm
                 if SOFTPLUS:
                     ddt = ddt * tl.where(x > 20.0, 1.0, w / v)  # softplus' = sigmoid = w / (1 + w)
-                tl.store(du_ptr + row * E + offs_e, du.to(du_ptr.dtype.element_ty), mask=me)
-                tl.store(ddl_ptr + row * E + offs_e, ddt.to(ddl_ptr.dtype.element_ty), mask=me)
+                tl.store(du_ptr + ro + offs_e, du.to(du_ptr.dtype.element_ty), mask=me)
+                tl.store(ddl_ptr + ro + offs_e, ddt.to(ddl_ptr.dtype.element_ty), mask=me)
                 gA = wc * dt[None, :]
                 gD = dyr * u
                 if m == 0:
@@ -738,15 +754,15 @@ def _bwd_kernel(u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dy_p
                 if NEED_DB:
                     db = tl.reduce(dh * xu[None, :], 1, _SUM)
                     if DETERMINISTIC:
-                        tl.store(dB_base + row * N + offs_n, db, mask=mn)
+                        tl.store(dB_base + rg + offs_n, db, mask=mn)
                     else:
-                        tl.atomic_add(dB_base + row * N + offs_n, db, mask=mn, sem="relaxed")
+                        tl.atomic_add(dB_base + rg + offs_n, db, mask=mn, sem="relaxed")
                 if NEED_DC:
                     dc = tl.reduce(dyr[None, :] * h, 1, _SUM)
                     if DETERMINISTIC:
-                        tl.store(dC_base + row * N + offs_n, dc, mask=mn)
+                        tl.store(dC_base + rg + offs_n, dc, mask=mn)
                     else:
-                        tl.atomic_add(dC_base + row * N + offs_n, dc, mask=mn, sem="relaxed")
+                        tl.atomic_add(dC_base + rg + offs_n, dc, mask=mn, sem="relaxed")
             g = gn
         # the next chunk overwrites scratch that other threads may still be reading
         tl.debug_barrier()
@@ -918,6 +934,26 @@ def _t(x):
     return x.transpose(-1, -2).contiguous() if x is not None else None
 
 
+def _rows(x):
+    """Element strides of a (batch, M, L, K) tensor's first three axes (its last axis has stride
+    1): the kernels take every activation by strides, so views (a modality-major layout, a slice
+    of a wider projection) need no copy."""
+    return (x.stride(0), x.stride(1), x.stride(2))
+
+
+def _unit_last(x):
+    # the kernels step along the last axis with stride 1
+    if x is None or x.shape[-1] <= 1 or x.stride(-1) == 1:
+        return x
+    return x.contiguous()
+
+
+def _dense_like(x, dtype=None):
+    """An empty tensor shaped like x, with x's axis order when x is dense (a permuted contiguous
+    tensor), else contiguous: outputs then follow the layout of the inputs."""
+    return torch.empty_like(x, dtype=dtype, memory_format=torch.preserve_format)
+
+
 def _forward(u, delta, A, B, C, D, z, delta_bias, init_t, softplus, kappa, save, chunk=None):
     """A: (M, E, N) contiguous; init_t: initial_state as (batch, N, E). Returns y, final (batch, N, E)
     and, when save, the checkpoints (batch, ceil(L / chunk), N, E)."""
@@ -926,7 +962,7 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, init_t, softplus, kappa, save,
     dev = u.device
     p = _plan(batch, M, L, E, N, dev, bwd=False, elem_size=u.element_size())
     n_eblk = -(-E // p.block_e)
-    y = torch.empty_like(u)
+    y = _dense_like(u)
     final = torch.empty(batch, N, E, device=dev, dtype=torch.float32)
     if save:
         n_ck = -(-L // chunk)
@@ -952,7 +988,8 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, init_t, softplus, kappa, save,
         _fwd_kernel[grid](u, delta, A, B, B, dummy, u,
                           delta_bias if delta_bias is not None else dummy,
                           u, P, ckpt, S, scratch, L, E, N, p.seg_len, p.n_seg, 1, 1, kappa,
-                          log2_kappa,
+                          log2_kappa, *_rows(u), *_rows(delta), *_rows(u), *_rows(B), *_rows(B),
+                          *_rows(u),
                           HAS_D=False, HAS_Z=False, HAS_BIAS=delta_bias is not None,
                           HAS_C0=False, SAVE_CKPT=False, SUMMARY=True, **meta)
         c0 = torch.empty_like(P)
@@ -967,6 +1004,7 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, init_t, softplus, kappa, save,
         delta_bias if delta_bias is not None else dummy,
         y, c0 if c0 is not None else dummy, ckpt, final, scratch,
         L, E, N, p.seg_len, p.n_seg, chunk, n_ck, kappa, log2_kappa,
+        *_rows(u), *_rows(delta), *_rows(z if z is not None else u), *_rows(B), *_rows(C), *_rows(y),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
         HAS_C0=c0 is not None, SAVE_CKPT=save, SUMMARY=False, **meta)
     return y, final, (ckpt if save else None)
@@ -982,7 +1020,7 @@ def _backward(ctx, dy, dfinal):
     p = _plan(batch, M, L, E, N, dev, bwd=True, chunk=chunk)
     n_eblk = -(-E // p.block_e)
     f32 = torch.float32
-    dy = torch.zeros_like(u) if dy is None else dy.contiguous()
+    dy = torch.zeros_like(u) if dy is None else _unit_last(dy)
     if dfinal is not None:
         dfinal = _t(dfinal.float())
     det = _deterministic()
@@ -998,6 +1036,7 @@ def _backward(ctx, dy, dfinal):
             delta, At, C, z if z is not None else u,
             delta_bias if delta_bias is not None else dummy, dy, P, R,
             L, E, N, p.seg_len, p.n_seg, kappa,
+            *_rows(delta), *_rows(z if z is not None else u), *_rows(C), *_rows(dy),
             HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, **meta)
         g = torch.empty_like(P)
         BLK = 1024
@@ -1006,9 +1045,10 @@ def _backward(ctx, dy, dfinal):
             HAS_GL=dfinal is not None, BLOCK=BLK, num_warps=4)
         del P, R
 
-    du = torch.empty_like(u)
-    ddelta = torch.empty_like(delta)
-    dz = torch.empty_like(z) if z is not None else None
+    # du, d delta and dz share one layout in the kernel: u's (or contiguous)
+    du = _dense_like(u)
+    ddelta = torch.empty_like(du, dtype=delta.dtype)
+    dz = torch.empty_like(du, dtype=z.dtype) if z is not None else None
     need_db, need_dc = need[3], need[4]
     rows = batch * M * L
     if det:
@@ -1033,6 +1073,8 @@ def _backward(ctx, dy, dfinal):
         dB if dB is not None else dummy, dC if dC is not None else dummy,
         dA, dD, dbias, dinit if dinit is not None else dummy,
         L, E, N, p.seg_len, p.n_seg, chunk, ckpt.shape[1], n_eblk, rows, kappa,
+        *_rows(u), *_rows(delta), *_rows(z if z is not None else u), *_rows(B), *_rows(C),
+        *_rows(dy), *_rows(du), M * L * N, L * N, N,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
         HAS_G=g is not None, NEED_DB=need_db, NEED_DC=need_dc,
         NEED_DINIT=initial_state_needs_grad, DETERMINISTIC=det, **meta)
@@ -1092,8 +1134,10 @@ def coupled_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, *,
                                       delta_softplus=delta_softplus, coupling_scale=kappa,
                                       initial_state=initial_state,
                                       return_final_state=return_final_state)
-    cont = [t.contiguous() if t is not None else None
-            for t in (u, delta, A, B, C, D, z, delta_bias, initial_state)]
+    # activations by strides (any layout whose last axis is contiguous); parameters contiguous
+    cont = ([_unit_last(t) for t in (u, delta)] + [A.contiguous()] + [_unit_last(t) for t in (B, C)]
+            + [D.contiguous() if D is not None else None, _unit_last(z)]
+            + [t.contiguous() if t is not None else None for t in (delta_bias, initial_state)])
     softplus = bool(delta_softplus)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in cont)
     if needs_grad:
