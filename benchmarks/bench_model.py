@@ -242,6 +242,7 @@ def run(res, budget, smoke, out=None):
     cfg = CoupledMambaConfig(modalities=dict(mods), d_model=d_model, n_layers=n_layers, d_state=d_state, expand=2)
     cm = CoupledMamba(cfg).to(device).eval()
     cm.set_scan_impl("triton" if cuda else "auto")
+    cm.fold_for_inference()    # inference copy: folded projections computed once (as export does)
     tf = build_transformer(mods, d_model, n_layers).to(device).eval()
     from torch.nn.attention import SDPBackend
     total_mem = torch.cuda.get_device_properties(0).total_memory if cuda else 0

@@ -40,7 +40,7 @@ PRECISIONS = ("float32", "float16", "bfloat16")
 PRECISION_ALIASES = {"fp32": "float32", "f32": "float32", "float": "float32", "fp16": "float16",
                      "f16": "float16", "half": "float16", "bf16": "bfloat16"}
 # model parameters kept in float32 at every precision: they feed FLOAT32_INPUTS (A = -exp(A_log))
-FLOAT32_PARAMS = ("A_log", "D", "dt_proj.bias")
+FLOAT32_PARAMS = ("A_log", ".D", ".dt_bias")
 
 
 def normalize_precision(p: str | None) -> str | None:

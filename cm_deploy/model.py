@@ -26,6 +26,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from .config import CoupledMambaConfig
 from .contract import FLOAT32_PARAMS, normalize_precision
 from .ops import coupled_scan
+from .ops.conv import causal_conv_silu, causal_conv_silu_reference
 
 
 def resample_linear(h, L):
@@ -64,100 +65,228 @@ def resample_valid(h, length, target, L):
     return torch.where(keep.unsqueeze(-1), out, torch.zeros((), device=h.device)).to(h.dtype)
 
 
-class MambaBranch(nn.Module):
-    """One modality's Mamba block inside a coupled layer, up to the scan inputs and after it."""
+# Tensor layout. Every layer keeps the M modalities in ONE tensor with the L axis at 2 and features
+# last; the modality axis `ax` is 0 (modality-major, (M, b, L, .): the PyTorch path, where every
+# per-modality projection is one batched matmul over M with no copy and the scan and conv kernels
+# read the (b, M, L, .) views by strides) or 1 (batch-major, (b, M, L, .): exported graphs, where
+# a MatMul broadcasts the (M, k, n) weights and the CoupledScan node gets its contract layout with
+# no Transpose).
 
-    def __init__(self, cfg: CoupledMambaConfig):
-        super().__init__()
-        d, E, N, R = cfg.d_model, cfg.d_inner, cfg.d_state, cfg.rank
-        self.norm = nn.LayerNorm(d)
-        self.in_proj = nn.Linear(d, 2 * E, bias=False)          # -> u, z
-        self.conv1d = nn.Conv1d(E, E, cfg.d_conv, groups=E, padding=cfg.d_conv - 1)
-        self.x_proj = nn.Linear(E, R + 2 * N, bias=False)       # -> dt (rank R), B, C
-        self.dt_proj = nn.Linear(R, E, bias=True)               # bias = the scan's delta_bias
-        self.A_log = nn.Parameter(torch.log(torch.arange(1, N + 1, dtype=torch.float32)).repeat(E, 1))
-        self.D = nn.Parameter(torch.ones(E))
-        self.out_proj = nn.Linear(E, d, bias=False)
-        self.drop = nn.Dropout(cfg.dropout)
-        self._init_like_mamba(cfg)
 
-    @torch.no_grad()
-    def _init_like_mamba(self, cfg):
-        # dt_proj as Mamba: weight ~ U(-r^-1/2, r^-1/2); bias = softplus^-1(dt), dt log-uniform in
-        # [dt_min, dt_max], so that softplus(bias) starts in that range.
-        std = cfg.rank ** -0.5
-        nn.init.uniform_(self.dt_proj.weight, -std, std)
-        dt = torch.exp(torch.rand(cfg.d_inner) * (math.log(cfg.dt_max) - math.log(cfg.dt_min))
-                       + math.log(cfg.dt_min)).clamp(min=1e-4)
-        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
-        # GPT-2 style rescaling of the residual branch's output projection, as Mamba does.
-        nn.init.kaiming_uniform_(self.out_proj.weight, a=math.sqrt(5))
-        self.out_proj.weight /= math.sqrt(cfg.n_layers)
+def _per_modality(p, ax):
+    """(M, n) parameter -> broadcastable against a layer tensor with the modality axis at ax."""
+    return p[:, None, None, :] if ax == 0 else p[None, :, None, :]
 
-    def scan_inputs(self, x, conv_state=None):
-        """x (b, L, d) -> u, delta, B, C, z of this modality, each (b, L, .). Streaming: conv_state
-        (b, E, d_conv - 1) holds the conv input's last steps before x (zeros start a stream); then
-        the result has a sixth entry, the conv state after x."""
-        L = x.shape[1]
-        u, z = self.in_proj(self.norm(x)).chunk(2, dim=-1)
-        if conv_state is None:
-            u = F.silu(self.conv1d(u.transpose(1, 2))[..., :L].transpose(1, 2))   # causal conv
-        else:   # the same causal conv, its left padding taken from the previous chunk
-            k = self.conv1d.kernel_size[0]
-            ext = torch.cat([conv_state.to(u.dtype), u.transpose(1, 2)], dim=2)   # (b, E, k - 1 + L)
-            conv_state = ext[..., ext.shape[2] - (k - 1):]
-            u = F.silu(F.conv1d(ext, self.conv1d.weight, self.conv1d.bias, groups=ext.shape[1])).transpose(1, 2)
-        R, N = self.dt_proj.in_features, self.A_log.shape[1]
-        dt, Bm, Cm = self.x_proj(u).split([R, N, N], dim=-1)
-        delta = F.linear(dt, self.dt_proj.weight)                            # bias goes to the scan
-        if conv_state is None:
-            return u, delta, Bm, Cm, z
-        return u, delta, Bm, Cm, z, conv_state
+
+def _matmul(x, w, ax, bias=None, add=None):
+    """x (.., k) with the modality axis at ax, w (M, k, n): per-modality x @ w[m] (+ bias (M, n))
+    (+ add, shaped as the result). Modality-major: one bmm (baddbmm when there is something to add,
+    so that the residual add is the GEMM's epilogue)."""
+    if ax == 0:
+        M, b, L, k = x.shape
+        x3 = x.reshape(M, b * L, k)
+        if add is not None and add.dtype == x.dtype:
+            base = add.reshape(M, b * L, w.shape[2])
+            if bias is not None:
+                base = base + bias[:, None, :]
+            return torch.baddbmm(base, x3, w).view(M, b, L, w.shape[2])
+        if bias is not None:
+            return torch.baddbmm(bias[:, None, :].to(x.dtype), x3, w).view(M, b, L, w.shape[2])
+        out = torch.bmm(x3, w).view(M, b, L, w.shape[2])
+        # a wider residual (float32 under autocast) stays wide: added outside the GEMM
+        return out if add is None else add + out
+    out = torch.matmul(x, w)
+    if bias is not None:
+        out = out + bias[None, :, None, :]
+    return out if add is None else add + out
+
+
+def _scan_view(x, ax):
+    """A layer tensor as the (b, M, L, .) the scan contract names (a view when modality-major)."""
+    return x.transpose(0, 1) if ax == 0 else x
 
 
 class CoupledLayer(nn.Module):
-    """M Mamba branches sharing one coupled scan (or M independent scans when cfg.coupled is False)."""
+    """One coupled layer: M Mamba blocks (per-modality weights, stacked along a leading M axis) and
+    ONE coupled scan over all of them (M independent scans when cfg.coupled is False).
+
+    Per block (DESIGN.md section 1) and how it runs here:
+      LayerNorm             one layer_norm over all modalities; its per-modality scale and shift
+                            are folded into the input projection's weights and bias
+      in_proj -> u, z       two batched matmuls (u is freed after the conv; z lives to the scan)
+      conv + SiLU           one fused kernel (ops.conv) for all modalities
+      x_proj, dt_proj       one batched matmul: dt_proj's rank-R factor is folded into x_proj's
+                            dt rows, so delta, B and C are column ranges of one output (the scan
+                            reads them in place)
+      CoupledScan           u, delta, B, C, z as views, no stacking copies
+      out_proj + residual   one baddbmm (the residual add as the GEMM's epilogue)
+    """
 
     def __init__(self, cfg: CoupledMambaConfig):
         super().__init__()
         self.cfg = cfg
-        self.branches = nn.ModuleList(MambaBranch(cfg) for _ in cfg.modalities)
+        M, d, E, N, R, K = (cfg.n_modalities, cfg.d_model, cfg.d_inner, cfg.d_state, cfg.rank,
+                            cfg.d_conv)
+        self.norm_weight = nn.Parameter(torch.ones(M, d))
+        self.norm_bias = nn.Parameter(torch.zeros(M, d))
+        self.in_proj = nn.Parameter(torch.empty(M, 2 * E, d))        # -> u, z (Linear layout)
+        self.conv_weight = nn.Parameter(torch.empty(M, E, K))       # depthwise, causal
+        self.conv_bias = nn.Parameter(torch.empty(M, E))
+        self.x_proj = nn.Parameter(torch.empty(M, R + 2 * N, E))    # -> dt (rank R), B, C
+        self.dt_proj = nn.Parameter(torch.empty(M, E, R))
+        self.dt_bias = nn.Parameter(torch.empty(M, E))              # the scan's delta_bias
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, N + 1, dtype=torch.float32)).repeat(M, E, 1))
+        self.D = nn.Parameter(torch.ones(M, E))
+        self.out_proj = nn.Parameter(torch.empty(M, d, E))
+        self.drop = nn.Dropout(cfg.dropout)
         self.scan_impl = "auto"
+        self._folded = None       # fold_(): precomputed projections for a frozen inference copy
+        self._register_load_state_dict_pre_hook(_stack_branch_checkpoint, with_module=True)
+        self._init_like_mamba(cfg)
 
-    def forward(self, xs, state=None):
-        """xs: M tensors (b, L, d) -> M tensors. Streaming: `state` = (conv states, one per branch;
-        scan states: one (b, E, N) coupled state, or one per branch when uncoupled); returns
-        (outputs, new state) then."""
-        conv = None if state is None else state[0]
-        parts = [br.scan_inputs(x, None if conv is None else conv[m])
-                 for m, (br, x) in enumerate(zip(self.branches, xs))]
-        new_conv = None if conv is None else [p[5] for p in parts]
-        dtype = parts[0][0].dtype
-        u, delta, Bm, Cm, z = (torch.stack([p[i].to(dtype) for p in parts], dim=1) for i in range(5))
-        # the per-branch tensors (and the projections they view) are copies now: free them
-        # before the scan, which is where inference memory peaks
-        del parts
-        A = torch.stack([-torch.exp(br.A_log.float()) for br in self.branches])
-        D = torch.stack([br.D.float() for br in self.branches])
-        bias = torch.stack([br.dt_proj.bias.float() for br in self.branches])
+    @torch.no_grad()
+    def _init_like_mamba(self, cfg):
+        for m in range(cfg.n_modalities):
+            # nn.Linear / nn.Conv1d defaults: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+            for w in (self.in_proj[m], self.x_proj[m]):
+                nn.init.kaiming_uniform_(w, a=math.sqrt(5))
+            bound = 1 / math.sqrt(cfg.d_conv)
+            nn.init.uniform_(self.conv_weight[m], -bound, bound)
+            nn.init.uniform_(self.conv_bias[m], -bound, bound)
+            # dt_proj as Mamba: weight ~ U(-r^-1/2, r^-1/2); bias = softplus^-1(dt), dt
+            # log-uniform in [dt_min, dt_max], so that softplus(bias) starts in that range.
+            std = cfg.rank ** -0.5
+            nn.init.uniform_(self.dt_proj[m], -std, std)
+            dt = torch.exp(torch.rand(cfg.d_inner) * (math.log(cfg.dt_max) - math.log(cfg.dt_min))
+                           + math.log(cfg.dt_min)).clamp(min=1e-4)
+            self.dt_bias[m].copy_(dt + torch.log(-torch.expm1(-dt)))
+            # GPT-2 style rescaling of the residual branch's output projection, as Mamba does.
+            nn.init.kaiming_uniform_(self.out_proj[m], a=math.sqrt(5))
+            self.out_proj[m] /= math.sqrt(cfg.n_layers)
+
+    def scan_weights(self):
+        """A (M, E, N), D (M, E), delta_bias (M, E): the scan's float32 parameters."""
+        if self._folded is not None:
+            return self._folded[3:]
+        return -torch.exp(self.A_log.float()), self.D.float(), self.dt_bias.float()
+
+    def _projections(self, math_dtype=None):
+        """The folded weights, each (M, k, n) for x @ w: in_proj with the norm's scale (u and z
+        halves) and the norm's shift as biases; x_proj with dt_proj folded into its dt rows."""
+        if self._folded is not None:
+            return self._folded[:3]
+        E, R = self.cfg.d_inner, self.cfg.rank
+        f = (lambda t: t.to(math_dtype)) if math_dtype is not None else (lambda t: t)  # noqa: E731
+        w_in = f(self.in_proj).transpose(1, 2) * f(self.norm_weight)[:, :, None]    # (M, d, 2E)
+        b_in = torch.bmm(f(self.norm_bias)[:, None, :].to(w_in.dtype),
+                         f(self.in_proj).transpose(1, 2))[:, 0]                      # (M, 2E)
+        xp = f(self.x_proj).transpose(1, 2)                                          # (M, E, R + 2N)
+        w_dt = torch.bmm(xp[..., :R], f(self.dt_proj).transpose(1, 2))              # (M, E, E)
+        w_x = torch.cat([w_dt, xp[..., R:]], dim=2)                                  # (M, E, E + 2N)
+        return (w_in[..., :E], b_in[:, :E]), (w_in[..., E:], b_in[:, E:]), w_x
+
+    @torch.no_grad()
+    def fold_(self):
+        """Compute the folded projections and the scan's parameters once (in float32, then cast
+        to the weights' dtype) and use them from now on: for a frozen inference copy (export
+        writes them as the graph's initializers; PyTorch inference skips six small kernels per
+        layer). Training or loading weights afterwards would not reach them: unfold_() first."""
+        dt = self.in_proj.dtype
+        (wu, bu), (wz, bz), wx = self._projections(torch.float32)
+        cast = lambda t: t.to(dt).contiguous()  # noqa: E731
+        self._folded = ((cast(wu), cast(bu)), (cast(wz), cast(bz)), cast(wx),
+                        *(t.contiguous() for t in self.scan_weights()))
+        return self
+
+    def unfold_(self):
+        self._folded = None
+        return self
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to() / .cuda() / .half() after fold_(): the folded tensors move too (dtype casts keep the
+        # scan's parameters float32)
+        out = super()._apply(fn, *args, **kwargs)
+        if self._folded is not None:
+            (wu, bu), (wz, bz), wx, A, D, q = self._folded
+            dev = self.in_proj.device
+            mv = lambda t: fn(t).to(dev)  # noqa: E731
+            self._folded = ((mv(wu), mv(bu)), (mv(wz), mv(bz)), mv(wx), A.to(dev), D.to(dev), q.to(dev))
+        return out
+
+    def forward(self, h, ax=0, state=None):
+        """h: (M, b, L, d) if ax == 0 else (b, M, L, d) -> the same. Streaming: `state` = (conv
+        states, one (b, E, d_conv - 1) per modality; scan states: one (b, E, N) coupled state, or
+        one per modality when uncoupled); returns (h, new state) then."""
+        cfg = self.cfg
+        M, E, N, d = cfg.n_modalities, cfg.d_inner, cfg.d_state, cfg.d_model
+        (w_u, b_u), (w_z, b_z), w_x = self._projections()
+        x = F.layer_norm(h, (d,), eps=1e-5)
+        u = _matmul(x, w_u, ax, b_u)
+        z = _matmul(x, w_z, ax, b_z)
+        del x
+        if state is None:
+            u = _scan_view(causal_conv_silu(_scan_view(u, ax), self.conv_weight, self.conv_bias,
+                                            impl=_conv_impl(self.scan_impl)), ax)
+            new_conv = None
+        else:   # the same conv, its left context taken from the previous chunk
+            left = torch.stack([c.transpose(1, 2) for c in state[0]], dim=1)     # (b, M, K-1, E)
+            y, left = causal_conv_silu_reference(_scan_view(u, ax), self.conv_weight,
+                                                 self.conv_bias, left)
+            u = _scan_view(y, ax)
+            new_conv = [left[:, m].transpose(1, 2) for m in range(M)]
+        dbc = _matmul(u, w_x, ax)                                  # delta | B | C
+        A, D, bias = self.scan_weights()
+        args = [_scan_view(t, ax) for t in (u, dbc[..., :E], dbc[..., E:E + N], dbc[..., E + N:], z)]
+        su, sdelta, sB, sC, sz = args
         stream = {} if state is None else {"return_final_state": True}
-        if self.cfg.coupled:
-            y = coupled_scan(u, delta, A, Bm, Cm, D, z, bias, delta_softplus=True,
-                             coupling_scale=self.cfg.coupling_scale, impl=self.scan_impl,
+        if cfg.coupled:
+            y = coupled_scan(su, sdelta, A, sB, sC, D, sz, bias, delta_softplus=True,
+                             coupling_scale=cfg.coupling_scale, impl=self.scan_impl,
                              initial_state=None if state is None else state[1][0], **stream)
             if state is not None:
                 y, scan_states = y[0], [y[1]]
         else:   # ablation: M independent Mamba chains (each a coupled scan with M = 1, kappa = 1)
-            ys = [coupled_scan(u[:, m:m + 1], delta[:, m:m + 1], A[m:m + 1], Bm[:, m:m + 1],
-                               Cm[:, m:m + 1], D[m:m + 1], z[:, m:m + 1], bias[m:m + 1],
+            ys = [coupled_scan(su[:, m:m + 1], sdelta[:, m:m + 1], A[m:m + 1], sB[:, m:m + 1],
+                               sC[:, m:m + 1], D[m:m + 1], sz[:, m:m + 1], bias[m:m + 1],
                                delta_softplus=True, coupling_scale=1.0, impl=self.scan_impl,
                                initial_state=None if state is None else state[1][m], **stream)
-                  for m in range(len(self.branches))]
+                  for m in range(M)]
             if state is not None:
                 ys, scan_states = [y[0] for y in ys], [y[1] for y in ys]
             y = torch.cat(ys, dim=1)
-        out = [x + br.drop(br.out_proj(y[:, m])) for m, (br, x) in enumerate(zip(self.branches, xs))]
+        del u, z, dbc, args, su, sdelta, sB, sC, sz
+        y = _scan_view(y, ax)
+        w_out = self.out_proj.transpose(1, 2)                      # (M, E, d)
+        if self.drop.p > 0 and self.training:
+            out = h + self.drop(_matmul(y, w_out, ax))
+        else:
+            out = _matmul(y, w_out, ax, add=h)
         return out if state is None else (out, (new_conv, scan_states))
+
+
+def _conv_impl(scan_impl):
+    # the conv follows the scan's choice; "onnx" (export) uses the reference expression
+    return scan_impl if scan_impl in ("auto", "reference", "triton") else "reference"
+
+
+_BRANCH_PARAMS = {   # checkpoints written before the layers were stacked: branches.<m>.<name>
+    "norm.weight": "norm_weight", "norm.bias": "norm_bias", "in_proj.weight": "in_proj",
+    "conv1d.weight": "conv_weight", "conv1d.bias": "conv_bias", "x_proj.weight": "x_proj",
+    "dt_proj.weight": "dt_proj", "dt_proj.bias": "dt_bias", "A_log": "A_log", "D": "D",
+    "out_proj.weight": "out_proj",
+}
+
+
+def _stack_branch_checkpoint(module, state_dict, prefix, *args):
+    """Load a per-branch checkpoint (layers.<i>.branches.<m>.*) into the stacked parameters."""
+    if f"{prefix}branches.0.norm.weight" not in state_dict:
+        return
+    M = module.cfg.n_modalities
+    for old, new in _BRANCH_PARAMS.items():
+        keys = [f"{prefix}branches.{m}.{old}" for m in range(M)]
+        if all(k in state_dict for k in keys):
+            t = torch.stack([state_dict.pop(k) for k in keys])
+            state_dict[prefix + new] = t[:, :, 0, :] if old == "conv1d.weight" else t
 
 
 class CoupledMamba(nn.Module):
@@ -175,8 +304,10 @@ class CoupledMamba(nn.Module):
         self.names = list(config.modalities)
         self.embed = nn.ModuleDict({n: nn.Linear(f, config.d_model) for n, f in config.modalities.items()})
         self.layers = nn.ModuleList(CoupledLayer(config) for _ in range(config.n_layers))
-        self.norm_f = nn.ModuleList(nn.LayerNorm(config.d_model) for _ in self.names)
+        self.norm_f_weight = nn.Parameter(torch.ones(config.n_modalities, config.d_model))
+        self.norm_f_bias = nn.Parameter(torch.zeros(config.n_modalities, config.d_model))
         self.head = nn.Linear(config.n_modalities * config.d_model, config.num_outputs)
+        self._register_load_state_dict_pre_hook(_stack_final_norm, with_module=True)
 
     def to_precision(self, precision: str) -> "CoupledMamba":
         """Cast in place for inference at `precision` (float32, float16, bfloat16): the one dtype
@@ -189,6 +320,14 @@ class CoupledMamba(nn.Module):
         params = dict(self.named_parameters())
         for k, v in keep.items():
             params[k].data = v
+        return self
+
+    def fold_for_inference(self) -> "CoupledMamba":
+        """Precompute every layer's folded projections and scan parameters (CoupledLayer.fold_):
+        for an inference copy that will not be trained or reloaded. Call after to_precision().
+        Returns self."""
+        for layer in self.layers:
+            layer.fold_()
         return self
 
     def set_scan_impl(self, impl: str) -> "CoupledMamba":
@@ -229,18 +368,33 @@ class CoupledMamba(nn.Module):
             hs = [self._align(self.embed[n](self._zero_padding(x, ln)), ln, common, L)
                   for n, x, ln in zip(self.names, xs, lens)]
             valid = torch.arange(L, device=xs[0].device)[None, :] < common[:, None]    # (batch, L)
+        ax = self._modality_axis()
+        h = torch.stack(hs, dim=ax)       # the one copy that brings the modalities together
+        del hs
         for layer in self.layers:
-            hs = layer(hs)
-        pooled = []
-        for m, h in enumerate(hs):
-            h = self.norm_f[m](h).float()
-            if valid is None:
-                pooled.append(h.mean(dim=1))
-            else:
-                w = valid.unsqueeze(-1)
-                total = torch.where(w, h, torch.zeros((), device=h.device)).sum(1)
-                pooled.append(total / w.sum(1).clamp(min=1).float())
-        return self.head(torch.cat(pooled, dim=-1).to(self.head.weight.dtype))
+            h = layer(h, ax)
+        h = self._final_norm(h, ax)
+        if valid is None:
+            pooled = h.mean(dim=2)
+        else:
+            w = (valid[None] if ax == 0 else valid[:, None]).unsqueeze(-1)
+            total = torch.where(w, h, torch.zeros((), device=h.device)).sum(2)
+            pooled = total / w.sum(2).clamp(min=1).float()
+        return self._head(pooled, ax)
+
+    def _modality_axis(self) -> int:
+        # batch-major for export (the CoupledScan node's layout, weights broadcast by MatMul),
+        # modality-major otherwise (batched matmuls over M, no copies)
+        return 1 if self.layers[0].scan_impl == "onnx" else 0
+
+    def _final_norm(self, h, ax):
+        h = F.layer_norm(h, (self.config.d_model,), eps=1e-5)
+        return (h * _per_modality(self.norm_f_weight, ax) + _per_modality(self.norm_f_bias, ax)).float()
+
+    def _head(self, pooled, ax):
+        # pooled (M, b, d) or (b, M, d) -> the head's (b, M * d), modalities in config order
+        pooled = pooled.transpose(0, 1) if ax == 0 else pooled
+        return self.head(pooled.reshape(pooled.shape[0], -1).to(self.head.weight.dtype))
 
     # ---------------------------------------------------------------- streaming (docs/streaming.md)
 
@@ -292,26 +446,29 @@ class CoupledMamba(nn.Module):
         common = functools.reduce(torch.maximum, lens)
         hs = [self._zero_padding(self.embed[n](self._zero_padding(x, ln)), ln)
               for n, x, ln in zip(self.names, xs, lens)]
+        ax = self._modality_axis()
+        h = torch.stack(hs, dim=ax)
         new = {}
         for i, layer in enumerate(self.layers):
             conv = [state[f"conv.{i}.{n}"] for n in self.names]
             scan = ([state[f"scan.{i}"]] if self.config.coupled else [state[f"scan.{i}.{n}"] for n in self.names])
-            hs, (conv, scan) = layer(hs, (conv, scan))
+            h, (conv, scan) = layer(h, ax, (conv, scan))
             new.update({f"conv.{i}.{n}": c for n, c in zip(self.names, conv)})
             if self.config.coupled:
                 new[f"scan.{i}"] = scan[0]
             else:
                 new.update({f"scan.{i}.{n}": c for n, c in zip(self.names, scan)})
         valid = (torch.arange(T, device=xs[0].device)[None, :] < common[:, None]).unsqueeze(-1)
+        valid = valid[None] if ax == 0 else valid[:, None]
         count = state["count"] + common.float()
+        h = torch.where(valid, self._final_norm(h, ax), torch.zeros((), device=h.device)).sum(2)
         pooled = []
-        for m, (name, h) in enumerate(zip(self.names, hs)):
-            h = self.norm_f[m](h).float()
-            total = state[f"pool.{name}"] + torch.where(valid, h, torch.zeros((), device=h.device)).sum(1)
+        for m, name in enumerate(self.names):
+            total = state[f"pool.{name}"] + (h[m] if ax == 0 else h[:, m])
             new[f"pool.{name}"] = total
             pooled.append(total / count.clamp(min=1)[:, None])
         new["count"] = count
-        out = self.head(torch.cat(pooled, dim=-1).to(self.head.weight.dtype))
+        out = self._head(torch.stack(pooled, dim=1), 1)
         return out, {k: new[k] for k in specs}
 
     def _to_length(self, h, L):
@@ -352,3 +509,12 @@ class CoupledMamba(nn.Module):
                 raise ValueError(f"CoupledMamba: lengths[{name!r}] must be in [0, {x.shape[1]}], "
                                  f"got {length.tolist()}")
         return length
+
+
+def _stack_final_norm(module, state_dict, prefix, *args):
+    """Load a checkpoint written before the final norms were stacked (norm_f.<m>.weight/bias)."""
+    M = module.config.n_modalities
+    for old, new in (("weight", "norm_f_weight"), ("bias", "norm_f_bias")):
+        keys = [f"{prefix}norm_f.{m}.{old}" for m in range(M)]
+        if all(k in state_dict for k in keys):
+            state_dict[prefix + new] = torch.stack([state_dict.pop(k) for k in keys])

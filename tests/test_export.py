@@ -199,11 +199,10 @@ def test_tensorrt_graph_structure(fp32):
         assert attrs.pop("has_final_state") == (onnx.AttributeProto.INT, 0)
         assert attrs == {}
         # the weights sit at the contract's positions: A (2), D (5), delta_bias (7), float32
-        br = layer.branches
         with torch.no_grad():
-            A = torch.stack([-torch.exp(b.A_log) for b in br]).numpy()
-            D = torch.stack([b.D for b in br]).numpy()
-            bias = torch.stack([b.dt_proj.bias for b in br]).numpy()
+            A = (-torch.exp(layer.A_log)).numpy()
+            D = layer.D.numpy()
+            bias = layer.dt_bias.numpy()
         for pos, want in ((2, A), (5, D), (7, bias)):
             got = inits[node.input[pos]]
             assert got.dtype == np.float32

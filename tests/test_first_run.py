@@ -213,7 +213,7 @@ def test_one_dtype_policy_for_every_backend(art):
     from cm_deploy.runtime.torch_backend import TorchBackend
     with TorchBackend(art["a"], device="cpu", dtype="float16") as b:
         for k, p in b.model.named_parameters():
-            want = torch.float32 if k.endswith(("A_log", "D", "dt_proj.bias")) else torch.float16
+            want = torch.float32 if k.endswith(("A_log", ".D", ".dt_bias")) else torch.float16
             assert p.dtype == want, k
 
 

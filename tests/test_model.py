@@ -36,7 +36,7 @@ def test_forward_backward_shapes(task, k, length_rule):
         assert torch.isfinite(p.grad).all(), name
     # every modality and every layer's scan parameters receive gradient
     assert model.embed["vision"].weight.grad.abs().sum() > 0
-    assert model.layers[0].branches[2].A_log.grad.abs().sum() > 0
+    assert model.layers[0].A_log.grad[2].abs().sum() > 0
 
 
 def test_positional_inputs_equal_dict_inputs():
@@ -176,12 +176,14 @@ def test_coupled_differs_from_independent_chains():
 
 def test_mamba_initialisation():
     cfg = small_config()
-    br = CoupledMamba(cfg).layers[0].branches[0]
-    A = -torch.exp(br.A_log)
-    torch.testing.assert_close(A[0], -torch.arange(1, cfg.d_state + 1, dtype=torch.float32))
-    dt = torch.nn.functional.softplus(br.dt_proj.bias)
+    layer = CoupledMamba(cfg).layers[0]
+    A = -torch.exp(layer.A_log)
+    for m in range(cfg.n_modalities):
+        torch.testing.assert_close(A[m, 0], -torch.arange(1, cfg.d_state + 1, dtype=torch.float32))
+    dt = torch.nn.functional.softplus(layer.dt_bias)
     assert (dt >= cfg.dt_min * 0.99).all() and (dt <= cfg.dt_max * 1.01).all()
-    torch.testing.assert_close(br.D, torch.ones_like(br.D))
+    assert not torch.equal(layer.dt_bias[0], layer.dt_bias[1])      # drawn per modality
+    torch.testing.assert_close(layer.D, torch.ones_like(layer.D))
 
 
 def test_config_validation():
@@ -261,3 +263,106 @@ def test_torch_compile_with_triton_scan():
     x = {"a": torch.randn(2, 6, 5), "b": torch.randn(2, 6, 3)}
     with torch.no_grad():
         torch.testing.assert_close(torch.compile(model)(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# the fused layer (stacked weights, folded norms and dt projection, fused conv, strided scan)
+# ---------------------------------------------------------------------------------------------
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+
+
+def test_per_branch_checkpoint_still_loads():
+    """A checkpoint written by the per-branch model (layers.<i>.branches.<m>.*, norm_f.<m>.*; made
+    at commit 4f17958, outputs recorded then) loads into the stacked model and gives the same
+    outputs (reference scan, float32)."""
+    import numpy as np
+    model = load_checkpoint(os.path.join(FIXTURES, "ckpt_per_branch_v0.pt")).set_scan_impl("reference")
+    data = np.load(os.path.join(FIXTURES, "ckpt_per_branch_v0.npz"))
+    names = list(model.config.modalities)
+    xs = {n: torch.from_numpy(data[n]) for n in names}
+    lens = {n: torch.from_numpy(data[n + "_lengths"]) for n in names}
+    with torch.no_grad():
+        out = model(xs, lens)
+    torch.testing.assert_close(out, torch.from_numpy(data["output"]), rtol=1e-5, atol=1e-6)
+    assert not any("branches" in k or "norm_f." in k for k in model.state_dict())
+
+
+def _params_grads(model, x, lens, w):
+    model.zero_grad(set_to_none=True)
+    out = model(x, lengths=lens)
+    (out.float() * w).sum().backward()
+    return out.detach(), {k: p.grad.detach().clone() for k, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(3, (9, 5, 9)), (2, (1, 4, 3)), (1, (17, 17, 17))])
+def test_fused_kernels_match_reference_model(dtype, shape):
+    """The model on the Triton kernels (conv + scan, interpreter here) against the same weights on
+    the reference ops: outputs and every parameter's gradient, with per-sample lengths."""
+    batch, Ls = shape
+    torch.manual_seed(1)
+    ref = CoupledMamba(small_config(num_outputs=3)).to_precision(
+        "float32" if dtype == torch.float32 else "bfloat16").set_scan_impl("reference")
+    fused = CoupledMamba(small_config(num_outputs=3)).to_precision(
+        "float32" if dtype == torch.float32 else "bfloat16").set_scan_impl("triton")
+    fused.load_state_dict(ref.state_dict())
+    x = {n: t.to(dtype) for n, t in rand_inputs(batch, Ls, seed=batch).items()}
+    lens = {n: torch.randint(0, L + 1, (batch,), generator=torch.Generator().manual_seed(L))
+            for n, L in zip(MODS, Ls)}
+    w = torch.randn(batch, 3, generator=torch.Generator().manual_seed(5))
+    out_r, g_r = _params_grads(ref, x, lens, w)
+    out_t, g_t = _params_grads(fused, x, lens, w)
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    scale = lambda t: max(t.float().abs().max().item(), 1e-6)  # noqa: E731
+    torch.testing.assert_close(out_t.float(), out_r.float(), rtol=tol, atol=tol * scale(out_r))
+    for k in g_r:
+        torch.testing.assert_close(g_t[k].float(), g_r[k].float(), rtol=tol, atol=tol * scale(g_r[k]),
+                                   msg=lambda m, k=k: f"d {k}: {m}")
+
+
+@pytest.mark.parametrize("rule", ["interpolate", "pad"])
+def test_export_layout_equals_eager_layout(rule):
+    """Batch-major (what export traces) and modality-major (eager) layers compute the same."""
+    torch.manual_seed(2)
+    model = CoupledMamba(small_config(length_rule=rule)).eval().set_scan_impl("reference")
+    x = rand_inputs(3, (8, 5, 8))
+    lens = {"text": torch.tensor([8, 2, 5]), "audio": torch.tensor([5, 5, 0]), "vision": torch.tensor([1, 8, 8])}
+    with torch.no_grad():
+        eager = model(x, lens)
+        assert model._modality_axis() == 0
+        model.set_scan_impl("onnx")
+        assert model._modality_axis() == 1
+        exported_form = model(x, lens)
+    torch.testing.assert_close(exported_form, eager, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_autocast_close_to_float32():
+    """Autocast (float32 weights, bfloat16 matmuls): the residual stays float32 (added outside the
+    GEMM), and the result is close to the float32 model's."""
+    torch.manual_seed(3)
+    model = CoupledMamba(small_config(num_outputs=2)).eval().set_scan_impl("reference")
+    x = rand_inputs(2, (7, 7, 7))
+    with torch.no_grad():
+        want = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = model(x)
+    torch.testing.assert_close(got.float(), want, rtol=5e-2, atol=5e-2 * want.abs().max().item())
+
+
+def test_fold_for_inference_equals_unfolded():
+    torch.manual_seed(4)
+    model = CoupledMamba(small_config()).eval().set_scan_impl("reference")
+    with torch.no_grad():
+        for k, p in model.named_parameters():
+            if "norm" in k:
+                p.add_(0.3 * torch.randn_like(p))
+    x = rand_inputs(2, (6, 6, 6))
+    with torch.no_grad():
+        want = model(x)
+        model.fold_for_inference()
+        assert model.layers[0]._folded is not None
+        torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-6)
+        model.to(torch.float64)       # folded tensors follow .to(); the scan's stay float32
+        assert model.layers[0]._folded[2].dtype == torch.float64
+        assert model.layers[0]._folded[3].dtype == torch.float32

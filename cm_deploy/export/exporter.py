@@ -110,7 +110,7 @@ def _check_options(config, dtype, opset, batch, lengths):
 
 def _prepare(model, dtype):
     """A copy of `model` at `dtype` (the model's one precision policy) with the ONNX scan."""
-    return copy.deepcopy(model).eval().to_precision(dtype).set_scan_impl("onnx")
+    return copy.deepcopy(model).eval().to_precision(dtype).set_scan_impl("onnx").fold_for_inference()
 
 
 def _example_inputs(config, dtype, batch, length_of):

@@ -56,6 +56,7 @@ class TorchBackend(Backend):
         self.scan_impl = scan_impl
         self._tdtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[self.precision]
         self.model.to_precision(self.precision)      # the policy export uses: A, D, dt bias stay float32
+        self.model.fold_for_inference()              # as export does: projections folded once
         cfg = self.model.config
         self.config = cfg.to_dict()
         self.inputs = [TensorSpec(n, (BATCH_DIM, length_dim(n), f), self.precision) for n, f in cfg.modalities.items()]

@@ -1,0 +1,53 @@
+"""The Mamba block's causal depthwise convolution and SiLU, for all modalities at once.
+
+    out[b, m, t, e] = silu(bias[m, e] + sum_k weight[m, e, k] * x[b, m, t - (K - 1) + k, e])
+
+x is (batch, M, L, E) - any strides with a contiguous last axis (the model hands it a modality-
+major view) - and steps before t = 0 are `left` (batch, M, K - 1, E) when given (streaming: the
+previous chunk's last steps), else zeros. This is nn.Conv1d(E, E, K, groups=E, padding=K - 1)
+truncated to L, per modality, then SiLU. `causal_conv_silu` runs the fused Triton kernels
+(triton_conv.py; one read of x, one write, forward and backward) or the reference below (K
+shifted multiply-adds: what the exported graphs carry, and what the kernels are tested against).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["causal_conv_silu", "causal_conv_silu_reference"]
+
+
+def causal_conv_silu_reference(x, weight, bias=None, left=None):
+    """Reference: x (b, M, L, E), weight (M, E, K), bias (M, E) or None, left (b, M, K - 1, E) or
+    None. Returns (out, new_left) where new_left = the last K - 1 steps of [left, x]."""
+    K = weight.shape[-1]
+    L = x.shape[2]
+    if left is None:
+        left = x.new_zeros(x.shape[0], x.shape[1], K - 1, x.shape[3])
+    ext = torch.cat([left.to(x.dtype), x], dim=2)                   # (b, M, K - 1 + L, E)
+    # math in the wider of the two dtypes (float32 for bfloat16 activations and float32 weights)
+    ct = torch.promote_types(x.dtype, weight.dtype)
+    w = weight.to(ct)
+    acc = None
+    for k in range(K):
+        term = ext[:, :, k:k + L].to(ct) * w[None, :, None, :, k]
+        acc = term if acc is None else acc + term
+    if bias is not None:
+        acc = acc + bias.to(ct)[None, :, None, :]
+    return F.silu(acc).to(x.dtype), ext[:, :, ext.shape[2] - (K - 1):]
+
+
+def causal_conv_silu(x, weight, bias=None, *, impl="auto"):
+    """Fused causal depthwise conv + SiLU of a whole sequence (no left context): x (b, M, L, E),
+    weight (M, E, K), bias (M, E). impl: "auto" (Triton where it can run, else the reference),
+    "triton", or "reference". Differentiable in x, weight and bias."""
+    if x.dim() != 4 or weight.dim() != 3 or weight.shape[:2] != (x.shape[1], x.shape[3]):
+        raise ValueError(f"causal_conv_silu: x (b, M, L, E) and weight (M, E, K) expected, got "
+                         f"{tuple(x.shape)} and {tuple(weight.shape)}")
+    if impl == "auto":
+        from . import triton_available
+        impl = "triton" if (x.is_cuda and triton_available(x.device)) else "reference"
+    if impl == "triton" and x.shape[2] > 0:
+        from .triton_conv import causal_conv_silu_triton
+        return causal_conv_silu_triton(x, weight, bias)
+    return causal_conv_silu_reference(x, weight, bias)[0]
