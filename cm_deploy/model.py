@@ -26,7 +26,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from .config import CoupledMambaConfig
 from .contract import FLOAT32_PARAMS, normalize_precision
 from .ops import coupled_scan
-from .ops.conv import causal_conv_silu, causal_conv_silu_reference
+from .ops.conv import causal_conv_silu, conv_tail
 
 
 def resample_linear(h, L):
@@ -230,10 +230,12 @@ class CoupledLayer(nn.Module):
             new_conv = None
         else:   # the same conv, its left context taken from the previous chunk
             left = torch.stack([c.transpose(1, 2) for c in state[0]], dim=1)     # (b, M, K-1, E)
-            y, left = causal_conv_silu_reference(_scan_view(u, ax), self.conv_weight,
-                                                 self.conv_bias, left)
-            u = _scan_view(y, ax)
-            new_conv = [left[:, m].transpose(1, 2) for m in range(M)]
+            su = _scan_view(u, ax)
+            tail = conv_tail(left, su, self.conv_weight.shape[-1])
+            u = _scan_view(causal_conv_silu(su, self.conv_weight, self.conv_bias, left,
+                                            impl=_conv_impl(self.scan_impl)), ax)
+            new_conv = [tail[:, m].transpose(1, 2) for m in range(M)]
+            del su
         dbc = _matmul(u, w_x, ax)                                  # delta | B | C
         A, D, bias = self.scan_weights()
         args = [_scan_view(t, ax) for t in (u, dbc[..., :E], dbc[..., E:E + N], dbc[..., E + N:], z)]
@@ -349,7 +351,11 @@ class CoupledMamba(nn.Module):
             raise ValueError(f"CoupledMamba: expected {len(self.names)} {what} ({self.names}), got {len(inputs)}")
         return inputs
 
-    def forward(self, inputs, lengths=None):
+    def forward(self, inputs, lengths=None, *, chunk: int | None = None):
+        """chunk: run the layers over time chunks of this many steps, carrying the conv and scan
+        states between them (as streaming does), so that activation memory is O(batch * chunk)
+        instead of O(batch * L); the result is the same up to float round-off. Eager inference
+        only (a Python loop over chunks); None runs the whole sequence at once."""
         xs = self._ordered(inputs, "inputs")
         for name, x in zip(self.names, xs):
             f = self.config.modalities[name]
@@ -371,6 +377,11 @@ class CoupledMamba(nn.Module):
         ax = self._modality_axis()
         h = torch.stack(hs, dim=ax)       # the one copy that brings the modalities together
         del hs
+        if chunk is not None:
+            if int(chunk) < 1:
+                raise ValueError(f"CoupledMamba: chunk must be a positive number of steps, got {chunk}")
+            if int(chunk) < h.shape[2]:
+                return self._chunked(h, valid, ax, int(chunk))
         for layer in self.layers:
             h = layer(h, ax)
         h = self._final_norm(h, ax)
@@ -380,6 +391,34 @@ class CoupledMamba(nn.Module):
             w = (valid[None] if ax == 0 else valid[:, None]).unsqueeze(-1)
             total = torch.where(w, h, torch.zeros((), device=h.device)).sum(2)
             pooled = total / w.sum(2).clamp(min=1).float()
+        return self._head(pooled, ax)
+
+    def _chunked(self, h, valid, ax, chunk):
+        """forward's layers and pooling over time chunks, states carried (see forward)."""
+        cfg = self.config
+        M, E, N, K = cfg.n_modalities, cfg.d_inner, cfg.d_state, cfg.d_conv
+        batch, L = h.shape[1 - ax], h.shape[2]
+        conv0 = [h.new_zeros(batch, E, K - 1) for _ in range(M)]
+        scan0 = [torch.zeros(batch, E, N, device=h.device, dtype=torch.float32)
+                 for _ in range(1 if cfg.coupled else M)]
+        states = [(conv0, scan0) for _ in self.layers]
+        total = None
+        for t0 in range(0, L, chunk):
+            hc = h[:, :, t0:t0 + chunk]
+            for i, layer in enumerate(self.layers):
+                hc, states[i] = layer(hc, ax, states[i])
+            hc = self._final_norm(hc, ax)
+            if valid is not None:
+                w = valid[:, t0:t0 + chunk]
+                w = (w[None] if ax == 0 else w[:, None]).unsqueeze(-1)
+                hc = torch.where(w, hc, torch.zeros((), device=hc.device))
+            part = hc.sum(2)
+            total = part if total is None else total + part
+        if valid is None:
+            pooled = total / L
+        else:
+            count = valid.sum(1).clamp(min=1).float()
+            pooled = total / (count[None, :, None] if ax == 0 else count[:, None, None])
         return self._head(pooled, ax)
 
     def _modality_axis(self) -> int:

@@ -92,3 +92,26 @@ def test_triton_y_follows_input_layout():
 def test_bad_shapes():
     with pytest.raises(ValueError, match="weight"):
         causal_conv_silu(torch.zeros(1, 2, 3, 4), torch.zeros(3, 4, 4))
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_left_context_chunks_equal_one_run(dtype):
+    """Streaming/chunked inference: the kernel takes the previous chunk's last K - 1 steps."""
+    from cm_deploy.ops.conv import conv_tail
+    x, w, b = _inputs(2, 3, 11, 12, 4, dtype, layout="mmajor")
+    with torch.no_grad():
+        whole = causal_conv_silu(x, w, b, impl="reference")
+        left, parts = None, []
+        for lo, hi in ((0, 1), (1, 3), (3, 9), (9, 11)):      # chunks shorter than K - 1 too
+            xc = x[:, :, lo:hi]
+            parts.append(causal_conv_silu(xc, w, b, left, impl="triton"))
+            left = conv_tail(left, xc, 4)
+    assert_close(torch.cat(parts, dim=2), whole, TOL[dtype], "chunks")
+
+
+@needs_triton
+def test_triton_left_context_refuses_grad():
+    x, w, b = _inputs(1, 2, 4, 5, 3, torch.float32)
+    with pytest.raises(RuntimeError, match="inference"):
+        causal_conv_silu(x.requires_grad_(), w, b, torch.zeros(1, 2, 2, 5), impl="triton")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["causal_conv_silu", "causal_conv_silu_reference"]
+__all__ = ["causal_conv_silu", "causal_conv_silu_reference", "conv_tail"]
 
 
 def causal_conv_silu_reference(x, weight, bias=None, left=None):
@@ -37,17 +37,34 @@ def causal_conv_silu_reference(x, weight, bias=None, left=None):
     return F.silu(acc).to(x.dtype), ext[:, :, ext.shape[2] - (K - 1):]
 
 
-def causal_conv_silu(x, weight, bias=None, *, impl="auto"):
-    """Fused causal depthwise conv + SiLU of a whole sequence (no left context): x (b, M, L, E),
-    weight (M, E, K), bias (M, E). impl: "auto" (Triton where it can run, else the reference),
-    "triton", or "reference". Differentiable in x, weight and bias."""
+def conv_tail(left, x, K):
+    """The last K - 1 steps of [left, x] along axis 2: the conv state after x (left None: zeros)."""
+    if left is None:
+        left = x.new_zeros(x.shape[0], x.shape[1], K - 1, x.shape[3])
+    if K == 1:
+        return left
+    # one expression for every length (exported graphs have a symbolic one): at most K - 1 steps
+    # of x (a negative start clamps), after left, then the last K - 1
+    ext = torch.cat([left, x[:, :, -(K - 1):].to(left.dtype)], dim=2)
+    return ext[:, :, ext.shape[2] - (K - 1):]
+
+
+def causal_conv_silu(x, weight, bias=None, left=None, *, impl="auto"):
+    """Fused causal depthwise conv + SiLU: x (b, M, L, E), weight (M, E, K), bias (M, E), left
+    (b, M, K - 1, E) or None (zeros). impl: "auto" (Triton where it can run, else the reference),
+    "triton", or "reference". Differentiable in x, weight and bias (the Triton path with a left
+    context is inference-only: it refuses tensors that require grad; "auto" then takes the
+    reference)."""
     if x.dim() != 4 or weight.dim() != 3 or weight.shape[:2] != (x.shape[1], x.shape[3]):
         raise ValueError(f"causal_conv_silu: x (b, M, L, E) and weight (M, E, K) expected, got "
                          f"{tuple(x.shape)} and {tuple(weight.shape)}")
     if impl == "auto":
         from . import triton_available
         impl = "triton" if (x.is_cuda and triton_available(x.device)) else "reference"
+        grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, left))
+        if left is not None and grad:
+            impl = "reference"
     if impl == "triton" and x.shape[2] > 0:
         from .triton_conv import causal_conv_silu_triton
-        return causal_conv_silu_triton(x, weight, bias)
-    return causal_conv_silu_reference(x, weight, bias)[0]
+        return causal_conv_silu_triton(x, weight, bias, left)
+    return causal_conv_silu_reference(x, weight, bias, left)[0]

@@ -19,9 +19,9 @@ __all__ = ["causal_conv_silu_triton"]
 
 
 @triton.jit
-def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, L, E,
-                     sx0, sx1, sx2, sy0, sy1, sy2,
-                     K: tl.constexpr, HAS_BIAS: tl.constexpr,
+def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, left_ptr, M, L, E,
+                     sx0, sx1, sx2, sy0, sy1, sy2, sl0, sl1, sl2,
+                     K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LEFT: tl.constexpr,
                      BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
     pid_t = tl.program_id(0)
     pid_bm = tl.program_id(1)
@@ -41,6 +41,10 @@ def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, L, E,
         wk = tl.load(w_ptr + (m * E + offs_e) * K + k, mask=me, other=0.0).to(tl.float32)
         xk = tl.load(xb + tk[:, None] * sx2 + offs_e[None, :],
                      mask=((tk >= 0) & mt)[:, None] & me[None, :], other=0.0).to(tl.float32)
+        if HAS_LEFT:   # steps before 0: the previous chunk's last K - 1 steps
+            lk = tl.load(left_ptr + b * sl0 + m * sl1 + (tk + (K - 1))[:, None] * sl2 + offs_e[None, :],
+                         mask=((tk < 0) & mt)[:, None] & me[None, :], other=0.0).to(tl.float32)
+            xk += lk
         acc += wk[None, :] * xk
     out = acc / (1.0 + tl.exp(-acc))
     yo = y_ptr + b * sy0 + m * sy1 + offs_t[:, None] * sy2 + offs_e[None, :]
@@ -106,21 +110,27 @@ def _blocks(L, E):
     return min(_pow2(L), 32), min(_pow2(E), 128), 4
 
 
+def _conv_forward(x, weight, bias, left):
+    batch, M, L, E = x.shape
+    K = weight.shape[-1]
+    y = _dense_like(x)
+    BT, BE, nw = _blocks(L, E)
+    grid = (triton.cdiv(L, BT), batch * M, triton.cdiv(E, BE))
+    lt = left if left is not None else x
+    _conv_fwd_kernel[grid](x, weight, bias if bias is not None else weight, y, lt, M, L, E,
+                           *x.stride()[:3], *y.stride()[:3], *lt.stride()[:3], K=K,
+                           HAS_BIAS=bias is not None, HAS_LEFT=left is not None,
+                           BLOCK_T=BT, BLOCK_E=BE, num_warps=nw)
+    return y
+
+
 class _ConvFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias):
-        batch, M, L, E = x.shape
-        K = weight.shape[-1]
         weight = weight.contiguous()
         bias_c = bias.contiguous() if bias is not None else None
-        y = _dense_like(x)
-        BT, BE, nw = _blocks(L, E)
-        grid = (triton.cdiv(L, BT), batch * M, triton.cdiv(E, BE))
-        _conv_fwd_kernel[grid](x, weight, bias_c if bias_c is not None else weight, y, M, L, E,
-                               *x.stride()[:3], *y.stride()[:3], K=K, HAS_BIAS=bias is not None,
-                               BLOCK_T=BT, BLOCK_E=BE, num_warps=nw)
         ctx.save_for_backward(x, weight, bias_c)
-        return y
+        return _conv_forward(x, weight, bias_c, None)
 
     @staticmethod
     def backward(ctx, dy):
@@ -143,6 +153,12 @@ class _ConvFn(torch.autograd.Function):
 
 
 @torch.compiler.disable
-def causal_conv_silu_triton(x, weight, bias=None):
-    """See conv.causal_conv_silu: x (b, M, L, E) any strides, last axis contiguous."""
+def causal_conv_silu_triton(x, weight, bias=None, left=None):
+    """See conv.causal_conv_silu: x (b, M, L, E) any strides, last axis contiguous; left (b, M,
+    K - 1, E) the steps before x (inference only: no gradient flows through this path)."""
+    if left is not None:
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, left)):
+            raise RuntimeError("causal_conv_silu_triton: left context is an inference path (no backward)")
+        return _conv_forward(_unit_last(x), weight.contiguous(),
+                             bias.contiguous() if bias is not None else None, _unit_last(left.to(x.dtype)))
     return _ConvFn.apply(_unit_last(x), weight, bias)
