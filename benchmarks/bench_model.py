@@ -11,6 +11,10 @@ expand 2, the Triton scan):
                whose memory is linear in L too);
   * tf_math  : the same weights with SDPA forced to the math backend (materialised L x L scores,
                what a plain `softmax(q k^T) v` implementation costs).
+  * cm_chunk : the same Coupled Mamba run over time chunks of CHUNK steps with carried state
+               (forward(chunk=...)): the same outputs, activation memory O(batch * CHUNK);
+  * train    : one training step (forward, backward, AdamW) of cm (Triton conv and scan kernels,
+               unfolded weights) and of tf, at the target shapes.
 Modes: eager, CUDA graph (captured per shape), torch.compile (default mode, only at a couple of
 shapes, guarded by the time budget). All under torch.inference_mode with bf16 autocast (fp32
 weights and inputs); an fp32 run (no autocast) at L = 500 for context.
@@ -37,6 +41,7 @@ LS = [50, 100, 250, 500, 1000, 2000, 4096, 8192, 16384]
 BATCHES = [64, 1]
 TARGET = (64, 500)
 HEADS = 4
+CHUNK = 64          # cm_chunk's time chunk (steps)
 SMOKE = dict(d_model=16, n_layers=2, d_state=4, Ls=[8, 16], batches=[2, 1])
 
 
@@ -130,8 +135,9 @@ def param_bytes(model):
 class Runner:
     """Builds the callables for one model, precision and mode."""
 
-    def __init__(self, model, name, device, amp, backend=None):
+    def __init__(self, model, name, device, amp, backend=None, call_kw=None):
         self.model, self.name, self.device, self.amp, self.backend = model, name, device, amp, backend
+        self.call_kw = call_kw or {}
         self.compiled = None
 
     def _ctx(self):
@@ -151,7 +157,22 @@ class Runner:
     def eager(self, xs):
         def fn():
             with self._ctx():
-                return self.model(xs)
+                return self.model(xs, **self.call_kw)
+        return fn
+
+    def train(self, xs):
+        """One optimizer step: forward, backward of a mean-square loss, AdamW (bf16 autocast when
+        amp). The model here is a training copy (unfolded weights, train mode)."""
+        import torch
+        opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+
+        def fn():
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.amp):
+                out = self.model(xs)
+            out.float().square().mean().backward()
+            opt.step()
+            return out
         return fn
 
     def graph(self, xs):
@@ -183,6 +204,57 @@ class Runner:
             with self._ctx():
                 return m(xs)
         return fn
+
+
+# kernel name -> category, first match wins (the profile table of issue 12)
+CATEGORIES = [
+    ("coupled scan", ("_fwd_kernel", "_fwd_combine", "_bwd_kernel", "_bwd_seg", "_bwd_combine")),
+    ("causal conv (+SiLU)", ("_conv_fwd", "_conv_bwd", "conv_depthwise", "conv1d", "depthwise")),
+    ("attention", ("flash", "fmha", "cudnn", "attention", "sdpa", "softmax")),
+    ("GEMM", ("gemm", "sm90_xmma", "cutlass", "cublas", "bmm", "matmul", "sgemm", "hgemm")),
+    ("layer norm", ("layer_norm", "layernorm")),
+    ("concat / copy", ("cat", "copy", "memcpy", "clone", "contiguous", "stack")),
+    ("elementwise / other", ("",)),
+]
+
+
+def categorize(name):
+    low = name.lower()
+    for cat, keys in CATEGORIES:
+        if any(k in low for k in keys):
+            return cat
+    return "elementwise / other"
+
+
+def profile_categories(runner, xs, cuda):
+    """Share of device time by kernel category over one eager call (torch.profiler; on the CPU,
+    smoke only, the CPU ops stand in for kernels)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    fn = runner.eager(xs)
+    fn()
+    acts = [ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
+    with profile(activities=acts) as prof:
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+    tot = {}
+    for e in prof.key_averages():
+        t = (getattr(e, "device_time_total", 0) or getattr(e, "cuda_time_total", 0)) if cuda else e.self_cpu_time_total
+        if t <= 0 or (cuda and e.device_type != torch.autograd.DeviceType.CUDA):
+            continue
+        c = categorize(e.key)
+        tot[c] = tot.get(c, 0.0) + t
+    total = sum(tot.values()) or 1.0
+    return {"total_us": total, "share": {c: v / total for c, v in sorted(tot.items(), key=lambda kv: -kv[1])},
+            "kernels": len(prof.key_averages())}
+
+
+def graph_nodes():
+    """ONNX node counts of the paper model's exported graphs (the fused layer's export)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import graph_nodes as gn
+    return {dt: {g: c["nodes"] for g, c in gn.measure(dt).items()} for dt in ("float32",)}
 
 
 def make_inputs(modalities, batch, L, device, seed=0):
@@ -262,12 +334,22 @@ def run(res, budget, smoke, out=None):
                      "latency": "median wall-clock ms of one synchronized call, after warm-up",
                      "memory": "torch.cuda.max_memory_allocated over one eager call",
                      "modalities": mods}
+    try:
+        res["graph_nodes"] = graph_nodes()
+    except Exception as e:  # noqa: BLE001
+        res["graph_nodes"] = {"error": err_str(e)}
     if out:
         common.write_json(os.path.join(out, "model.json"), res)
+    # training copies: unfolded weights, train mode (dropout 0 in both), Triton kernels for cm
+    cm_train = CoupledMamba(cfg).to(device).train().set_scan_impl("triton" if cuda else "auto")
+    tf_train = build_transformer(mods, d_model, n_layers).to(device).train()
     runners = {"cm": Runner(cm, "cm", device, True), "tf": Runner(tf, "tf", device, True),
+               "cm_chunk": Runner(cm, "cm_chunk", device, True, call_kw={"chunk": CHUNK}),
+               "cm_train": Runner(cm_train, "cm", device, True), "tf_train": Runner(tf_train, "tf", device, True),
                "tf_math": Runner(tf, "tf_math", device, True, SDPBackend.MATH),
                "cm_fp32": Runner(cm, "cm", device, False), "tf_fp32": Runner(tf, "tf", device, False)}
-    weights = {"cm": param_bytes(cm), "tf": param_bytes(tf), "tf_math": param_bytes(tf),
+    weights = {"cm": param_bytes(cm), "tf": param_bytes(tf), "tf_math": param_bytes(tf), "cm_chunk": param_bytes(cm),
+               "cm_train": param_bytes(cm_train), "tf_train": param_bytes(tf_train),
                "cm_fp32": param_bytes(cm), "tf_fp32": param_bytes(tf)}
     rows = res.setdefault("rows", [])
     dead = set()    # (runner, mode, batch): skipped for larger L after an OOM or a very slow call
@@ -280,7 +362,7 @@ def run(res, budget, smoke, out=None):
         if key in dead:
             row["skipped"] = "a smaller L ran out of memory or took too long"
             return row
-        if mode != "eager" and not cuda:
+        if mode not in ("eager", "train") and not cuda:
             row["skipped"] = "needs CUDA"
             return row
         if rname == "tf_math" and cuda and math_attention_bytes(batch, L) > 0.9 * total_mem:
@@ -291,7 +373,7 @@ def run(res, budget, smoke, out=None):
             row["skipped"] = "time budget"
             return row
         try:
-            r = measure(runners[rname], mode, xs, cuda, want_memory=(mode == "eager"))
+            r = measure(runners[rname], mode, xs, cuda, want_memory=(mode in ("eager", "train")))
             if "mem" in r:
                 r["mem"]["peak_minus_weights_bytes"] = r["mem"]["peak_bytes"] - weights[rname]
             row.update(r)
@@ -322,12 +404,18 @@ def run(res, budget, smoke, out=None):
         if out:   # partial results survive a kill by run_all's hard timeout
             common.write_json(os.path.join(out, "model.json"), res)
 
-    base_plan = [("cm", "eager"), ("tf", "eager"), ("tf_math", "eager"), ("cm", "graph"), ("tf", "graph")]
+    base_plan = [("cm", "eager"), ("cm_chunk", "eager"), ("tf", "eager"), ("tf_math", "eager"),
+                 ("cm", "graph"), ("cm_chunk", "graph"), ("tf", "graph")]
     # 1. the target shape and batch 1 at L = 500, with fp32 context
     tb, tL = (batches[0], Ls[min(3, len(Ls) - 1)]) if smoke else TARGET
     log(f"model: target shapes (L={tL})")
     for b in batches:
-        shape(b, tL, base_plan + [("cm_fp32", "eager"), ("tf_fp32", "eager")])
+        shape(b, tL, base_plan + [("cm_fp32", "eager"), ("tf_fp32", "eager"),
+                                  ("cm_train", "train"), ("tf_train", "train")])
+    # where the GPU time goes in one eager forward at the target shape, by kernel category
+    if budget.left() > 30:
+        res["profile"] = {k: profile_categories(runners[k], make_inputs(mods, tb, tL, device), cuda)
+                          for k in ("cm", "cm_chunk", "tf")}
     # 2. the sweep over L, keeping time back for torch.compile
     log("model: sweep over L")
     reserve[0] = 100.0 if cuda else 0.0
@@ -376,8 +464,40 @@ def summarize(res):
             if cm_r and tr:
                 targets.append({"target": f">= 1.5x faster than {base} ({mode} vs {mode})", "shape": f"{b}x{L}",
                                 "value": tr / cm_r, "met": tr / cm_r >= 1.5})
+    # issue 12: each model in its best mode; activations <= 0.5x tf's (cm or its chunked run);
+    # a training step 1.5x faster than tf's with less peak memory
+    for bb in res["params"]["batches"]:
+        best = {}
+        for m in ("cm", "cm_chunk", "tf"):
+            ts = [(common.ms_of(find(res, m, mode, bb, L)), mode) for mode in ("eager", "graph", "compile")]
+            ts = [t for t in ts if t[0]]
+            if ts:
+                best[m] = min(ts)
+        if "cm" in best and "tf" in best:
+            want = 1.5 if bb == b else 1.0
+            targets.append({"target": f"best mode: cm ({best['cm'][1]}) >= {want}x faster than tf ({best['tf'][1]})",
+                            "shape": f"{bb}x{L}", "value": best["tf"][0] / best["cm"][0],
+                            "met": best["tf"][0] / best["cm"][0] >= want})
+    for m in ("cm", "cm_chunk"):
+        a, c = (mem_of(find(res, x, "eager", b, L), "activation_peak_bytes") for x in (m, "tf"))
+        if a and c:
+            targets.append({"target": f"{m} activations <= 0.5x tf's", "shape": f"{b}x{L}",
+                            "value": a / c, "met": a / c <= 0.5})
+        a, c = (mem_of(find(res, x, "eager", b, L), "activation_peak_bytes") for x in (m, "tf_math"))
+        if a and c and m == "cm_chunk":
+            targets.append({"target": f"{m}: >= 85% less activation memory than tf_math", "shape": f"{b}x{L}",
+                            "value": 1 - a / c, "met": 1 - a / c >= 0.85})
+    ct, tt = find(res, "cm_train", "train", b, L), find(res, "tf_train", "train", b, L)
+    if common.ms_of(ct) and common.ms_of(tt):
+        targets.append({"target": "training step (fwd + bwd + AdamW): cm >= 1.5x faster than tf",
+                        "shape": f"{b}x{L}", "value": common.ms_of(tt) / common.ms_of(ct),
+                        "met": common.ms_of(tt) / common.ms_of(ct) >= 1.5})
+        a, c = mem_of(ct, "activation_peak_bytes"), mem_of(tt, "activation_peak_bytes")
+        if a and c:
+            targets.append({"target": "training step: cm peak memory below tf's", "shape": f"{b}x{L}",
+                            "value": a / c, "met": a < c})
     # memory growth with L: log-log slope of activation memory over the largest measured Ls
-    for model in ("cm", "tf", "tf_math"):
+    for model in ("cm", "cm_chunk", "tf", "tf_math"):
         for bb in res["params"]["batches"]:
             pts = sorted((r["L"], mem_of(r, "activation_peak_bytes")) for r in res.get("rows", [])
                          if r["model"] == model and r["mode"] == "eager" and r["batch"] == bb
@@ -389,8 +509,8 @@ def summarize(res):
                 s[f"{model}_b{bb}_mem_exponent"] = {"L_from": l0, "L_to": l1, "exponent": slope,
                                                     "bytes_per_token_from": m0 / (bb * l0),
                                                     "bytes_per_token_to": m1 / (bb * l1)}
-                if model == "cm":
-                    targets.append({"target": "activation memory linear in L (log-log slope <= 1.1)",
+                if model in ("cm", "cm_chunk"):
+                    targets.append({"target": f"{model} activation memory linear in L (log-log slope <= 1.1)",
                                     "shape": f"b={bb}, L {l0}..{l1}", "value": slope, "met": slope <= 1.1})
     res["targets"], res["growth"] = targets, s
 
@@ -412,6 +532,7 @@ def render_md(res):
                   "measurement.)", ""]
     mib = lambda x: None if x is None else x / 2**20  # noqa: E731
     tL = TARGET[1] if not res.get("smoke") else p["Ls"][-1]
+    b_t = TARGET[0] if not res.get("smoke") else p["batches"][0]
     rows = []
     for r in res.get("rows", []):
         if r["L"] == tL:
@@ -426,16 +547,25 @@ def render_md(res):
     for b in p["batches"]:
         for L in p["Ls"]:
             cells = [b, L]
-            for m, mode in (("cm", "eager"), ("cm", "graph"), ("tf", "eager"), ("tf", "graph"), ("tf_math", "eager")):
+            for m, mode in (("cm", "eager"), ("cm", "graph"), ("cm_chunk", "graph"), ("tf", "eager"), ("tf", "graph"),
+                            ("tf_math", "eager")):
                 r = find(res, m, mode, b, L)
                 ms = common.ms_of(r)
                 cells.append(ms if ms else ("OOM" if r and r.get("error") == "OOM" else "—"))
-            for m in ("cm", "tf", "tf_math"):
-                cells.append(mib(mem_of(find(res, m, "eager", b, L))))
+            for m in ("cm", "cm_chunk", "tf", "tf_math"):
+                cells.append(mib(mem_of(find(res, m, "eager", b, L), "activation_peak_bytes")))
             sweep.append(cells)
-    lines += ["", "Sweep (latency ms; memory = peak minus weights, MiB, eager):", ""]
-    lines.append(common.md_table(["batch", "L", "cm eager", "cm graph", "tf eager", "tf graph", "tf_math eager",
-                                  "cm MiB", "tf MiB", "tf_math MiB"], sweep))
+    lines += ["", "Sweep (latency ms; memory = activations (peak minus weights and inputs), MiB, eager):", ""]
+    lines.append(common.md_table(["batch", "L", "cm eager", "cm graph", "cm_chunk graph", "tf eager", "tf graph",
+                                  "tf_math eager", "cm MiB", "cm_chunk MiB", "tf MiB", "tf_math MiB"], sweep))
+    prof = res.get("profile") or {}
+    if prof:
+        cats = [c for c, _ in CATEGORIES]
+        lines += ["", f"Device time of one eager forward at {b_t}x{tL} by kernel category (share of the total):", ""]
+        lines.append(common.md_table(["category"] + [f"{m} ({prof[m]['total_us'] / 1000:.2f} ms)" for m in prof],
+                                     [[c] + [f"{100 * prof[m]['share'].get(c, 0):.1f}%" for m in prof] for c in cats]))
+    if res.get("graph_nodes"):
+        lines += ["", f"Exported graph (paper model): {res['graph_nodes']}"]
     lines += common.targets_md(res.get("targets"))
     return "\n".join(lines) + "\n"
 
@@ -447,6 +577,7 @@ def plot(res, path):
     p = res["params"]
     fig, axes = plt.subplots(2, len(p["batches"]), figsize=(6.5 * len(p["batches"]), 8.5), squeeze=False)
     series = [("cm", "eager", "C0", "-"), ("cm", "graph", "C0", "--"), ("cm", "compile", "C0", ":"),
+              ("cm_chunk", "eager", "C2", "-"), ("cm_chunk", "graph", "C2", "--"),
               ("tf", "eager", "C1", "-"), ("tf", "graph", "C1", "--"), ("tf", "compile", "C1", ":"),
               ("tf_math", "eager", "C3", "-")]
     for j, b in enumerate(p["batches"]):
@@ -456,11 +587,11 @@ def plot(res, path):
             if pts:
                 axes[0][j].plot(*zip(*pts), ls, color=c, marker="o", ms=3, label=f"{m} {mode}")
             if mode == "eager":
-                mp = [(L, mem_of(find(res, m, "eager", b, L))) for L in p["Ls"]]
+                mp = [(L, mem_of(find(res, m, "eager", b, L), "activation_peak_bytes")) for L in p["Ls"]]
                 mp = [(L, v / 2**20) for L, v in mp if v]
                 if mp:
                     axes[1][j].plot(*zip(*mp), ls, color=c, marker="o", ms=3, label=m)
-        for i, (yl, t) in enumerate((("latency (ms)", "latency"), ("peak minus weights (MiB)", "memory"))):
+        for i, (yl, t) in enumerate((("latency (ms)", "latency"), ("activation memory (MiB)", "memory"))):
             ax = axes[i][j]
             ax.set_xscale("log")
             ax.set_yscale("log")
