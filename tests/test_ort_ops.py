@@ -213,7 +213,7 @@ def test_refuses_bad_attributes(attrs, text, provider):
 def test_library_exports_only_the_registration_entry_point():
     import ctypes
     lib = ctypes.CDLL(str(LIB))
-    assert hasattr(lib, "RegisterCustomOps")
+    assert hasattr(lib, "RegisterCustomOps") and hasattr(lib, "CmDeployOrtProviders")
     for internal in ("coupledScanCpu", "_ZN9cm_deploy4scan14coupledScanCpuENS0_7ActTypeERKNS0_8ScanArgsE"):
         assert not hasattr(lib, internal)
 
@@ -324,3 +324,14 @@ def test_runtime_runs_bfloat16_graphs_on_ort(tmp_path):
         y = b.run({n: to_numpy(args[n]) for n in NAMES})["y_bf16"]
     assert y.dtype.name == "bfloat16" and y.shape == (2, 3, 9, 5)
     close(y, reference(args)[0], "bfloat16")
+
+
+def test_library_says_which_providers_it_has_kernels_for():
+    from cm_deploy.runtime.ort_backend import op_library_providers
+    got = op_library_providers(LIB)
+    assert got[0] == "CPUExecutionProvider" and set(got) <= {"CPUExecutionProvider", "CUDAExecutionProvider"}
+    # the CI build has nvcc: the CUDA kernel is in (a CPU-only build says CPU only; checked below)
+    import shutil
+    if shutil.which("nvcc") and os.environ.get("CM_DEPLOY_CPU_ONLY") != "1":
+        assert "CUDAExecutionProvider" in got
+    assert op_library_providers("/nonexistent/lib.so") is None

@@ -12,6 +12,7 @@ provider's graph capture: inputs are then copied into fixed device buffers, as r
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -126,6 +127,13 @@ class OrtBackend(Backend):
             raise UserError(f"{self.path}: ONNX Runtime cannot load it: {msg}") from None
         self.providers = self.session.get_providers()
         self.on_cuda = self.providers[0] == "CUDAExecutionProvider"
+        self.op_providers = op_library_providers(self.ort_ops) if self.ort_ops is not None else None
+        if self.on_cuda and needs_ops and self.op_providers is not None \
+                and "CUDAExecutionProvider" not in self.op_providers:
+            # ORT would silently run every CoupledScan on the CPU, copying each layer's tensors
+            # through the host: say so once
+            print(f"warning: {self.ort_ops.name} has no CUDA kernel (built without CUDA): CoupledScan runs on "
+                  "the CPU in this CUDA session; rebuild with nvcc for the GPU kernel", file=sys.stderr)
         self.inputs = [self._spec(a, "inputs") for a in self.session.get_inputs()]
         self.outputs = [self._spec(a, "outputs") for a in self.session.get_outputs()]
         m = self.manifest or {}
@@ -244,3 +252,15 @@ class OrtBackend(Backend):
     def close(self):
         self._graph_buffers.clear()
         self.session = None
+
+
+def op_library_providers(path) -> list[str] | None:
+    """The execution providers the CoupledScan op library has kernels for (its CmDeployOrtProviders
+    entry), or None for a library too old to say."""
+    import ctypes
+    try:
+        fn = ctypes.CDLL(str(path)).CmDeployOrtProviders
+    except (OSError, AttributeError):
+        return None
+    fn.restype = ctypes.c_char_p
+    return fn().decode().split(",")

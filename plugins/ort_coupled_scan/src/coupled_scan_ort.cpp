@@ -407,6 +407,17 @@ private:
 
 } // namespace
 
+// The execution providers this build has CoupledScan kernels for, comma-separated: the runtime asks,
+// so that it can say when a CUDA session would run the op on the CPU (ORT's silent fallback).
+extern "C" __attribute__((visibility("default"))) char const* CmDeployOrtProviders()
+{
+#if CM_DEPLOY_WITH_CUDA
+    return "CPUExecutionProvider,CUDAExecutionProvider";
+#else
+    return "CPUExecutionProvider";
+#endif
+}
+
 extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps(
     OrtSessionOptions* options, OrtApiBase const* apiBase)
 {
