@@ -217,6 +217,19 @@ class MambaArgs:
                         inp.D.reshape(m * e).contiguous(), g(inp.z), inp.bias.reshape(m * e).contiguous())
 
 
+def mamba_fwd_bwd_fn(mod, ma, inp):
+    """Mamba's forward then backward (its selective_scan_interface does the same calls), once per
+    modality: the uncoupled equivalent of our fwd + bwd."""
+    import torch
+    douts = [torch.randn_like(a[0]) for a in ma.per_m]
+
+    def fn():
+        for a, dout in zip(ma.per_m, douts):
+            out, x, *_ = mod.fwd(*a, True)
+            mod.bwd(*a, dout, x, out, None, True, False)
+    return fn
+
+
 def mamba_fns(mod, inp):
     ma = MambaArgs(inp)
 
@@ -384,6 +397,8 @@ def phase_peer(res, budget, mod, build_info, plugin, smoke, out=None):
                 guarded(cfg, "mamba_M_calls", common.gpu_time, m_calls)
                 guarded(cfg, "mamba_grouped_1_launch", common.gpu_time, grouped)
                 fns["mamba_M_calls"] = m_calls
+                if getattr(mod, "_cm_has_bwd", True):
+                    guarded(cfg, "mamba_fwd_bwd_M_calls", common.gpu_time, mamba_fwd_bwd_fn(mod, ma, inp))
                 if (cfg["batch"], cfg["L"]) == TARGET_SHAPE:   # one shape: the M = 1 kernels compile anew
                     guarded(cfg, "sanity", sanity_vs_mamba, mod, inp, ma)
             except Exception as e:  # noqa: BLE001
@@ -442,6 +457,17 @@ def summarize(res):
                 r[f"{k}_fraction_of_limit"] = lim / v
         cfg["ratios"] = r
         shape = f"{cfg['batch']}x{cfg['L']} {cfg['dtype']}"
+        # issue 12: the backward
+        fb, mfb = ms_of(cfg.get("triton_fwd_bwd")), ms_of(cfg.get("mamba_fwd_bwd_M_calls"))
+        tri_alone = ms_of(cfg.get("triton_fwd"))
+        if fb and tri_alone:
+            r["triton_fwd_bwd_over_fwd"] = fb / tri_alone
+            targets.append({"target": "Triton fwd + bwd <= 3 x Triton fwd", "shape": shape,
+                            "value": fb / tri_alone, "met": fb / tri_alone <= 3.0})
+        if fb and mfb:
+            r["triton_fwd_bwd_over_mamba_fwd_bwd_M_calls"] = fb / mfb
+            targets.append({"target": "Triton fwd + bwd faster than M Mamba fwd + bwd", "shape": shape,
+                            "value": fb / mfb, "met": fb < mfb})
         if "triton_over_mamba_M_calls" in r:
             targets.append({"target": "Triton fwd <= 0.8 x M Mamba scans", "shape": shape,
                             "value": r["triton_over_mamba_M_calls"],
@@ -523,11 +549,12 @@ def render_md(res):
                      r.get("triton_over_mamba_M_calls"),
                      us(ms_of(c.get("plugin"))) if ms_of(c.get("plugin")) else common.status_of(c.get("plugin")),
                      r.get("plugin_over_triton"),
-                     us(ms_of(c.get("triton_fwd_bwd"))), us(ms_of(c.get("reference")))])
+                     us(ms_of(c.get("triton_fwd_bwd"))), r.get("triton_fwd_bwd_over_fwd"),
+                     us(ms_of(c.get("mamba_fwd_bwd_M_calls"))), us(ms_of(c.get("reference")))])
     lines.append(common.md_table(
         ["b x L", "dtype", "limit µs (binds)", "Triton fwd µs", "of limit", f"Mamba x{p['M']} µs",
          "Mamba 1 launch µs", "Triton / Mamba x{}".format(p['M']), "plugin µs", "plugin / Triton",
-         "Triton fwd+bwd µs", "reference µs"], rows))
+         "Triton fwd+bwd µs", "fwd+bwd / fwd", f"Mamba fwd+bwd x{p['M']} µs", "reference µs"], rows))
     lat = [c for c in res["configs"] if c.get("latency_wall")]
     if lat:
         lines += ["", "Batch-1 latency, wall clock of one synchronized call (host launch cost included), µs:", ""]

@@ -4,15 +4,19 @@ Nothing of mamba-ssm lives in this repository: the benchmark extracts the carrie
 (`.carry/mamba_ssm-*.tar.gz`) to /tmp and compiles its `csrc/selective_scan` there with
 torch.utils.cpp_extension.load (ninja, sm_90 only, the nvcc flags of mamba's setup.py).
 
-Only the forward kernels for float32 and bfloat16 activations (real A) are compiled. The files we
-write next to theirs (in /tmp, a few lines each) only name which template instances to build:
+The forward kernels for float32 and bfloat16 activations (real A) are compiled, and the backward
+kernels for the same two types (mamba's own selective_scan_bwd_{fp32,bf16}_real.cu units, for the
+fwd + bwd comparison of issue 12; CM_BENCH_MAMBA_BWD=0 leaves them out and shortens the build).
+The files we write next to theirs (in /tmp, a few lines each) only name which template instances to
+build:
 
   * fwd_<type>_<threads>x<items>.cu : one `selective_scan_fwd_launch<threads, items, type, float>`
     each (the 5 sizes mamba picks from by seqlen), so that ninja compiles the 10 kernel families in
     parallel instead of 2 big files one after the other (compile time is the GPU run's bottleneck);
   * fwd_dispatch.cu : `selective_scan_fwd_cuda<type, float>`, with `extern template` for the launches;
-  * stubs.cpp : every other instance that selective_scan.cpp's dispatch references (all backward,
-    fp16, complex A) defined to throw, so the module links without compiling those kernels.
+  * stubs.cpp : every other instance that selective_scan.cpp's dispatch references (fp16, complex
+    A, and the backward when it is not built) defined to throw, so the module links without
+    compiling those kernels.
 """
 from __future__ import annotations
 
@@ -30,6 +34,10 @@ EXT_NAME = "cm_bench_selective_scan"
 # mamba's CUDA (non-ROCm) dispatch in selective_scan_fwd_cuda, by seqlen: these 5 launch sizes.
 LAUNCH_SIZES = [(32, 4), (32, 8), (32, 16), (64, 16), (128, 16)]
 TYPES = {"fp32": "float", "bf16": "at::BFloat16"}
+
+
+def with_bwd() -> bool:
+    return os.environ.get("CM_BENCH_MAMBA_BWD", "1") != "0"
 
 
 def nvcc_flags_from_setup():
@@ -73,10 +81,13 @@ def _launch_decl(nt, ni, t):
     return f"void selective_scan_fwd_launch<{nt}, {ni}, {t}, float>(SSMParamsBase &, cudaStream_t)"
 
 
-def generate_sources(src_dir, gen_dir):
+def generate_sources(src_dir, gen_dir, bwd=None):
     """Write our instantiation units and stubs; return the list of sources to compile."""
+    bwd = with_bwd() if bwd is None else bwd
     os.makedirs(gen_dir, exist_ok=True)
     sources = [os.path.join(src_dir, "selective_scan.cpp")]
+    if bwd:   # mamba's own units: selective_scan_bwd_cuda<float|BFloat16, float>
+        sources += [os.path.join(src_dir, f"selective_scan_bwd_{k}_real.cu") for k in TYPES]
 
     def write(name, text):
         path = os.path.join(gen_dir, name)
@@ -111,7 +122,8 @@ def generate_sources(src_dir, gen_dir):
         for w in weights:
             if not (w == "float" and i in TYPES.values()):
                 stub.append(f"CM_STUB(selective_scan_fwd_cuda, SSMParamsBase, {i}, {w})\n")
-            stub.append(f"CM_STUB(selective_scan_bwd_cuda, SSMParamsBwd, {i}, {w})\n")
+            if not (bwd and w == "float" and i in TYPES.values()):
+                stub.append(f"CM_STUB(selective_scan_bwd_cuda, SSMParamsBwd, {i}, {w})\n")
     write("stubs.cpp", "".join(stub))
     return sources
 
@@ -135,7 +147,7 @@ def build(repo_root, work="/tmp/cm_bench_mamba", verbose=True):
         name=EXT_NAME, sources=sources, build_directory=build_dir,
         extra_cflags=["-O3", "-std=c++17"], extra_cuda_cflags=nvcc_flags_from_setup(),
         extra_include_paths=[src_dir], verbose=verbose)
-    info = {"sdist": os.path.basename(sdist), "build_s": round(time.time() - t0, 1),
+    info = {"sdist": os.path.basename(sdist), "build_s": round(time.time() - t0, 1), "backward": with_bwd(),
             "sources": [os.path.relpath(s, work) for s in sources],
             "nvcc_flags": nvcc_flags_from_setup(), "torch": torch.__version__}
     return mod, info
@@ -151,9 +163,11 @@ def load_built(work="/tmp/cm_bench_mamba"):
     return mod
 
 
-def start_background_build(repo_root, log_path, work="/tmp/cm_bench_mamba", timeout_s=420):
+def start_background_build(repo_root, log_path, work="/tmp/cm_bench_mamba", timeout_s=None):
     """Run the build in a child process (so the parent's GPU timing is not disturbed by the GIL and
     a crash of the compiler cannot take the benchmark down). Returns the Popen."""
+    if timeout_s is None:   # the backward units are mamba's slowest to compile
+        timeout_s = 900 if with_bwd() else 420
     cmd = [sys.executable, os.path.abspath(__file__), "--build", repo_root, work]
     env = dict(os.environ)
     env.setdefault("MAX_JOBS", "16")
