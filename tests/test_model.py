@@ -313,7 +313,7 @@ def test_fused_kernels_match_reference_model(dtype, shape):
     w = torch.randn(batch, 3, generator=torch.Generator().manual_seed(5))
     out_r, g_r = _params_grads(ref, x, lens, w)
     out_t, g_t = _params_grads(fused, x, lens, w)
-    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
     scale = lambda t: max(t.float().abs().max().item(), 1e-6)  # noqa: E731
     torch.testing.assert_close(out_t.float(), out_r.float(), rtol=tol, atol=tol * scale(out_r))
     for k in g_r:
@@ -384,3 +384,51 @@ def test_chunked_forward_equals_whole(impl, rule, coupled):
                 torch.testing.assert_close(model(x, lengths, chunk=chunk), whole, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="chunk"):
         model(x, chunk=0)
+
+
+def _naive_forward(model, xs):
+    """DESIGN.md section 1 written out per modality with nn.functional, from the model's stacked
+    weights (no folding, no shared layout): the reference the fused layer is held against."""
+    import torch.nn.functional as F
+    from cm_deploy.ops import coupled_scan_reference
+    cfg = model.config
+    E, N, R, K = cfg.d_inner, cfg.d_state, cfg.rank, cfg.d_conv
+    hs = [model.embed[n](x) for n, x in zip(model.names, xs)]
+    for layer in model.layers:
+        parts = []
+        for m, h in enumerate(hs):
+            x = F.layer_norm(h, (cfg.d_model,), layer.norm_weight[m], layer.norm_bias[m])
+            u, z = F.linear(x, layer.in_proj[m]).chunk(2, dim=-1)
+            L = u.shape[1]
+            u = F.silu(F.conv1d(u.transpose(1, 2), layer.conv_weight[m][:, None, :], layer.conv_bias[m],
+                                padding=K - 1, groups=E)[..., :L].transpose(1, 2))
+            dt, Bm, Cm = F.linear(u, layer.x_proj[m]).split([R, N, N], dim=-1)
+            parts.append((u, F.linear(dt, layer.dt_proj[m]), Bm, Cm, z))
+        u, delta, Bm, Cm, z = (torch.stack([p[i] for p in parts], dim=1) for i in range(5))
+        y = coupled_scan_reference(u, delta, -torch.exp(layer.A_log.float()), Bm, Cm, layer.D.float(), z,
+                                   layer.dt_bias.float(), delta_softplus=True, coupling_scale=cfg.coupling_scale)
+        hs = [h + F.linear(y[:, m], layer.out_proj[m]) for m, h in enumerate(hs)]
+    pooled = [F.layer_norm(h, (cfg.d_model,), model.norm_f_weight[m], model.norm_f_bias[m]).float().mean(1)
+              for m, h in enumerate(hs)]
+    return model.head(torch.cat(pooled, dim=-1).to(model.head.weight.dtype))
+
+
+@pytest.mark.parametrize("precision, tol", [("float32", 1e-5), ("bfloat16", 1.5e-2)])
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+@pytest.mark.parametrize("batch, L", [(2, 9), (1, 1), (3, 16)])
+def test_fused_model_matches_naive_per_modality_model(precision, tol, impl, batch, L):
+    torch.manual_seed(batch * 10 + L)
+    model = CoupledMamba(small_config(num_outputs=3)).to_precision(precision).eval().set_scan_impl(impl)
+    with torch.no_grad():
+        for k, p in model.named_parameters():      # scales and shifts away from their init
+            if "norm" in k:
+                p.add_(0.3 * torch.randn_like(p))
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[precision]
+    xs = [t.to(dtype) for t in rand_inputs(batch, (L, L, L), seed=L).values()]
+    with torch.no_grad():
+        want = _naive_forward(model, xs)
+        got = model(xs)
+        folded = model.fold_for_inference()(xs)
+    scale = want.float().abs().max().item()
+    torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol * scale)
+    torch.testing.assert_close(folded.float(), want.float(), rtol=tol, atol=tol * scale)
