@@ -41,7 +41,7 @@ LS = [50, 100, 250, 500, 1000, 2000, 4096, 8192, 16384]
 BATCHES = [64, 1]
 TARGET = (64, 500)
 HEADS = 4
-CHUNK = 64          # cm_chunk's time chunk (steps)
+CHUNK = 32          # cm_chunk's time chunk (steps)
 SMOKE = dict(d_model=16, n_layers=2, d_state=4, Ls=[8, 16], batches=[2, 1])
 
 

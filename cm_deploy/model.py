@@ -365,6 +365,11 @@ class CoupledMamba(nn.Module):
         # sym_max, not max: under export with dynamic lengths, max() would silently bake in which
         # modality is the longest.
         L = functools.reduce(torch.sym_max, (x.shape[1] for x in xs))
+        if chunk is not None:
+            if int(chunk) < 1:
+                raise ValueError(f"CoupledMamba: chunk must be a positive number of steps, got {chunk}")
+            if int(chunk) < L:
+                return self._chunked(xs, lengths, int(chunk))
         if lengths is None:
             hs = [self._to_length(self.embed[n](x), L) for n, x in zip(self.names, xs)]
             valid = None
@@ -377,11 +382,6 @@ class CoupledMamba(nn.Module):
         ax = self._modality_axis()
         h = torch.stack(hs, dim=ax)       # the one copy that brings the modalities together
         del hs
-        if chunk is not None:
-            if int(chunk) < 1:
-                raise ValueError(f"CoupledMamba: chunk must be a positive number of steps, got {chunk}")
-            if int(chunk) < h.shape[2]:
-                return self._chunked(h, valid, ax, int(chunk))
         for layer in self.layers:
             h = layer(h, ax)
         h = self._final_norm(h, ax)
@@ -393,31 +393,72 @@ class CoupledMamba(nn.Module):
             pooled = total / w.sum(2).clamp(min=1).float()
         return self._head(pooled, ax)
 
-    def _chunked(self, h, valid, ax, chunk):
-        """forward's layers and pooling over time chunks, states carried (see forward)."""
+    def _chunked(self, xs, lengths, chunk):
+        """forward's embedding, layers and pooling over time chunks, states carried (see forward).
+        The inputs are embedded chunk by chunk too when every step depends on its own input only
+        (equal lengths without per-sample lengths, or the pad rule); interpolation needs the whole
+        valid prefix, so it is aligned first and only the (batch, L, d_model) result is sliced."""
         cfg = self.config
         M, E, N, K = cfg.n_modalities, cfg.d_inner, cfg.d_state, cfg.d_conv
-        batch, L = h.shape[1 - ax], h.shape[2]
-        conv0 = [h.new_zeros(batch, E, K - 1) for _ in range(M)]
-        scan0 = [torch.zeros(batch, E, N, device=h.device, dtype=torch.float32)
-                 for _ in range(1 if cfg.coupled else M)]
-        states = [(conv0, scan0) for _ in self.layers]
+        ax = self._modality_axis()
+        batch, dev = xs[0].shape[0], xs[0].device
+        Ls = [x.shape[1] for x in xs]
+        L = max(Ls)
+        lens = None
+        if lengths is not None:
+            lens = [self._lengths(ln, x, batch, n) for ln, x, n in zip(self._ordered(lengths, "lengths"), xs, self.names)]
+        whole = None
+        if (lens is not None or len(set(Ls)) > 1) and cfg.length_rule != "pad":
+            if lens is None:
+                whole = [self._to_length(self.embed[n](x), L) for n, x in zip(self.names, xs)]
+            else:
+                common = functools.reduce(torch.maximum, lens)
+                whole = [self._align(self.embed[n](self._zero_padding(x, ln)), ln, common, L)
+                         for n, x, ln in zip(self.names, xs, lens)]
+        if lens is None:
+            valid, count = None, None
+        else:
+            common = functools.reduce(torch.maximum, lens)
+            valid = torch.arange(L, device=dev)[None, :] < common[:, None]
+            count = common.clamp(min=1).float()
+
+        def embed(t0, t1):
+            if whole is not None:
+                return [h[:, t0:t1] for h in whole]
+            out = []
+            for m, (n, x) in enumerate(zip(self.names, xs)):
+                part = x[:, t0:min(t1, x.shape[1])]
+                ln = (lens[m] if lens is not None else torch.full((batch,), x.shape[1], device=dev)) - t0
+                h = self._zero_padding(self.embed[n](self._zero_padding(part, ln)), ln)   # pad rule
+                if part.shape[1] < t1 - t0:         # past this modality's end: zeros
+                    h = F.pad(h, (0, 0, 0, t1 - t0 - part.shape[1]))
+                out.append(h)
+            return out
+
+        conv0 = None
+        states = None
         total = None
         for t0 in range(0, L, chunk):
-            hc = h[:, :, t0:t0 + chunk]
+            t1 = min(t0 + chunk, L)
+            hc = torch.stack(embed(t0, t1), dim=ax)
+            if states is None:
+                conv0 = [hc.new_zeros(batch, E, K - 1) for _ in range(M)]
+                scan0 = [torch.zeros(batch, E, N, device=dev, dtype=torch.float32)
+                         for _ in range(1 if cfg.coupled else M)]
+                states = [(conv0, scan0) for _ in self.layers]
             for i, layer in enumerate(self.layers):
                 hc, states[i] = layer(hc, ax, states[i])
             hc = self._final_norm(hc, ax)
             if valid is not None:
-                w = valid[:, t0:t0 + chunk]
+                w = valid[:, t0:t1]
                 w = (w[None] if ax == 0 else w[:, None]).unsqueeze(-1)
                 hc = torch.where(w, hc, torch.zeros((), device=hc.device))
             part = hc.sum(2)
             total = part if total is None else total + part
-        if valid is None:
+            del hc
+        if count is None:
             pooled = total / L
         else:
-            count = valid.sum(1).clamp(min=1).float()
             pooled = total / (count[None, :, None] if ax == 0 else count[:, None, None])
         return self._head(pooled, ax)
 

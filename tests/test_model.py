@@ -377,7 +377,10 @@ def test_chunked_forward_equals_whole(impl, rule, coupled):
     model = CoupledMamba(small_config(length_rule=rule, coupled=coupled)).eval().set_scan_impl(impl)
     x = rand_inputs(3, (11, 7, 11))
     lens = {"text": torch.tensor([11, 4, 9]), "audio": torch.tensor([7, 7, 0]), "vision": torch.tensor([2, 11, 6])}
+    equal = rand_inputs(3, (11, 11, 11), seed=1)      # embedded chunk by chunk under both rules
     with torch.no_grad():
+        whole = model(equal)
+        torch.testing.assert_close(model(equal, chunk=3), whole, rtol=1e-5, atol=1e-6)
         for lengths in (None, lens):
             whole = model(x, lengths)
             for chunk in ((1, 4, 10, 50) if impl == "reference" else (4,)):   # the interpreter is slow

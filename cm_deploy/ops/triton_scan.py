@@ -906,6 +906,8 @@ def _plan(batch, M, L, E, N, device, *, bwd, chunk=1, elem_size=4):
     pf_bc = bool(_OVERRIDES.get("pf_bc", True))
     # forward: steps per chunk of the vectorised phases (a power of two)
     chunk_t = _pow2(int(_OVERRIDES.get("chunk_t", 64)))
+    # the chunk phases' scratch is per program x chunk_t steps: no more steps than a segment has
+    chunk_t = min(chunk_t, _pow2(seg_len))
     # forward: partial y sums per channel left for the vectorised phase (power of two)
     y_parts = _pow2(int(_OVERRIDES.get("y_parts", 1)))
     return _Plan(block_e, block_n, num_warps, maxnreg, n_seg, seg_len, fast_exp, pf_bc, chunk_t,
@@ -1137,7 +1139,10 @@ def coupled_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, *,
     # activations by strides (any layout whose last axis is contiguous); parameters contiguous
     cont = ([_unit_last(t) for t in (u, delta)] + [A.contiguous()] + [_unit_last(t) for t in (B, C)]
             + [D.contiguous() if D is not None else None, _unit_last(z)]
-            + [t.contiguous() if t is not None else None for t in (delta_bias, initial_state)])
+            + [delta_bias.contiguous() if delta_bias is not None else None]
+            # initial_state goes to the kernels as (batch, N, E) (_t): a (batch, E, N) view of such a
+            # tensor (a previous call's final_state) needs no copy
+            + [initial_state])
     softplus = bool(delta_softplus)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in cont)
     if needs_grad:
@@ -1146,5 +1151,7 @@ def coupled_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, *,
         u, delta, A, B, C, D, z, delta_bias, init = cont
         y, final, _ = _forward(u, delta, A, B, C, D, z, delta_bias, _t(init), softplus, kappa,
                                save=False)
-        final = _t(final)
+        # a (batch, E, N) view of the kernel's (batch, N, E) state, not a copy: handed back as the
+        # next chunk's initial_state it is the kernel's layout again (no transposing copies)
+        final = final.transpose(-1, -2)
     return (y, final) if return_final_state else y
