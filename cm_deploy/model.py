@@ -213,6 +213,13 @@ class CoupledLayer(nn.Module):
             self._folded = ((mv(wu), mv(bu)), (mv(wz), mv(bz)), mv(wx), A.to(dev), D.to(dev), q.to(dev))
         return out
 
+    def _in_place(self, u, z):
+        # inference on the Triton kernels: y over z (z is this layer's own, used by nothing else)
+        from .ops import triton_available
+        ok = (self.scan_impl in ("auto", "triton") and not torch.is_grad_enabled()
+              and (self.scan_impl == "triton" or u.is_cuda) and triton_available(u.device))
+        return {"_gate_in_place": True} if ok else {}
+
     def forward(self, h, ax=0, state=None):
         """h: (M, b, L, d) if ax == 0 else (b, M, L, d) -> the same. Streaming: `state` = (conv
         states, one (b, E, d_conv - 1) per modality; scan states: one (b, E, N) coupled state, or
@@ -244,7 +251,8 @@ class CoupledLayer(nn.Module):
         if cfg.coupled:
             y = coupled_scan(su, sdelta, A, sB, sC, D, sz, bias, delta_softplus=True,
                              coupling_scale=cfg.coupling_scale, impl=self.scan_impl,
-                             initial_state=None if state is None else state[1][0], **stream)
+                             initial_state=None if state is None else state[1][0],
+                             **stream, **self._in_place(su, sz))
             if state is not None:
                 y, scan_states = y[0], [y[1]]
         else:   # ablation: M independent Mamba chains (each a coupled scan with M = 1, kappa = 1)

@@ -559,3 +559,20 @@ def test_triton_nonpositive_coupling_scale(kappa):
     y_t, f_t, _ = run_scan("triton", inp, **kw)
     assert_close(y_t, y_r, 1e-5, "y")
     assert_close(f_t, f_r, 1e-5, "final_state")
+
+
+@needs_triton
+@pytest.mark.parametrize("layout", ["contiguous", "mmajor"])
+def test_triton_gate_in_place(layout):
+    # the model's inference path: y written over z (read at the same positions just before)
+    from cm_deploy.ops.triton_scan import coupled_scan_triton
+    inp = make_inputs(2, 3, 11, 12, 8, init=True, seed=4)
+    if layout == "mmajor":
+        inp = _strided_views(inp, "mmajor")
+    args = [inp[k] for k in NAMES[:8]]
+    want = coupled_scan_triton(*args, delta_softplus=True, initial_state=inp["initial_state"])
+    z = inp["z"].clone()
+    args[6] = z
+    got = coupled_scan_triton(*args, delta_softplus=True, initial_state=inp["initial_state"], gate_in_place=True)
+    assert got.data_ptr() == z.data_ptr()
+    assert torch.equal(got, want)

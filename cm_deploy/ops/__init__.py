@@ -72,7 +72,8 @@ def validate(u, delta, A, B, C, D, z, delta_bias, initial_state):
 
 
 def coupled_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, *, delta_softplus=False,
-                 coupling_scale=None, initial_state=None, return_final_state=False, impl="auto"):
+                 coupling_scale=None, initial_state=None, return_final_state=False, impl="auto",
+                 _gate_in_place=False):
     """y = CoupledScan(u, delta, A, B, C, D, z, delta_bias); see DESIGN.md sections 2-3.
 
     coupling_scale None means 1/M (mean coupling); 1.0 is the paper's Eq. (6).
@@ -97,5 +98,7 @@ def coupled_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, *, delta_so
             raise RuntimeError("coupled_scan: impl='triton' needs Triton and a CUDA tensor "
                                "(or TRITON_INTERPRET=1 for the CPU interpreter)")
         from .triton_scan import coupled_scan_triton
-        return coupled_scan_triton(u, delta, A, B, C, D, z, delta_bias, **kwargs)
+        # _gate_in_place (internal, the model's inference path): y may be written over z
+        return coupled_scan_triton(u, delta, A, B, C, D, z, delta_bias, **kwargs,
+                                   gate_in_place=_gate_in_place)
     return coupled_scan_reference(u, delta, A, B, C, D, z, delta_bias, **kwargs)

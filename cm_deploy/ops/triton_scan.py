@@ -956,7 +956,7 @@ def _dense_like(x, dtype=None):
     return torch.empty_like(x, dtype=dtype, memory_format=torch.preserve_format)
 
 
-def _forward(u, delta, A, B, C, D, z, delta_bias, init_t, softplus, kappa, save, chunk=None):
+def _forward(u, delta, A, B, C, D, z, delta_bias, init_t, softplus, kappa, save, chunk=None, y_out=None):
     """A: (M, E, N) contiguous; init_t: initial_state as (batch, N, E). Returns y, final (batch, N, E)
     and, when save, the checkpoints (batch, ceil(L / chunk), N, E)."""
     batch, M, L, E = u.shape
@@ -964,7 +964,7 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, init_t, softplus, kappa, save,
     dev = u.device
     p = _plan(batch, M, L, E, N, dev, bwd=False, elem_size=u.element_size())
     n_eblk = -(-E // p.block_e)
-    y = _dense_like(u)
+    y = _dense_like(u) if y_out is None else y_out
     final = torch.empty(batch, N, E, device=dev, dtype=torch.float32)
     if save:
         n_ck = -(-L // chunk)
@@ -1123,9 +1123,11 @@ class _CoupledScanFn(torch.autograd.Function):
 @torch.compiler.disable
 def coupled_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, *,
                         delta_softplus=False, coupling_scale=None, initial_state=None,
-                        return_final_state=False):
+                        return_final_state=False, gate_in_place=False):
     """CoupledScan with the fused Triton kernels; same contract and results as
     `coupled_scan_reference` (float32 state math, y in u's dtype, final_state float32).
+    gate_in_place (inference, no autograd): y is written over z, which the kernel reads at the
+    same positions just before (one activation-sized tensor less); returns that tensor.
     Differentiable in every tensor argument (first-order)."""
     batch, M, L, E = u.shape
     kappa = _kappa(coupling_scale, M)
@@ -1149,8 +1151,11 @@ def coupled_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, *,
         y, final = _CoupledScanFn.apply(*cont, softplus, kappa)
     else:
         u, delta, A, B, C, D, z, delta_bias, init = cont
+        y_out = None
+        if gate_in_place and z is not None and z.dtype == u.dtype and z.stride(-1) == 1:
+            y_out = z
         y, final, _ = _forward(u, delta, A, B, C, D, z, delta_bias, _t(init), softplus, kappa,
-                               save=False)
+                               save=False, y_out=y_out)
         # a (batch, E, N) view of the kernel's (batch, N, E) state, not a copy: handed back as the
         # next chunk's initial_state it is the kernel's layout again (no transposing copies)
         final = final.transpose(-1, -2)
