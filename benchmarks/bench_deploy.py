@@ -158,7 +158,7 @@ def summarize(res):
 
 def render_md(res):
     e = res["env"]
-    lines = [f"# Deployed model: ONNX Runtime (+ CoupledScan op library) vs PyTorch",
+    lines = ["# Deployed model: ONNX Runtime (+ CoupledScan op library) vs PyTorch",
              "", f"device {e.get('device')}, torch {e.get('torch')}, ORT {res['ort']}, commit {e.get('commit')}, "
              f"{e.get('time_utc')}; config {res['config']}; smoke {res['smoke']}", "",
              "| dtype | b x L | backend | p50 ms | max abs err | max rel err |", "|---|---|---|---|---|---|"]

@@ -16,7 +16,8 @@ expand 2, the Triton scan):
   * train    : one training step (forward, backward, AdamW) of cm (Triton conv and scan kernels,
                unfolded weights) and of tf, at the target shapes.
 Modes: eager, CUDA graph (captured per shape), torch.compile (default mode, only at a couple of
-shapes, guarded by the time budget). All under torch.inference_mode with bf16 autocast (fp32
+shapes, guarded by the time budget) and compile_graph (the compiled model captured in a CUDA graph;
+cm compiles to one graph: its conv and scan kernels are torch custom ops). All under torch.inference_mode with bf16 autocast (fp32
 weights and inputs); an fp32 run (no autocast) at L = 500 for context.
 
 Latency: median wall-clock time of one synchronized call (host launch cost included: that is what a
@@ -160,24 +161,37 @@ class Runner:
                 return self.model(xs, **self.call_kw)
         return fn
 
-    def train(self, xs):
+    def train(self, xs, compiled=False):
         """One optimizer step: forward, backward of a mean-square loss, AdamW (bf16 autocast when
-        amp). The model here is a training copy (unfolded weights, train mode)."""
+        amp). The model here is a training copy (unfolded weights, train mode); compiled: the
+        model's forward and backward under torch.compile (the optimizer step stays eager)."""
         import torch
         opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        model = torch.compile(self.model, dynamic=False) if compiled else self.model
 
         def fn():
             opt.zero_grad(set_to_none=True)
             with torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.amp):
-                out = self.model(xs)
+                out = model(xs)
             out.float().square().mean().backward()
             opt.step()
             return out
         return fn
 
+    def train_compile(self, xs):
+        return self.train(xs, compiled=True)
+
     def graph(self, xs):
+        return self._capture(self.eager(xs))
+
+    def compile_graph(self, xs):
+        """torch.compile's graph (one graph: the conv and scan kernels are custom ops) replayed as
+        a CUDA graph: no Python and no launch overhead left."""
+        return self._capture(self.compile(xs))
+
+    @staticmethod
+    def _capture(fn):
         import torch
-        fn = self.eager(xs)
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
@@ -362,18 +376,18 @@ def run(res, budget, smoke, out=None):
         if key in dead:
             row["skipped"] = "a smaller L ran out of memory or took too long"
             return row
-        if mode not in ("eager", "train") and not cuda:
+        if mode not in ("eager", "train") and not cuda:   # (train_compile too: CPU Inductor is slow)
             row["skipped"] = "needs CUDA"
             return row
         if rname == "tf_math" and cuda and math_attention_bytes(batch, L) > 0.9 * total_mem:
             row["skipped"] = f"predicted OOM (math attention scores ~{math_attention_bytes(batch, L) / 2**30:.0f} GiB)"
             dead.add(key)
             return row
-        if budget.left() < (45 if mode == "compile" else 12 + reserve[0]):
+        if budget.left() < (45 if mode.startswith("compile") else 12 + reserve[0]):
             row["skipped"] = "time budget"
             return row
         try:
-            r = measure(runners[rname], mode, xs, cuda, want_memory=(mode in ("eager", "train")))
+            r = measure(runners[rname], mode, xs, cuda, want_memory=(mode in ("eager", "train", "train_compile")))
             if "mem" in r:
                 r["mem"]["peak_minus_weights_bytes"] = r["mem"]["peak_bytes"] - weights[rname]
             row.update(r)
@@ -428,10 +442,14 @@ def run(res, budget, smoke, out=None):
     # 3. torch.compile at the target shape (the costly part: each guarded by the budget)
     if cuda:
         log("model: torch.compile at the target shape")
-        shape(tb, tL, [("cm", "compile"), ("tf", "compile")])
+        shape(tb, tL, [("cm", "compile"), ("tf", "compile"), ("cm", "compile_graph"), ("tf", "compile_graph"),
+                       ("cm_train", "train_compile"), ("tf_train", "train_compile")])
     # 4. compile at batch 1 when time is left
     if cuda and budget.left() > 100:
-        shape(1, tL, [("cm", "compile"), ("tf", "compile")])
+        shape(1, tL, [("cm", "compile"), ("tf", "compile"), ("cm", "compile_graph"), ("tf", "compile_graph")])
+
+
+MODES = ("eager", "graph", "compile", "compile_graph")
 
 
 def find(res, model, mode, batch, L):
@@ -457,7 +475,7 @@ def summarize(res):
             if a and c:
                 targets.append({"target": f">= 85% less memory than {base}, {label}", "shape": f"{b}x{L}",
                                 "value": 1 - a / c, "met": 1 - a / c >= 0.85})
-    for mode in ("eager", "graph", "compile"):
+    for mode in MODES:
         cm_r = common.ms_of(find(res, "cm", mode, b, L))
         for base in ("tf", "tf_math"):
             tr = common.ms_of(find(res, base, mode, b, L))
@@ -469,7 +487,7 @@ def summarize(res):
     for bb in res["params"]["batches"]:
         best = {}
         for m in ("cm", "cm_chunk", "tf"):
-            ts = [(common.ms_of(find(res, m, mode, bb, L)), mode) for mode in ("eager", "graph", "compile")]
+            ts = [(common.ms_of(find(res, m, mode, bb, L)), mode) for mode in MODES]
             ts = [t for t in ts if t[0]]
             if ts:
                 best[m] = min(ts)
@@ -487,6 +505,16 @@ def summarize(res):
         if a and c and m == "cm_chunk":
             targets.append({"target": f"{m}: >= 85% less activation memory than tf_math", "shape": f"{b}x{L}",
                             "value": 1 - a / c, "met": 1 - a / c >= 0.85})
+    best_train = {}
+    for m in ("cm_train", "tf_train"):
+        ts = [(common.ms_of(find(res, m, mode, b, L)), mode) for mode in ("train", "train_compile")]
+        ts = [t for t in ts if t[0]]
+        if ts:
+            best_train[m] = min(ts)
+    if len(best_train) == 2:
+        (cms, cmode), (tms, tmode) = best_train["cm_train"], best_train["tf_train"]
+        targets.append({"target": f"training step, best mode: cm ({cmode}) >= 1.5x faster than tf ({tmode})",
+                        "shape": f"{b}x{L}", "value": tms / cms, "met": tms / cms >= 1.5})
     ct, tt = find(res, "cm_train", "train", b, L), find(res, "tf_train", "train", b, L)
     if common.ms_of(ct) and common.ms_of(tt):
         targets.append({"target": "training step (fwd + bwd + AdamW): cm >= 1.5x faster than tf",

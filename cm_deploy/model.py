@@ -255,15 +255,8 @@ class CoupledLayer(nn.Module):
                              **stream, **self._in_place(su, sz))
             if state is not None:
                 y, scan_states = y[0], [y[1]]
-        else:   # ablation: M independent Mamba chains (each a coupled scan with M = 1, kappa = 1)
-            ys = [coupled_scan(su[:, m:m + 1], sdelta[:, m:m + 1], A[m:m + 1], sB[:, m:m + 1],
-                               sC[:, m:m + 1], D[m:m + 1], sz[:, m:m + 1], bias[m:m + 1],
-                               delta_softplus=True, coupling_scale=1.0, impl=self.scan_impl,
-                               initial_state=None if state is None else state[1][m], **stream)
-                  for m in range(M)]
-            if state is not None:
-                ys, scan_states = [y[0] for y in ys], [y[1] for y in ys]
-            y = torch.cat(ys, dim=1)
+        else:
+            y, scan_states = self._independent_chains(su, sdelta, A, sB, sC, D, sz, bias, state)
         del u, z, dbc, args, su, sdelta, sB, sC, sz
         y = _scan_view(y, ax)
         w_out = self.out_proj.transpose(1, 2)                      # (M, E, d)
@@ -272,6 +265,21 @@ class CoupledLayer(nn.Module):
         else:
             out = _matmul(y, w_out, ax, add=h)
         return out if state is None else (out, (new_conv, scan_states))
+
+    def _independent_chains(self, su, sdelta, A, sB, sC, D, sz, bias, state):
+        """The ablation: M independent Mamba chains (each a coupled scan with M = 1, kappa = 1).
+        A method of its own: the comprehension would make forward's locals closure cells, whose
+        `del` torch.compile cannot trace."""
+        stream = {} if state is None else {"return_final_state": True}
+        ys = [coupled_scan(su[:, m:m + 1], sdelta[:, m:m + 1], A[m:m + 1], sB[:, m:m + 1],
+                           sC[:, m:m + 1], D[m:m + 1], sz[:, m:m + 1], bias[m:m + 1],
+                           delta_softplus=True, coupling_scale=1.0, impl=self.scan_impl,
+                           initial_state=None if state is None else state[1][m], **stream)
+              for m in range(self.cfg.n_modalities)]
+        scan_states = None
+        if state is not None:
+            ys, scan_states = [y[0] for y in ys], [y[1] for y in ys]
+        return torch.cat(ys, dim=1), scan_states
 
 
 def _conv_impl(scan_impl):
@@ -463,7 +471,7 @@ class CoupledMamba(nn.Module):
                 hc = torch.where(w, hc, torch.zeros((), device=hc.device))
             part = hc.sum(2)
             total = part if total is None else total + part
-            del hc
+            hc = None   # not del: hc is a closure cell (the comprehension above), torch.compile cannot del it
         if count is None:
             pooled = total / L
         else:

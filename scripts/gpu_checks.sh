@@ -4,6 +4,8 @@
 #   ops      Triton kernels vs the reference at the paper's shape and a long one (benchmarks/gpu_check_ops.py)
 #   kernels  the CPU suite's kernel tests compiled for the GPU: tests/test_ops.py (scan, strided layouts
 #            included) and tests/test_conv.py (fused conv + SiLU) with TRITON_INTERPRET=0 on CUDA tensors
+#   compile  torch.compile(fullgraph=True) of the paper-size model, inference and training gradients vs
+#            eager (benchmarks/check_compile.py)
 #   plugin   TensorRT plugin: build (sm_90), ctest, enqueue harness vs reference, compute-sanitizer
 #   export   export float32/float16 with the GPU box's torch, portable ONNX in ONNX Runtime vs PyTorch
 #   rtx      TensorRT-RTX (carried, see shared/tools/trt-rtx-carry): parse + build with the plugin
@@ -17,7 +19,7 @@
 # (default .carry/trt). Exit status: the number of failed stages.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-stages=${*:-ops kernels plugin export rtx runtime deploy}
+stages=${*:-ops kernels compile plugin export rtx runtime deploy}
 work=${WORK:-/tmp/cm-gpu-checks}; mkdir -p "$work"
 export PYTHONUNBUFFERED=1 TensorRT_ROOT=${TensorRT_ROOT:-$PWD/.carry/trt}
 py=${PYTHON:-python3}
@@ -28,6 +30,7 @@ plugin_lib=$PWD/build/gpu-sm90/plugins/trt_coupled_scan/libcoupled_scan_plugin.s
 for s in $stages; do case $s in
   ops)     stage ops "$py" benchmarks/gpu_check_ops.py --out "$work/ops_check.json" ;;
   kernels) stage kernels env TRITON_INTERPRET=0 "$py" -m pytest -q -p no:cacheprovider tests/test_ops.py tests/test_conv.py ;;
+  compile) stage compile "$py" benchmarks/check_compile.py ;;
   plugin)  stage plugin env OUT="$work/plugin" bash plugins/trt_coupled_scan/tests/run_gpu_checks.sh ;;
   export)  stage export "$py" benchmarks/gpu_check_export.py --out "$work/export" ;;
   rtx)     stage rtx "$py" plugins/trt_coupled_scan/tests/trt_rtx_check.py --plugin "$plugin_lib" \

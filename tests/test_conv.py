@@ -115,3 +115,20 @@ def test_triton_left_context_refuses_grad():
     x, w, b = _inputs(1, 2, 4, 5, 3, torch.float32)
     with pytest.raises(RuntimeError, match="inference"):
         causal_conv_silu(x.requires_grad_(), w, b, torch.zeros(1, 2, 2, 5), impl="triton")
+
+
+@needs_triton
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("left", [True, False])
+def test_custom_ops_opcheck(bias, left):
+    """What torch.compile sees (cm_deploy::causal_conv_silu_fwd / _bwd): schema, fake functions,
+    autograd registration, AOT dispatch (torch.library.opcheck, real kernels against each)."""
+    x, w, b = _inputs(2, 3, 7, 12, 4, torch.float32, seed=3, bias=bias, layout="mmajor")
+    lt = torch.randn(2, 3, 3, 12).to(DEV) if left else None
+    import cm_deploy.ops.triton_conv  # noqa: F401  (registers the custom ops)
+    fwd, bwd = torch.ops.cm_deploy.causal_conv_silu_fwd.default, torch.ops.cm_deploy.causal_conv_silu_bwd.default
+    torch.library.opcheck(fwd, (x, w, b, lt))
+    if not left:    # the left context is inference-only
+        leaves = [t.detach().clone().requires_grad_(True) if t is not None else None for t in (x, w, b)]
+        torch.library.opcheck(fwd, (*leaves, None))
+    torch.library.opcheck(bwd, (x, w, b, torch.randn_like(x)))

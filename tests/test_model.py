@@ -255,14 +255,68 @@ def test_checkpoint_with_wrong_weight_shape(tmp_path):
     assert "\n" not in str(e.value)
 
 
-def test_torch_compile_with_triton_scan():
-    """torch.compile keeps the Triton kernels as they are (a graph break around the op)."""
+def _compiled_ops(model, *args):
+    """Compile model with fullgraph=True (any graph break raises) and an AOT backend that records
+    the ATen/custom ops of the forward and backward graphs."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+    seen = set()
+
+    def record(gm, example_inputs):
+        seen.update(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return make_boxed_func(gm.forward)
+
+    torch._dynamo.reset()
+    return torch.compile(model, fullgraph=True, backend=aot_autograd(fw_compiler=record, bw_compiler=record)), seen
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs the Triton interpreter")
+@pytest.mark.parametrize("rule, coupled", [("interpolate", True), ("pad", False)])
+def test_torch_compile_is_one_graph_with_the_kernels(rule, coupled):
+    """torch.compile(fullgraph=True) traces the whole model, training included: the conv and the
+    scan are the cm_deploy custom ops (the kernels as they are), and outputs and every gradient
+    equal eager's."""
+    torch.manual_seed(0)
+    model = CoupledMamba(small_config(length_rule=rule, coupled=coupled)).set_scan_impl("triton")
+    x = rand_inputs(2, (7, 4, 6))
+    lens = {"text": torch.tensor([7, 3]), "audio": torch.tensor([4, 4]), "vision": torch.tensor([2, 6])}
+    w = torch.randn(2, 1)
+    out_e, g_e = _params_grads(model, x, lens, w)
+    compiled, seen = _compiled_ops(model)
+    out_c, g_c = _params_grads(compiled, x, lens, w)
+    for op in ("coupled_scan_fwd", "coupled_scan_bwd", "causal_conv_silu_fwd", "causal_conv_silu_bwd"):
+        assert f"cm_deploy.{op}.default" in seen, (op, sorted(seen))
+    torch.testing.assert_close(out_c, out_e, rtol=1e-5, atol=1e-6)
+    for k in g_e:
+        torch.testing.assert_close(g_c["_orig_mod." + k], g_e[k], rtol=1e-5, atol=1e-6,
+                                   msg=lambda m, k=k: f"d {k}: {m}")
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs the Triton interpreter")
+def test_torch_compile_chunked_inference():
+    """Chunked inference (carried conv and scan states) compiles to one graph too."""
+    torch.manual_seed(0)
+    model = CoupledMamba(small_config(length_rule="pad")).eval().set_scan_impl("triton")
+    x = rand_inputs(2, (9, 9, 9))
+    lens = {"text": torch.tensor([9, 3]), "audio": torch.tensor([4, 9]), "vision": torch.tensor([9, 9])}
+    compiled, seen = _compiled_ops(model)
+    with torch.no_grad():
+        want = model(x, lens, chunk=4)
+        got = compiled(x, lens, chunk=4)
+    assert "cm_deploy.coupled_scan_fwd.default" in seen
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs the Triton interpreter")
+def test_torch_compile_inductor_inference():
+    """Inductor (the default backend) around the custom ops: the same outputs as eager."""
     torch.manual_seed(0)
     cfg = CoupledMambaConfig(modalities={"a": 5, "b": 3}, d_model=16, n_layers=1, d_state=4)
     model = CoupledMamba(cfg).eval().set_scan_impl("triton")
     x = {"a": torch.randn(2, 6, 5), "b": torch.randn(2, 6, 3)}
+    torch._dynamo.reset()
     with torch.no_grad():
-        torch.testing.assert_close(torch.compile(model)(x), model(x), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(torch.compile(model, fullgraph=True)(x), model(x), rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------

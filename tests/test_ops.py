@@ -576,3 +576,51 @@ def test_triton_gate_in_place(layout):
     got = coupled_scan_triton(*args, delta_softplus=True, initial_state=inp["initial_state"], gate_in_place=True)
     assert got.data_ptr() == z.data_ptr()
     assert torch.equal(got, want)
+
+
+@needs_triton
+@pytest.mark.parametrize("layout", ["contiguous", "mmajor"])
+@pytest.mark.parametrize("optional", [True, False])
+def test_custom_ops_opcheck(layout, optional):
+    """What torch.compile sees of the kernels (cm_deploy::coupled_scan_fwd / _bwd): the schema, the
+    fake functions (shapes, dtypes and strides of the outputs, y following u's layout), the
+    autograd registration and the op under AOT dispatch with dynamic shapes (torch.library.opcheck
+    runs the real kernels against each)."""
+    from cm_deploy.ops.triton_scan import _t, _train_chunk
+    inp = make_inputs(2, 3, 9, 8, 4, D=optional, z=optional, bias=optional, init=optional, seed=8)
+    if layout == "mmajor" and optional:
+        inp = _strided_views(inp, "mmajor")
+    u, A = inp["u"], inp["A"]
+    act = [inp[k] for k in NAMES[:8]] + [_t(inp["initial_state"])]
+    fwd, bwd = torch.ops.cm_deploy.coupled_scan_fwd.default, torch.ops.cm_deploy.coupled_scan_bwd.default
+    torch.library.opcheck(fwd, (*act, True, 0.5, 0))                 # inference: no checkpoints
+    chunk = _train_chunk(u, A)
+    grad = [t.detach().clone().requires_grad_(True) if t is not None else None for t in act]
+    torch.library.opcheck(fwd, (*grad, True, 0.5, chunk))            # training: autograd formula
+    y, final, ckpt = fwd(*act, True, 0.5, chunk)
+    dy, dfinal = torch.randn_like(y), torch.randn_like(final)
+    need = [t is not None for t in act]
+    torch.library.opcheck(bwd, (dy, dfinal, *act[:8], ckpt, True, 0.5, chunk, need))
+
+
+@needs_triton
+def test_custom_op_gradients_equal_eager():
+    # the compiled path's autograd formula against the eager autograd.Function, every input
+    from cm_deploy.ops.triton_scan import _scan_compiled, _t
+    inp = make_inputs(2, 2, 7, 6, 4, init=True, seed=9)
+    act = [inp[k] for k in NAMES[:8]] + [_t(inp["initial_state"])]
+    gen = torch.Generator().manual_seed(1)
+    grads = []
+    for path in ("eager", "op"):
+        leaves = [t.detach().clone().requires_grad_(True) for t in act]
+        if path == "eager":
+            from cm_deploy.ops.triton_scan import _CoupledScanFn
+            y, final = _CoupledScanFn.apply(*leaves, True, 0.7)
+        else:
+            y, final = _scan_compiled(*leaves, True, 0.7, True)
+        if not grads:
+            wy, wf = torch.randn(y.shape, generator=gen), torch.randn(final.shape, generator=gen)
+        ((y * wy).sum() + (final * wf).sum()).backward()
+        grads.append([t.grad for t in leaves])
+    for name, a, b in zip(NAMES, *grads):
+        assert torch.equal(a, b), name

@@ -9,6 +9,8 @@ gradients are per-program partial sums (deterministic), added up on the host.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -124,41 +126,92 @@ def _conv_forward(x, weight, bias, left):
     return y
 
 
+def _conv_backward(x, weight, bias, dy):
+    batch, M, L, E = x.shape
+    K = weight.shape[-1]
+    dy = _unit_last(dy)
+    dx = _dense_like(x)
+    BT, BE, nw = _blocks(L, E)
+    n_t = triton.cdiv(L, BT)
+    dw = torch.empty(n_t * batch, M, K, E, device=x.device, dtype=torch.float32)
+    db = torch.empty(n_t * batch, M, E, device=x.device, dtype=torch.float32) if bias is not None else dw
+    _conv_bwd_kernel[(n_t, batch * M, triton.cdiv(E, BE))](
+        x, weight, bias if bias is not None else weight, dy, dx, dw, db, batch, M, L, E,
+        *x.stride()[:3], *dy.stride()[:3], *dx.stride()[:3], K=K, HAS_BIAS=bias is not None,
+        BLOCK_T=BT, BLOCK_E=BE, num_warps=nw)
+    dweight = dw.sum(0).transpose(1, 2).contiguous().to(weight.dtype)
+    dbias = db.sum(0).to(bias.dtype) if bias is not None else None
+    return dx, dweight, dbias
+
+
 class _ConvFn(torch.autograd.Function):
+    """Eager autograd (no dispatcher overhead; torch.compile takes the custom ops below)."""
+
     @staticmethod
     def forward(ctx, x, weight, bias):
-        weight = weight.contiguous()
-        bias_c = bias.contiguous() if bias is not None else None
-        ctx.save_for_backward(x, weight, bias_c)
-        return _conv_forward(x, weight, bias_c, None)
+        ctx.save_for_backward(x, weight, bias)
+        return _conv_forward(x, weight, bias, None)
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, bias = ctx.saved_tensors
-        batch, M, L, E = x.shape
-        K = weight.shape[-1]
-        dy = _unit_last(dy)
-        dx = _dense_like(x)
-        BT, BE, nw = _blocks(L, E)
-        n_t = triton.cdiv(L, BT)
-        dw = torch.empty(n_t * batch, M, K, E, device=x.device, dtype=torch.float32)
-        db = torch.empty(n_t * batch, M, E, device=x.device, dtype=torch.float32) if bias is not None else dw
-        _conv_bwd_kernel[(n_t, batch * M, triton.cdiv(E, BE))](
-            x, weight, bias if bias is not None else weight, dy, dx, dw, db, batch, M, L, E,
-            *x.stride()[:3], *dy.stride()[:3], *dx.stride()[:3], K=K, HAS_BIAS=bias is not None,
-            BLOCK_T=BT, BLOCK_E=BE, num_warps=nw)
-        dweight = dw.sum(0).transpose(1, 2).to(weight.dtype)
-        dbias = db.sum(0).to(bias.dtype) if bias is not None else None
-        return dx, dweight, dbias
+        return _conv_backward(*ctx.saved_tensors, dy)
 
 
-@torch.compiler.disable
+# torch.compile: the kernels as opaque custom ops with fake functions and an autograd formula
+# (one graph, no recompilation of the kernels by Inductor); see triton_scan.py.
+_Opt = Optional[torch.Tensor]
+
+
+@torch.library.custom_op("cm_deploy::causal_conv_silu_fwd", mutates_args=())
+def _conv_fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: _Opt, left: _Opt) -> torch.Tensor:
+    return _conv_forward(x, weight, bias, left)
+
+
+@_conv_fwd_op.register_fake
+def _(x, weight, bias, left):
+    return _dense_like(x)
+
+
+@torch.library.custom_op("cm_deploy::causal_conv_silu_bwd", mutates_args=())
+def _conv_bwd_op(x: torch.Tensor, weight: torch.Tensor, bias: _Opt,
+                 dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dx, dw, db = _conv_backward(x, weight, bias, dy)
+    return dx, dw, db if db is not None else dw.new_empty(0)
+
+
+@_conv_bwd_op.register_fake
+def _(x, weight, bias, dy):
+    db = bias.new_empty(bias.shape) if bias is not None else weight.new_empty(0)
+    return _dense_like(x), weight.new_empty(weight.shape), db
+
+
+def _conv_setup(ctx, inputs, output):
+    x, weight, bias, left = inputs
+    ctx.save_for_backward(x, weight, bias)
+
+
+def _conv_grad(ctx, dy):
+    x, weight, bias = ctx.saved_tensors
+    dx, dw, db = torch.ops.cm_deploy.causal_conv_silu_bwd(x, weight, bias, dy)
+    return dx, dw, db if bias is not None else None, None
+
+
+torch.library.register_autograd("cm_deploy::causal_conv_silu_fwd", _conv_grad, setup_context=_conv_setup)
+
+
 def causal_conv_silu_triton(x, weight, bias=None, left=None):
     """See conv.causal_conv_silu: x (b, M, L, E) any strides, last axis contiguous; left (b, M,
     K - 1, E) the steps before x (inference only: no gradient flows through this path)."""
+    x = _unit_last(x)
+    weight = weight.contiguous()
+    bias = bias.contiguous() if bias is not None else None
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, left))
     if left is not None:
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, left)):
+        if grad:
             raise RuntimeError("causal_conv_silu_triton: left context is an inference path (no backward)")
-        return _conv_forward(_unit_last(x), weight.contiguous(),
-                             bias.contiguous() if bias is not None else None, _unit_last(left.to(x.dtype)))
-    return _ConvFn.apply(_unit_last(x), weight, bias)
+        left = _unit_last(left.to(x.dtype))
+    if torch.compiler.is_compiling():
+        return torch.ops.cm_deploy.causal_conv_silu_fwd(x, weight, bias, left)
+    if grad:
+        return _ConvFn.apply(x, weight, bias)
+    return _conv_forward(x, weight, bias, left)

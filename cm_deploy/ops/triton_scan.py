@@ -49,6 +49,7 @@ import contextlib
 import math
 import os
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import triton
@@ -1012,10 +1013,13 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, init_t, softplus, kappa, save,
     return y, final, (ckpt if save else None)
 
 
-def _backward(ctx, dy, dfinal):
-    u, delta, At, B, C, D, z, delta_bias, ckpt = ctx.saved_tensors
-    softplus, kappa, chunk = ctx.softplus, ctx.kappa, ctx.chunk
-    need = ctx.needs_input_grad
+def _backward(saved, softplus, kappa, chunk, need, dy, dfinal_t):
+    """Gradients of _forward(save=True): saved = (u, delta, A, B, C, D, z, delta_bias, ckpt) as the
+    forward took them, need = which of (u, delta, A, B, C, D, z, delta_bias, init_t) want one,
+    dfinal_t the final state's gradient as (batch, N, E). Returns the 9 gradients (None where not
+    needed); the initial state's as (batch, N, E), like init_t."""
+    u, delta, A, B, C, D, z, delta_bias, ckpt = saved
+    At = _t(A)
     batch, M, L, E = u.shape
     N = At.shape[1]
     dev = u.device
@@ -1023,8 +1027,7 @@ def _backward(ctx, dy, dfinal):
     n_eblk = -(-E // p.block_e)
     f32 = torch.float32
     dy = torch.zeros_like(u) if dy is None else _unit_last(dy)
-    if dfinal is not None:
-        dfinal = _t(dfinal.float())
+    dfinal = dfinal_t.float().contiguous() if dfinal_t is not None else None
     det = _deterministic()
     dummy = At
     meta = dict(M=M, BLOCK_E=p.block_e, BLOCK_N=p.block_n, SOFTPLUS=softplus,
@@ -1063,7 +1066,7 @@ def _backward(ctx, dy, dfinal):
     dA = torch.zeros(parts, M, N, E, device=dev, dtype=f32)
     dD = torch.zeros(parts, M, E, device=dev, dtype=f32)
     dbias = torch.zeros(parts, M, E, device=dev, dtype=f32)
-    need_dinit = initial_state_needs_grad = need[8]
+    need_dinit = need[8]
     dinit = torch.empty(batch, N, E, device=dev, dtype=f32) if need_dinit else None
     scratch = torch.empty(batch * p.n_seg * n_eblk * chunk * p.block_e * p.block_n,
                           device=dev, dtype=f32)
@@ -1079,7 +1082,7 @@ def _backward(ctx, dy, dfinal):
         *_rows(dy), *_rows(du), M * L * N, L * N, N,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
         HAS_G=g is not None, NEED_DB=need_db, NEED_DC=need_dc,
-        NEED_DINIT=initial_state_needs_grad, DETERMINISTIC=det, **meta)
+        NEED_DINIT=need_dinit, DETERMINISTIC=det, **meta)
     del scratch
     if det:
         dB = dB.sum(0) if dB is not None else None
@@ -1092,43 +1095,128 @@ def _backward(ctx, dy, dfinal):
             dD.sum(0) if need[5] else None,
             dz if need[6] else None,
             dbias.sum(0) if need[7] else None,
-            _t(dinit))
+            dinit)
+
+
+def _train_chunk(u, A):
+    """Checkpoint spacing of a forward that saves for the backward (from the shapes only)."""
+    batch, M, L, E = u.shape
+    return _chunk_for(L, _plan(batch, M, L, E, A.shape[2], u.device, bwd=True).n_seg)
 
 
 class _CoupledScanFn(torch.autograd.Function):
+    """Eager autograd (no dispatcher overhead: the compiled path below costs ~10-20 us a call)."""
+
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, kappa):
-        batch, M, L, E = u.shape
-        N = A.shape[2]
-        pb = _plan(batch, M, L, E, N, u.device, bwd=True)
-        chunk = _chunk_for(L, pb.n_seg)
-        At = _t(A)
-        y, final, ckpt = _forward(u, delta, A, B, C, D, z, delta_bias, _t(initial_state),
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, init_t, softplus, kappa):
+        chunk = _train_chunk(u, A)
+        y, final, ckpt = _forward(u, delta, A, B, C, D, z, delta_bias, init_t,
                                   softplus, kappa, save=True, chunk=chunk)
-        ctx.save_for_backward(u, delta, At, B, C, D, z, delta_bias, ckpt)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, ckpt)
         ctx.softplus, ctx.kappa, ctx.chunk = softplus, kappa, chunk
         ctx.set_materialize_grads(False)
-        return y, _t(final)
+        return y, final
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, dy, dfinal):
-        grads = _backward(ctx, dy, dfinal)
+    def backward(ctx, dy, dfinal_t):
+        grads = _backward(ctx.saved_tensors, ctx.softplus, ctx.kappa, ctx.chunk,
+                          ctx.needs_input_grad, dy, dfinal_t)
         return (*grads, None, None)
 
 
-# torch.compile: Dynamo would trace into the launcher and Inductor would recompile the kernels
-# (which fails on the H100 with torch 2.11); a graph break keeps them as they are and lets the
-# rest of the model compile.
-@torch.compiler.disable
+# ---------------------------------------------------------------------------------------------
+# torch.compile: the kernels as two opaque custom ops (cm_deploy::coupled_scan_fwd / _bwd) with
+# fake (shape) functions and an autograd formula, so a compiled model is one graph, training
+# included (fullgraph=True, mode="reduce-overhead" captures the scan in its CUDA graph). Inductor
+# does not see into them: it neither recompiles nor re-tunes the kernels.
+# ---------------------------------------------------------------------------------------------
+_Opt = Optional[torch.Tensor]
+
+
+@torch.library.custom_op("cm_deploy::coupled_scan_fwd", mutates_args=())
+def _scan_fwd_op(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                 C: torch.Tensor, D: _Opt, z: _Opt, delta_bias: _Opt, init_t: _Opt,
+                 softplus: bool, kappa: float, chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """y, final (batch, N, E) and, when chunk > 0, the backward's checkpoints (else empty)."""
+    y, final, ckpt = _forward(u, delta, A, B, C, D, z, delta_bias, init_t, softplus, kappa,
+                              save=chunk > 0, chunk=chunk or None)
+    return y, final, ckpt if chunk > 0 else final.new_empty(0)
+
+
+@_scan_fwd_op.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, init_t, softplus, kappa, chunk):
+    batch, M, L, E = u.shape
+    N = A.shape[2]
+    final = u.new_empty(batch, N, E, dtype=torch.float32)
+    ckpt = (u.new_empty(batch, -(-L // chunk), N, E, dtype=torch.float32) if chunk > 0
+            else final.new_empty(0))
+    return _dense_like(u), final, ckpt
+
+
+_GRADS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "init_t")
+
+
+@torch.library.custom_op("cm_deploy::coupled_scan_bwd", mutates_args=())
+def _scan_bwd_op(dy: _Opt, dfinal_t: _Opt, u: torch.Tensor, delta: torch.Tensor,
+                 A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, D: _Opt, z: _Opt,
+                 delta_bias: _Opt, ckpt: torch.Tensor, softplus: bool, kappa: float, chunk: int,
+                 need: list[bool]) -> list[torch.Tensor]:
+    """The 9 gradients of coupled_scan_fwd's tensor inputs; empty where `need` is False."""
+    grads = _backward((u, delta, A, B, C, D, z, delta_bias, ckpt), softplus, kappa, chunk, need,
+                      dy, dfinal_t)
+    return [g if g is not None else u.new_empty(0) for g in grads]
+
+
+@_scan_bwd_op.register_fake
+def _(dy, dfinal_t, u, delta, A, B, C, D, z, delta_bias, ckpt, softplus, kappa, chunk, need):
+    f32 = torch.float32
+    du = _dense_like(u)
+    batch, M, L, E = u.shape
+    N = A.shape[2]
+    like = {
+        "u": lambda: du, "delta": lambda: torch.empty_like(du, dtype=delta.dtype),
+        "A": lambda: A.new_empty(M, E, N), "B": lambda: B.new_empty(batch, M, L, N),
+        "C": lambda: C.new_empty(batch, M, L, N), "D": lambda: u.new_empty(M, E, dtype=f32),
+        "z": lambda: torch.empty_like(du, dtype=z.dtype),
+        "delta_bias": lambda: u.new_empty(M, E, dtype=f32),
+        "init_t": lambda: u.new_empty(batch, N, E, dtype=f32)}
+    return [like[name]() if want else u.new_empty(0) for name, want in zip(_GRADS, need)]
+
+
+def _scan_setup(ctx, inputs, output):
+    u, delta, A, B, C, D, z, delta_bias, init_t, softplus, kappa, chunk = inputs
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, output[2])
+    ctx.softplus, ctx.kappa, ctx.chunk = softplus, kappa, chunk
+
+
+def _scan_grad(ctx, dy, dfinal_t, _dckpt):
+    need = [bool(x) for x in ctx.needs_input_grad[:9]]
+    u, delta, A, B, C, D, z, delta_bias, ckpt = ctx.saved_tensors
+    grads = torch.ops.cm_deploy.coupled_scan_bwd(dy, dfinal_t, u, delta, A, B, C, D, z, delta_bias,
+                                                 ckpt, ctx.softplus, ctx.kappa, ctx.chunk, need)
+    return (*[g if want else None for g, want in zip(grads, need)], None, None, None)
+
+
+torch.library.register_autograd("cm_deploy::coupled_scan_fwd", _scan_grad, setup_context=_scan_setup)
+
+
+def _scan_compiled(u, delta, A, B, C, D, z, delta_bias, init_t, softplus, kappa, needs_grad):
+    chunk = _train_chunk(u, A) if needs_grad else 0
+    y, final, _ = torch.ops.cm_deploy.coupled_scan_fwd(u, delta, A, B, C, D, z, delta_bias, init_t,
+                                                       softplus, kappa, chunk)
+    return y, final
+
+
 def coupled_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, *,
                         delta_softplus=False, coupling_scale=None, initial_state=None,
                         return_final_state=False, gate_in_place=False):
     """CoupledScan with the fused Triton kernels; same contract and results as
     `coupled_scan_reference` (float32 state math, y in u's dtype, final_state float32).
-    gate_in_place (inference, no autograd): y is written over z, which the kernel reads at the
-    same positions just before (one activation-sized tensor less); returns that tensor.
-    Differentiable in every tensor argument (first-order)."""
+    gate_in_place (inference, no autograd, eager): y is written over z, which the kernel reads at
+    the same positions just before (one activation-sized tensor less); returns that tensor.
+    Differentiable in every tensor argument (first-order). Under torch.compile it is one opaque
+    op of the graph (see above)."""
     batch, M, L, E = u.shape
     kappa = _kappa(coupling_scale, M)
     if L == 0:
@@ -1138,25 +1226,27 @@ def coupled_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, *,
                                       delta_softplus=delta_softplus, coupling_scale=kappa,
                                       initial_state=initial_state,
                                       return_final_state=return_final_state)
-    # activations by strides (any layout whose last axis is contiguous); parameters contiguous
-    cont = ([_unit_last(t) for t in (u, delta)] + [A.contiguous()] + [_unit_last(t) for t in (B, C)]
-            + [D.contiguous() if D is not None else None, _unit_last(z)]
-            + [delta_bias.contiguous() if delta_bias is not None else None]
-            # initial_state goes to the kernels as (batch, N, E) (_t): a (batch, E, N) view of such a
-            # tensor (a previous call's final_state) needs no copy
-            + [initial_state])
+    # activations by strides (any layout whose last axis is contiguous); parameters contiguous.
+    # The kernels hold states as (batch, N, E) (_t): a (batch, E, N) view of such a tensor (a
+    # previous call's final_state) needs no copy.
+    u, delta, B, C, z = (_unit_last(t) for t in (u, delta, B, C, z))
+    A = A.contiguous()
+    D = D.contiguous() if D is not None else None
+    delta_bias = delta_bias.contiguous() if delta_bias is not None else None
+    init_t = _t(initial_state)
     softplus = bool(delta_softplus)
+    cont = (u, delta, A, B, C, D, z, delta_bias, init_t)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in cont)
-    if needs_grad:
+    if torch.compiler.is_compiling():
+        y, final = _scan_compiled(*cont, softplus, kappa, needs_grad)
+    elif needs_grad:
         y, final = _CoupledScanFn.apply(*cont, softplus, kappa)
     else:
-        u, delta, A, B, C, D, z, delta_bias, init = cont
         y_out = None
         if gate_in_place and z is not None and z.dtype == u.dtype and z.stride(-1) == 1:
             y_out = z
-        y, final, _ = _forward(u, delta, A, B, C, D, z, delta_bias, _t(init), softplus, kappa,
-                               save=False, y_out=y_out)
-        # a (batch, E, N) view of the kernel's (batch, N, E) state, not a copy: handed back as the
-        # next chunk's initial_state it is the kernel's layout again (no transposing copies)
-        final = final.transpose(-1, -2)
+        y, final, _ = _forward(*cont, softplus, kappa, save=False, y_out=y_out)
+    # a (batch, E, N) view of the kernel's (batch, N, E) state, not a copy: handed back as the
+    # next chunk's initial_state it is the kernel's layout again (no transposing copies)
+    final = final.transpose(-1, -2)
     return (y, final) if return_final_state else y
