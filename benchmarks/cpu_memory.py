@@ -8,7 +8,7 @@ in seconds. What this does not see: memory inside one op (cuBLAS workspaces, an 
 temporaries) and the CUDA caching allocator's rounding. Same setting as bench_model.py: bf16
 autocast, float32 weights and inputs, inference mode, paper config.
 
-    python benchmarks/cpu_memory.py [--batch 64] [--length 500] [--chunk 64] [--out FILE]
+    python benchmarks/cpu_memory.py [--batch 64] [--length 500] [--chunk 64] [--transformer] [--train] [--out FILE]
 """
 from __future__ import annotations
 
@@ -84,32 +84,52 @@ def main(argv=None):
     ap.add_argument("--length", type=int, default=500)
     ap.add_argument("--chunk", type=int, default=64)
     ap.add_argument("--transformer", action="store_true", help="also the Transformer of bench_model.py")
+    ap.add_argument("--train", action="store_true",
+                    help="one training step instead (forward, backward, AdamW; train mode, unfolded weights)")
     ap.add_argument("--out")
     a = ap.parse_args(argv)
     from cm_deploy import CoupledMamba, CoupledMambaConfig
     stub_kernels()
     torch.manual_seed(0)
-    model = CoupledMamba(CoupledMambaConfig(**PAPER)).eval().set_scan_impl("triton")
-    if hasattr(model, "fold_for_inference"):
-        model.fold_for_inference()
+    model = CoupledMamba(CoupledMambaConfig(**PAPER)).set_scan_impl("triton")
+    if a.train:
+        model.train()
+    else:
+        model.eval()
+        if hasattr(model, "fold_for_inference"):
+            model.fold_for_inference()
     xs = [torch.randn(a.batch, a.length, f) for f in PAPER["modalities"].values()]
 
     def call(m, **kw):
+        if a.train:     # as bench_model.Runner.train: the warm-up step creates AdamW's state
+            opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
+
+            def step():
+                opt.zero_grad(set_to_none=True)
+                with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+                    out = m(xs, **kw)
+                out.float().square().mean().backward()
+                opt.step()
+            return step
+
         def fn():
             with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
                 return m(xs, **kw)
         return fn
     res = {"what": "activation peak (bytes in use above the call's start), C allocator, CPU; Triton launches "
-                   "stubbed", "batch": a.batch, "L": a.length, "precision": "bf16 autocast, fp32 weights and inputs"}
+                   "stubbed", "batch": a.batch, "L": a.length, "precision": "bf16 autocast, fp32 weights and inputs",
+           "call": "training step (fwd, bwd, AdamW)" if a.train else "inference"}
     res["cm_whole"] = activation_peak(call(model))
-    try:
-        res[f"cm_chunk{a.chunk}"] = activation_peak(call(model, chunk=a.chunk))
-    except TypeError:          # a model from before chunked inference
-        pass
+    if not a.train:
+        try:
+            res[f"cm_chunk{a.chunk}"] = activation_peak(call(model, chunk=a.chunk))
+        except TypeError:          # a model from before chunked inference
+            pass
     if a.transformer:
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         from bench_model import build_transformer
-        tf = build_transformer(PAPER["modalities"], PAPER["d_model"], PAPER["n_layers"]).eval()
+        tf = build_transformer(PAPER["modalities"], PAPER["d_model"], PAPER["n_layers"])
+        tf.train(a.train)
         res["tf"] = activation_peak(call(tf))
     res["MiB"] = {k: round(v / 2**20, 1) for k, v in res.items() if isinstance(v, int) and k not in ("batch", "L")}
     text = json.dumps(res, indent=1)
