@@ -117,7 +117,9 @@ class CoupledLayer(nn.Module):
       conv + SiLU           one fused kernel (ops.conv) for all modalities
       x_proj, dt_proj       one batched matmul: dt_proj's rank-R factor is folded into x_proj's
                             dt rows, so delta, B and C are column ranges of one output (the scan
-                            reads them in place)
+                            reads them in place). Inference on the Triton kernels keeps delta in
+                            rank-R form instead (x_proj alone) and the scan applies dt_proj itself:
+                            no (b, M, L, E) delta in memory
       CoupledScan           u, delta, B, C, z as views, no stacking copies
       out_proj + residual   one baddbmm (the residual add as the GEMM's epilogue)
     """
@@ -141,6 +143,7 @@ class CoupledLayer(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.scan_impl = "auto"
         self._folded = None       # fold_(): precomputed projections for a frozen inference copy
+        self._folded_low = None   # fold_(): x_proj and dt_proj for the rank-R delta path
         self._register_load_state_dict_pre_hook(_stack_branch_checkpoint, with_module=True)
         self._init_like_mamba(cfg)
 
@@ -196,11 +199,21 @@ class CoupledLayer(nn.Module):
         cast = lambda t: t.to(dt).contiguous()  # noqa: E731
         self._folded = ((cast(wu), cast(bu)), (cast(wz), cast(bz)), cast(wx),
                         *(t.contiguous() for t in self.scan_weights()))
+        self._folded_low = None
+        self._folded_low = tuple(t.contiguous() for t in self._lowrank_weights())
         return self
 
     def unfold_(self):
         self._folded = None
+        self._folded_low = None
         return self
+
+    def _lowrank_weights(self):
+        """x_proj as (M, E, R + 2N) for x @ w (-> dt features | B | C) and dt_proj as (M, R, E),
+        float32: the scan's rank-R delta path (delta = dt features @ dt_proj, formed in the kernel)."""
+        if self._folded_low is not None:
+            return self._folded_low
+        return self.x_proj.transpose(1, 2), self.dt_proj.float().transpose(1, 2)
 
     def _apply(self, fn, *args, **kwargs):
         # .to() / .cuda() / .half() after fold_(): the folded tensors move too (dtype casts keep the
@@ -211,14 +224,17 @@ class CoupledLayer(nn.Module):
             dev = self.in_proj.device
             mv = lambda t: fn(t).to(dev)  # noqa: E731
             self._folded = ((mv(wu), mv(bu)), (mv(wz), mv(bz)), mv(wx), A.to(dev), D.to(dev), q.to(dev))
+        if self._folded_low is not None:
+            wxl, wdt = self._folded_low
+            self._folded_low = (fn(wxl).to(self.in_proj.device), wdt.to(self.in_proj.device))
         return out
 
-    def _in_place(self, u, z):
-        # inference on the Triton kernels: y over z (z is this layer's own, used by nothing else)
+    def _inference_kernels(self, u):
+        """Inference (no autograd) on the Triton kernels: the scan writes y over z (z is this
+        layer's own, used by nothing else) and takes delta in rank-R form."""
         from .ops import triton_available
-        ok = (self.scan_impl in ("auto", "triton") and not torch.is_grad_enabled()
-              and (self.scan_impl == "triton" or u.is_cuda) and triton_available(u.device))
-        return {"_gate_in_place": True} if ok else {}
+        return (self.cfg.coupled and self.scan_impl in ("auto", "triton") and not torch.is_grad_enabled()
+                and (self.scan_impl == "triton" or u.is_cuda) and triton_available(u.device))
 
     def forward(self, h, ax=0, state=None):
         """h: (M, b, L, d) if ax == 0 else (b, M, L, d) -> the same. Streaming: `state` = (conv
@@ -243,16 +259,22 @@ class CoupledLayer(nn.Module):
                                             impl=_conv_impl(self.scan_impl)), ax)
             new_conv = [tail[:, m].transpose(1, 2) for m in range(M)]
             del su
-        dbc = _matmul(u, w_x, ax)                                  # delta | B | C
+        fast = {}
+        W = E                                                      # width of delta's columns
+        if self._inference_kernels(u):
+            w_x, w_dt = self._lowrank_weights()
+            W = w_x.shape[2] - 2 * N
+            fast = {"_gate_in_place": True, "_delta_proj": w_dt}
+        dbc = _matmul(u, w_x, ax)                                  # delta (or its rank-R form) | B | C
         A, D, bias = self.scan_weights()
-        args = [_scan_view(t, ax) for t in (u, dbc[..., :E], dbc[..., E:E + N], dbc[..., E + N:], z)]
+        args = [_scan_view(t, ax) for t in (u, dbc[..., :W], dbc[..., W:W + N], dbc[..., W + N:], z)]
         su, sdelta, sB, sC, sz = args
         stream = {} if state is None else {"return_final_state": True}
         if cfg.coupled:
             y = coupled_scan(su, sdelta, A, sB, sC, D, sz, bias, delta_softplus=True,
                              coupling_scale=cfg.coupling_scale, impl=self.scan_impl,
                              initial_state=None if state is None else state[1][0],
-                             **stream, **self._in_place(su, sz))
+                             **stream, **fast)
             if state is not None:
                 y, scan_states = y[0], [y[1]]
         else:

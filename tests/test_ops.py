@@ -593,11 +593,14 @@ def test_custom_ops_opcheck(layout, optional):
     u, A = inp["u"], inp["A"]
     act = [inp[k] for k in NAMES[:8]] + [_t(inp["initial_state"])]
     fwd, bwd = torch.ops.cm_deploy.coupled_scan_fwd.default, torch.ops.cm_deploy.coupled_scan_bwd.default
-    torch.library.opcheck(fwd, (*act, True, 0.5, 0))                 # inference: no checkpoints
+    torch.library.opcheck(fwd, (*act, None, True, 0.5, 0))           # inference: no checkpoints
+    rank_delta = torch.randn(*u.shape[:3], 3) * 0.3                   # delta in rank-3 form
+    dt_w = torch.randn(u.shape[1], 3, u.shape[3]) * 0.3
+    torch.library.opcheck(fwd, (act[0], rank_delta, *act[2:], dt_w, True, 0.5, 0))
     chunk = _train_chunk(u, A)
     grad = [t.detach().clone().requires_grad_(True) if t is not None else None for t in act]
-    torch.library.opcheck(fwd, (*grad, True, 0.5, chunk))            # training: autograd formula
-    y, final, ckpt = fwd(*act, True, 0.5, chunk)
+    torch.library.opcheck(fwd, (*grad, None, True, 0.5, chunk))      # training: autograd formula
+    y, final, ckpt = fwd(*act, None, True, 0.5, chunk)
     dy, dfinal = torch.randn_like(y), torch.randn_like(final)
     need = [t is not None for t in act]
     torch.library.opcheck(bwd, (dy, dfinal, *act[:8], ckpt, True, 0.5, chunk, need))
@@ -624,3 +627,32 @@ def test_custom_op_gradients_equal_eager():
         grads.append([t.grad for t in leaves])
     for name, a, b in zip(NAMES, *grads):
         assert torch.equal(a, b), name
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tune", [{}, dict(n_seg=3, chunk_t=4)])
+def test_triton_rank_delta(dtype, tune):
+    """Inference with delta in Mamba's rank-R form: the kernel forms delta = dt_low @ W (float32)
+    and gives what the reference gives with that delta materialised (segments included)."""
+    from cm_deploy.ops.triton_scan import coupled_scan_triton
+    b, M, L, E, N, R = 2, 3, 19, 12, 8, 5
+    inp = make_inputs(b, M, L, E, N, dtype=dtype, init=True, seed=6)
+    inp = _strided_views(inp, "mmajor")
+    g = torch.Generator().manual_seed(2)
+    low = (torch.randn(M, b, L, R, generator=g) * 0.5).to(dtype).to(DEV).transpose(0, 1)
+    W = (torch.randn(M, R, E, generator=g) * 0.5).to(DEV)
+    full = torch.einsum("bmlr,mre->bmle", low.float(), W)
+    args = [inp[k] for k in NAMES[:8]]
+    f32 = [t.float() if t is not None else None for t in args]     # the reference in float32 throughout
+    with torch.no_grad():
+        y_r, f_r = coupled_scan_reference(f32[0], full, *f32[2:], delta_softplus=True,
+                                          initial_state=inp["initial_state"], return_final_state=True)
+        with tuning(**tune):
+            y_t, f_t = coupled_scan_triton(args[0], low, *args[2:], delta_softplus=True,
+                                           initial_state=inp["initial_state"], return_final_state=True,
+                                           delta_proj=W)
+    assert_close(y_t, y_r.to(dtype), TOL[dtype], "y")
+    assert_close(f_t, f_r, TOL[dtype], "final_state")
+    with pytest.raises(RuntimeError, match="inference path"):
+        coupled_scan_triton(args[0].clone().requires_grad_(True), low, *args[2:], delta_proj=W)

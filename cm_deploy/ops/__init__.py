@@ -42,8 +42,9 @@ def _check(name, t, shape, dtypes, device):
         raise ValueError(f"coupled_scan: {name} is on {t.device}, u is on {device}")
 
 
-def validate(u, delta, A, B, C, D, z, delta_bias, initial_state):
-    """Raise a clear error when the arguments break the tensor contract of DESIGN.md section 3."""
+def validate(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_rank=None):
+    """Raise a clear error when the arguments break the tensor contract of DESIGN.md section 3
+    (delta_rank: delta given in rank-R form, (batch, M, L, R), see coupled_scan's _delta_proj)."""
     if not isinstance(u, torch.Tensor) or u.dim() != 4:
         raise ValueError("coupled_scan: u must be a 4-D tensor (batch, M, L, E), got "
                          f"{tuple(u.shape) if isinstance(u, torch.Tensor) else type(u).__name__}")
@@ -57,7 +58,7 @@ def validate(u, delta, A, B, C, D, z, delta_bias, initial_state):
     if M < 1 or E < 1 or N < 1:
         raise ValueError(f"coupled_scan: M, E and N must be positive, got M={M}, E={E}, N={N}")
     act, f32, dev = (u.dtype,), (torch.float32,), u.device
-    _check("delta", delta, (batch, M, L, E), act, dev)
+    _check("delta", delta, (batch, M, L, E if delta_rank is None else delta_rank), act, dev)
     _check("A", A, (M, E, N), f32, dev)
     _check("B", B, (batch, M, L, N), act, dev)
     _check("C", C, (batch, M, L, N), act, dev)
@@ -73,7 +74,7 @@ def validate(u, delta, A, B, C, D, z, delta_bias, initial_state):
 
 def coupled_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, *, delta_softplus=False,
                  coupling_scale=None, initial_state=None, return_final_state=False, impl="auto",
-                 _gate_in_place=False):
+                 _gate_in_place=False, _delta_proj=None):
     """y = CoupledScan(u, delta, A, B, C, D, z, delta_bias); see DESIGN.md sections 2-3.
 
     coupling_scale None means 1/M (mean coupling); 1.0 is the paper's Eq. (6).
@@ -83,13 +84,23 @@ def coupled_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, *, delta_so
     """
     if impl not in IMPLS:
         raise ValueError(f"coupled_scan: impl must be one of {IMPLS}, got {impl!r}")
-    validate(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    # _delta_proj (internal, the model's inference path): delta in Mamba's rank-R form (batch, M,
+    # L, R) and the dt projection (M, R, E); the Triton kernel forms delta itself, others here
+    rank = None
+    if _delta_proj is not None:
+        rank = _delta_proj.shape[1]
+        if tuple(_delta_proj.shape) != (u.shape[1], rank, u.shape[3]):
+            raise ValueError(f"coupled_scan: _delta_proj must be (M, R, E), got {tuple(_delta_proj.shape)}")
+    validate(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_rank=rank)
     if coupling_scale is not None:
         coupling_scale = float(coupling_scale)
     kwargs = dict(delta_softplus=bool(delta_softplus), coupling_scale=coupling_scale,
                   initial_state=initial_state, return_final_state=return_final_state)
     if impl == "auto":
         impl = "triton" if (u.is_cuda and triton_available(u.device)) else "reference"
+    if _delta_proj is not None and impl != "triton":
+        delta = torch.einsum("bmlr,mre->bmle", delta, _delta_proj.to(delta.dtype))
+        _delta_proj = None
     if impl == "onnx":   # one cm_deploy::CoupledScan node under torch.onnx.export, else the reference
         from .onnx_node import coupled_scan_onnx
         return coupled_scan_onnx(u, delta, A, B, C, D, z, delta_bias, **kwargs)
@@ -100,5 +111,5 @@ def coupled_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, *, delta_so
         from .triton_scan import coupled_scan_triton
         # _gate_in_place (internal, the model's inference path): y may be written over z
         return coupled_scan_triton(u, delta, A, B, C, D, z, delta_bias, **kwargs,
-                                   gate_in_place=_gate_in_place)
+                                   gate_in_place=_gate_in_place, delta_proj=_delta_proj)
     return coupled_scan_reference(u, delta, A, B, C, D, z, delta_bias, **kwargs)

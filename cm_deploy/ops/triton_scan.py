@@ -108,7 +108,7 @@ def _load_vec(ptr, m: tl.constexpr, E, offs_e, me, ENABLED: tl.constexpr):
 
 
 @triton.jit
-def _fwd_kernel(u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
+def _fwd_kernel(u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, W_ptr,
                 y_ptr, c0_ptr, ckpt_ptr, final_ptr, scr_ptr,
                 L, E, N, seg_len, n_seg, chunk, n_ck, kappa, log2_kappa,
                 su0, su1, su2, sd0, sd1, sd2, sz0, sz1, sz2, sb0, sb1, sb2, sc0, sc1, sc2,
@@ -117,7 +117,7 @@ def _fwd_kernel(u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
                 SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
                 HAS_BIAS: tl.constexpr, HAS_C0: tl.constexpr, SAVE_CKPT: tl.constexpr,
                 SUMMARY: tl.constexpr, FAST_EXP: tl.constexpr, PF_BC: tl.constexpr,
-                FOLD: tl.constexpr, YP: tl.constexpr, N_C: tl.constexpr):
+                FOLD: tl.constexpr, YP: tl.constexpr, N_C: tl.constexpr, DT_RANK: tl.constexpr):
     # SUMMARY=False: the scan itself (y, checkpoints, final state). SUMMARY=True: the segment
     # summary of the module notes instead (c0_ptr -> P, final_ptr -> S; no y, C, D, z).
     #
@@ -132,6 +132,9 @@ def _fwd_kernel(u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
     # eight exps of the states, and the special-function unit is the kernel's limit.
     # FOLD (kappa > 0): the tile holds S = c / kappa and the exponent carries log2(kappa), so
     # kappa * exp(dt A) * c[t-1] = exp2(dt A log2e + log2 kappa) * S[t-1]: no multiply per state.
+    # DT_RANK > 0 (inference): dl_ptr holds Mamba's rank-R dt features (b, M, L, R) and W_ptr the
+    # dt projection (M, R, E), float32; phase A forms delta = dt_low @ W itself, so the (b, M, L, E)
+    # delta is never written to memory (nor read back).
     pid_e = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     pid_s = tl.program_id(2)
@@ -225,9 +228,17 @@ def _fwd_kernel(u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
         # --- A: dt and dt * u for the chunk
         for m in tl.static_range(M):
             tc = t0 + ct
-            io_d = (pid_b * sd0 + (z64 + m) * sd1 + tc * sd2)[:, None] + offs_e[None, :]
             io_u = (pid_b * su0 + (z64 + m) * su1 + tc * su2)[:, None] + offs_e[None, :]
-            x = tl.load(dl_ptr + io_d, mask=mt, other=0.0).to(tl.float32)
+            if DT_RANK > 0:
+                row = pid_b * sd0 + (z64 + m) * sd1 + tc * sd2
+                x = tl.zeros([T, BLOCK_E], dtype=tl.float32)
+                for r in tl.static_range(DT_RANK):
+                    lo = tl.load(dl_ptr + row + r, mask=ct < nt, other=0.0).to(tl.float32)
+                    wr = tl.load(W_ptr + (m * DT_RANK + r) * E + offs_e, mask=me, other=0.0)
+                    x += lo[:, None] * wr[None, :]
+            else:
+                io_d = (pid_b * sd0 + (z64 + m) * sd1 + tc * sd2)[:, None] + offs_e[None, :]
+                x = tl.load(dl_ptr + io_d, mask=mt, other=0.0).to(tl.float32)
             uu = tl.load(u_ptr + io_u, mask=mt, other=0.0).to(tl.float32)
             if HAS_BIAS:
                 x += tl.load(bias_ptr + m * E + offs_e, mask=me, other=0.0)[None, :]
@@ -957,9 +968,11 @@ def _dense_like(x, dtype=None):
     return torch.empty_like(x, dtype=dtype, memory_format=torch.preserve_format)
 
 
-def _forward(u, delta, A, B, C, D, z, delta_bias, init_t, softplus, kappa, save, chunk=None, y_out=None):
+def _forward(u, delta, A, B, C, D, z, delta_bias, init_t, softplus, kappa, save, chunk=None, y_out=None,
+             dt_w=None):
     """A: (M, E, N) contiguous; init_t: initial_state as (batch, N, E). Returns y, final (batch, N, E)
-    and, when save, the checkpoints (batch, ceil(L / chunk), N, E)."""
+    and, when save, the checkpoints (batch, ceil(L / chunk), N, E). dt_w (M, R, E) float32: delta
+    is then (batch, M, L, R) and the kernel computes delta @ dt_w (no backward)."""
     batch, M, L, E = u.shape
     N = A.shape[2]
     dev = u.device
@@ -976,7 +989,8 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, init_t, softplus, kappa, save,
     fold = kappa > 0.0
     yp = min(p.y_parts, p.block_n)
     meta = dict(M=M, BLOCK_E=p.block_e, BLOCK_N=p.block_n, T=p.chunk_t, SOFTPLUS=softplus,
-                FAST_EXP=p.fast_exp, PF_BC=p.pf_bc, FOLD=fold, YP=yp, N_C=N, **p.launch_opts())
+                FAST_EXP=p.fast_exp, PF_BC=p.pf_bc, FOLD=fold, YP=yp, N_C=N,
+                DT_RANK=dt_w.shape[1] if dt_w is not None else 0, **p.launch_opts())
     log2_kappa = math.log2(kappa) if fold else 0.0
     # per-program scratch of the chunk phases (see _fwd_kernel): (2 + YP) x M x T x BLOCK_E
     scratch = torch.empty(n_eblk * batch * p.n_seg * (2 + yp) * M * p.chunk_t * p.block_e,
@@ -990,6 +1004,7 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, init_t, softplus, kappa, save,
         # segment summaries: the same kernel in SUMMARY mode (P into c0_ptr, S into final_ptr)
         _fwd_kernel[grid](u, delta, A, B, B, dummy, u,
                           delta_bias if delta_bias is not None else dummy,
+                          dt_w if dt_w is not None else dummy,
                           u, P, ckpt, S, scratch, L, E, N, p.seg_len, p.n_seg, 1, 1, kappa,
                           log2_kappa, *_rows(u), *_rows(delta), *_rows(u), *_rows(B), *_rows(B),
                           *_rows(u),
@@ -1005,6 +1020,7 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, init_t, softplus, kappa, save,
         u, delta, A, B, C,
         D if D is not None else dummy, z if z is not None else u,
         delta_bias if delta_bias is not None else dummy,
+        dt_w if dt_w is not None else dummy,
         y, c0 if c0 is not None else dummy, ckpt, final, scratch,
         L, E, N, p.seg_len, p.n_seg, chunk, n_ck, kappa, log2_kappa,
         *_rows(u), *_rows(delta), *_rows(z if z is not None else u), *_rows(B), *_rows(C), *_rows(y),
@@ -1136,16 +1152,16 @@ _Opt = Optional[torch.Tensor]
 
 @torch.library.custom_op("cm_deploy::coupled_scan_fwd", mutates_args=())
 def _scan_fwd_op(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-                 C: torch.Tensor, D: _Opt, z: _Opt, delta_bias: _Opt, init_t: _Opt,
+                 C: torch.Tensor, D: _Opt, z: _Opt, delta_bias: _Opt, init_t: _Opt, dt_w: _Opt,
                  softplus: bool, kappa: float, chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """y, final (batch, N, E) and, when chunk > 0, the backward's checkpoints (else empty)."""
     y, final, ckpt = _forward(u, delta, A, B, C, D, z, delta_bias, init_t, softplus, kappa,
-                              save=chunk > 0, chunk=chunk or None)
+                              save=chunk > 0, chunk=chunk or None, dt_w=dt_w)
     return y, final, ckpt if chunk > 0 else final.new_empty(0)
 
 
 @_scan_fwd_op.register_fake
-def _(u, delta, A, B, C, D, z, delta_bias, init_t, softplus, kappa, chunk):
+def _(u, delta, A, B, C, D, z, delta_bias, init_t, dt_w, softplus, kappa, chunk):
     batch, M, L, E = u.shape
     N = A.shape[2]
     final = u.new_empty(batch, N, E, dtype=torch.float32)
@@ -1185,7 +1201,7 @@ def _(dy, dfinal_t, u, delta, A, B, C, D, z, delta_bias, ckpt, softplus, kappa, 
 
 
 def _scan_setup(ctx, inputs, output):
-    u, delta, A, B, C, D, z, delta_bias, init_t, softplus, kappa, chunk = inputs
+    u, delta, A, B, C, D, z, delta_bias, init_t, dt_w, softplus, kappa, chunk = inputs
     ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, output[2])
     ctx.softplus, ctx.kappa, ctx.chunk = softplus, kappa, chunk
 
@@ -1195,26 +1211,29 @@ def _scan_grad(ctx, dy, dfinal_t, _dckpt):
     u, delta, A, B, C, D, z, delta_bias, ckpt = ctx.saved_tensors
     grads = torch.ops.cm_deploy.coupled_scan_bwd(dy, dfinal_t, u, delta, A, B, C, D, z, delta_bias,
                                                  ckpt, ctx.softplus, ctx.kappa, ctx.chunk, need)
-    return (*[g if want else None for g, want in zip(grads, need)], None, None, None)
+    return (*[g if want else None for g, want in zip(grads, need)], None, None, None, None)
 
 
 torch.library.register_autograd("cm_deploy::coupled_scan_fwd", _scan_grad, setup_context=_scan_setup)
 
 
-def _scan_compiled(u, delta, A, B, C, D, z, delta_bias, init_t, softplus, kappa, needs_grad):
+def _scan_compiled(u, delta, A, B, C, D, z, delta_bias, init_t, softplus, kappa, needs_grad, dt_w=None):
     chunk = _train_chunk(u, A) if needs_grad else 0
     y, final, _ = torch.ops.cm_deploy.coupled_scan_fwd(u, delta, A, B, C, D, z, delta_bias, init_t,
-                                                       softplus, kappa, chunk)
+                                                       dt_w, softplus, kappa, chunk)
     return y, final
 
 
 def coupled_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, *,
                         delta_softplus=False, coupling_scale=None, initial_state=None,
-                        return_final_state=False, gate_in_place=False):
+                        return_final_state=False, gate_in_place=False, delta_proj=None):
     """CoupledScan with the fused Triton kernels; same contract and results as
     `coupled_scan_reference` (float32 state math, y in u's dtype, final_state float32).
     gate_in_place (inference, no autograd, eager): y is written over z, which the kernel reads at
     the same positions just before (one activation-sized tensor less); returns that tensor.
+    delta_proj (M, R, E) (inference, no autograd): delta is given in Mamba's rank-R form, (batch,
+    M, L, R), and the kernel uses delta @ delta_proj[m] (float32 math): the (batch, M, L, E) delta
+    is neither materialised nor read.
     Differentiable in every tensor argument (first-order). Under torch.compile it is one opaque
     op of the graph (see above)."""
     batch, M, L, E = u.shape
@@ -1237,15 +1256,20 @@ def coupled_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, *,
     softplus = bool(delta_softplus)
     cont = (u, delta, A, B, C, D, z, delta_bias, init_t)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in cont)
+    dt_w = None
+    if delta_proj is not None:
+        if needs_grad or (torch.is_grad_enabled() and delta_proj.requires_grad):
+            raise RuntimeError("coupled_scan_triton: delta_proj is an inference path (no backward)")
+        dt_w = delta_proj.float().contiguous()
     if torch.compiler.is_compiling():
-        y, final = _scan_compiled(*cont, softplus, kappa, needs_grad)
+        y, final = _scan_compiled(*cont, softplus, kappa, needs_grad, dt_w)
     elif needs_grad:
         y, final = _CoupledScanFn.apply(*cont, softplus, kappa)
     else:
         y_out = None
         if gate_in_place and z is not None and z.dtype == u.dtype and z.stride(-1) == 1:
             y_out = z
-        y, final, _ = _forward(*cont, softplus, kappa, save=False, y_out=y_out)
+        y, final, _ = _forward(*cont, softplus, kappa, save=False, y_out=y_out, dt_w=dt_w)
     # a (batch, E, N) view of the kernel's (batch, N, E) state, not a copy: handed back as the
     # next chunk's initial_state it is the kernel's layout again (no transposing copies)
     final = final.transpose(-1, -2)
