@@ -101,6 +101,18 @@ def _matmul(x, w, ax, bias=None, add=None):
     return out if add is None else add + out
 
 
+def _norm_for_gemm(h, d):
+    """layer_norm (no affine: folded into in_proj) of a tensor whose next use is a GEMM. Under
+    autocast with h already in the autocast dtype, the norm runs outside autocast: its kernel
+    accumulates in float32 and writes h's dtype, the value the GEMM would have cast autocast's
+    float32 output to, without the float32 tensor and its two casts (one per projection)."""
+    dev = h.device.type
+    if torch.is_autocast_enabled(dev) and h.dtype == torch.get_autocast_dtype(dev):
+        with torch.autocast(dev, enabled=False):
+            return F.layer_norm(h, (d,), eps=1e-5)
+    return F.layer_norm(h, (d,), eps=1e-5)
+
+
 def _scan_view(x, ax):
     """A layer tensor as the (b, M, L, .) the scan contract names (a view when modality-major)."""
     return x.transpose(0, 1) if ax == 0 else x
@@ -243,7 +255,7 @@ class CoupledLayer(nn.Module):
         cfg = self.cfg
         M, E, N, d = cfg.n_modalities, cfg.d_inner, cfg.d_state, cfg.d_model
         (w_u, b_u), (w_z, b_z), w_x = self._projections()
-        x = F.layer_norm(h, (d,), eps=1e-5)
+        x = _norm_for_gemm(h, d)
         u = _matmul(x, w_u, ax, b_u)
         z = _matmul(x, w_z, ax, b_z)
         del x
