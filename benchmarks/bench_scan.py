@@ -174,6 +174,23 @@ def triton_fwd_fn(inp):
     return fn
 
 
+def triton_fwd_rank_fn(inp, rank=8):
+    """The forward as the model's inference runs it: delta in rank-R form (b, M, L, R) and the dt
+    projection (M, R, E) applied inside the kernel (the paper config's R = d_model / 16 = 8)."""
+    import torch
+    from cm_deploy.ops import coupled_scan
+    g = torch.Generator(device=inp.u.device).manual_seed(SEED + 1)
+    low = (torch.randn(*inp.u.shape[:3], rank, generator=g, device=inp.u.device) * 0.5).to(inp.u.dtype)
+    w = torch.randn(inp.M, rank, inp.E, generator=g, device=inp.u.device) * (0.5 / math.sqrt(rank))
+    u, _, A, B, C, D, z, bias = inp.args()
+
+    def fn():
+        with torch.no_grad():
+            return coupled_scan(u, low, A, B, C, D, z, bias, delta_softplus=True, impl="triton",
+                                _delta_proj=w)
+    return fn
+
+
 def triton_fwd_bwd_fn(inp):
     import torch
     from cm_deploy.ops import coupled_scan
@@ -300,12 +317,12 @@ def phase_ours(res, budget, smoke, out=None):
         if out:
             common.write_json(os.path.join(out, "scan.json"), res)
 
-    for step in ("triton_fwd", "triton_fwd_bwd", "reference"):
+    for step in ("triton_fwd", "triton_fwd_rank", "triton_fwd_bwd", "reference"):
         for cfg in res["configs"]:
             add_limits(cfg, res["limits"])
             if step == "reference" and (cfg["batch"], cfg["L"]) != first:
                 continue
-            if step == "triton_fwd_bwd" and status_ok(cfg.get("triton_fwd")) is False:
+            if step in ("triton_fwd_bwd", "triton_fwd_rank") and status_ok(cfg.get("triton_fwd")) is False:
                 cfg[step] = {"skipped": "forward failed"}
                 continue
             if budget.left() < (15 if step == "triton_fwd" else 20):
@@ -331,6 +348,9 @@ def phase_ours(res, budget, smoke, out=None):
                 guarded(cfg, step, timer, fwd)
                 log(f"  {ms_of(cfg.get(step))} ms (limit {cfg.get('limit_ms')} ms, {cfg.get('binding')}; "
                     f"first call {cfg.get('triton_first_call_s')} s)")
+            elif step == "triton_fwd_rank":
+                guarded(cfg, step, timer, triton_fwd_rank_fn(inp))
+                log(f"  {ms_of(cfg.get(step))} ms")
             elif step == "triton_fwd_bwd":
                 guarded(cfg, step, timer, triton_fwd_bwd_fn(inp))
                 log(f"  {ms_of(cfg.get(step))} ms")
@@ -450,6 +470,9 @@ def summarize(res):
             r["triton_over_mamba_grouped"] = tri / grp
         if plg and tri:
             r["plugin_over_triton"] = plg / tri
+        rk, tri_alone = ms_of(cfg.get("triton_fwd_rank")), ms_of(cfg.get("triton_fwd"))
+        if rk and tri_alone:
+            r["triton_rank_over_full_delta"] = rk / tri_alone
         if plg and mam:
             r["plugin_over_mamba_M_calls"] = plg / mam
         for k, v in (("triton_fwd", tri), ("mamba_M_calls", mam), ("mamba_grouped", grp), ("plugin", plg)):
@@ -545,6 +568,7 @@ def render_md(res):
         rows.append([f"{c['batch']}x{c['L']}", c["dtype"].replace("float32", "fp32").replace("bfloat16", "bf16"),
                      f"{common.fmt(us(c.get('limit_ms')))} ({c.get('binding', '?')})",
                      us(tri), pct(r.get("triton_fwd_fraction_of_limit")),
+                     us(ms_of(c.get("triton_fwd_rank"))), r.get("triton_rank_over_full_delta"),
                      us(ms_of(c.get("mamba_M_calls"))), us(ms_of(c.get("mamba_grouped_1_launch"))),
                      r.get("triton_over_mamba_M_calls"),
                      us(ms_of(c.get("plugin"))) if ms_of(c.get("plugin")) else common.status_of(c.get("plugin")),
@@ -552,7 +576,8 @@ def render_md(res):
                      us(ms_of(c.get("triton_fwd_bwd"))), r.get("triton_fwd_bwd_over_fwd"),
                      us(ms_of(c.get("mamba_fwd_bwd_M_calls"))), us(ms_of(c.get("reference")))])
     lines.append(common.md_table(
-        ["b x L", "dtype", "limit µs (binds)", "Triton fwd µs", "of limit", f"Mamba x{p['M']} µs",
+        ["b x L", "dtype", "limit µs (binds)", "Triton fwd µs", "of limit", "rank-8 delta µs",
+         "rank / full", f"Mamba x{p['M']} µs",
          "Mamba 1 launch µs", "Triton / Mamba x{}".format(p['M']), "plugin µs", "plugin / Triton",
          "Triton fwd+bwd µs", "fwd+bwd / fwd", f"Mamba fwd+bwd x{p['M']} µs", "reference µs"], rows))
     lat = [c for c in res["configs"] if c.get("latency_wall")]
