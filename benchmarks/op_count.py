@@ -7,9 +7,11 @@ stubs counted as one kernel each; view ops and allocations are not counted.
 Runs at any commit (an older one counts its nn.Conv1d and per-branch ops the same way).
 """
 import collections
+import os
 import sys
 
-import torch
+os.environ.setdefault("TRITON_INTERPRET", "1")    # the model takes its GPU (Triton) path; the kernels are stubs
+import torch  # noqa: E402
 
 from torch.utils._python_dispatch import TorchDispatchMode
 import cm_deploy.model as cmm
@@ -41,7 +43,7 @@ if hasattr(cmm, "causal_conv_silu"):
     cmm.causal_conv_silu = conv_stub
 torch.manual_seed(0)
 cfg = CoupledMambaConfig(modalities={"text": 768, "audio": 74, "vision": 35}, d_model=128, n_layers=3, d_state=64)
-m = CoupledMamba(cfg).eval()
+m = CoupledMamba(cfg).eval().set_scan_impl("triton")
 if len(sys.argv) > 1:
     m.fold_for_inference()
 xs = [torch.randn(1, 8, f) for f in cfg.modalities.values()]

@@ -185,9 +185,10 @@ class CoupledLayer(nn.Module):
             return self._folded[3:]
         return -torch.exp(self.A_log.float()), self.D.float(), self.dt_bias.float()
 
-    def _projections(self, math_dtype=None):
+    def _projections(self, math_dtype=None, with_x=True):
         """The folded weights, each (M, k, n) for x @ w: in_proj with the norm's scale (u and z
-        halves) and the norm's shift as biases; x_proj with dt_proj folded into its dt rows."""
+        halves) and the norm's shift as biases; x_proj with dt_proj folded into its dt rows (None
+        unless with_x: the rank-R delta path uses x_proj as it is)."""
         if self._folded is not None:
             return self._folded[:3]
         E, R = self.cfg.d_inner, self.cfg.rank
@@ -195,9 +196,11 @@ class CoupledLayer(nn.Module):
         w_in = f(self.in_proj).transpose(1, 2) * f(self.norm_weight)[:, :, None]    # (M, d, 2E)
         b_in = torch.bmm(f(self.norm_bias)[:, None, :].to(w_in.dtype),
                          f(self.in_proj).transpose(1, 2))[:, 0]                      # (M, 2E)
-        xp = f(self.x_proj).transpose(1, 2)                                          # (M, E, R + 2N)
-        w_dt = torch.bmm(xp[..., :R], f(self.dt_proj).transpose(1, 2))              # (M, E, E)
-        w_x = torch.cat([w_dt, xp[..., R:]], dim=2)                                  # (M, E, E + 2N)
+        w_x = None
+        if with_x:
+            xp = f(self.x_proj).transpose(1, 2)                                      # (M, E, R + 2N)
+            w_dt = torch.bmm(xp[..., :R], f(self.dt_proj).transpose(1, 2))          # (M, E, E)
+            w_x = torch.cat([w_dt, xp[..., R:]], dim=2)                              # (M, E, E + 2N)
         return (w_in[..., :E], b_in[:, :E]), (w_in[..., E:], b_in[:, E:]), w_x
 
     @torch.no_grad()
@@ -241,12 +244,12 @@ class CoupledLayer(nn.Module):
             self._folded_low = (fn(wxl).to(self.in_proj.device), wdt.to(self.in_proj.device))
         return out
 
-    def _inference_kernels(self, u):
+    def _inference_kernels(self, h):
         """Inference (no autograd) on the Triton kernels: the scan writes y over z (z is this
         layer's own, used by nothing else) and takes delta in rank-R form."""
         from .ops import triton_available
         return (self.cfg.coupled and self.scan_impl in ("auto", "triton") and not torch.is_grad_enabled()
-                and (self.scan_impl == "triton" or u.is_cuda) and triton_available(u.device))
+                and (self.scan_impl == "triton" or h.is_cuda) and triton_available(h.device))
 
     def forward(self, h, ax=0, state=None):
         """h: (M, b, L, d) if ax == 0 else (b, M, L, d) -> the same. Streaming: `state` = (conv
@@ -254,7 +257,8 @@ class CoupledLayer(nn.Module):
         one per modality when uncoupled); returns (h, new state) then."""
         cfg = self.cfg
         M, E, N, d = cfg.n_modalities, cfg.d_inner, cfg.d_state, cfg.d_model
-        (w_u, b_u), (w_z, b_z), w_x = self._projections()
+        fast = self._inference_kernels(h)
+        (w_u, b_u), (w_z, b_z), w_x = self._projections(with_x=not fast)
         x = _norm_for_gemm(h, d)
         u = _matmul(x, w_u, ax, b_u)
         z = _matmul(x, w_z, ax, b_z)
@@ -271,12 +275,13 @@ class CoupledLayer(nn.Module):
                                             impl=_conv_impl(self.scan_impl)), ax)
             new_conv = [tail[:, m].transpose(1, 2) for m in range(M)]
             del su
-        fast = {}
         W = E                                                      # width of delta's columns
-        if self._inference_kernels(u):
+        if fast:
             w_x, w_dt = self._lowrank_weights()
             W = w_x.shape[2] - 2 * N
             fast = {"_gate_in_place": True, "_delta_proj": w_dt}
+        else:
+            fast = {}
         dbc = _matmul(u, w_x, ax)                                  # delta (or its rank-R form) | B | C
         A, D, bias = self.scan_weights()
         args = [_scan_view(t, ax) for t in (u, dbc[..., :W], dbc[..., W:W + N], dbc[..., W + N:], z)]
