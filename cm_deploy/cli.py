@@ -52,6 +52,9 @@ def _model_options(f):
     f = click.option("--check-finite/--no-check-finite", default=True, expose_value=False, callback=_remember,
                      help="Refuse inputs holding NaN/Inf within their valid steps (padding may hold anything).",
                      show_default=True)(f)
+    f = click.option("--chunk", type=click.IntRange(min=1), default=None, expose_value=False, callback=_remember,
+                     metavar="T", help="Checkpoints: run the layers over time chunks of T steps with the state "
+                                       "carried (same outputs, activation memory bounded by T instead of L).")(f)
     f = click.option("--backend", type=click.Choice(["ort", "trt", "torch"]), default=None, expose_value=False,
                      callback=_remember, help="Override the backend the file type picks (.engine: trt, .onnx: "
                                               "ort, .pt: torch); trt on an .onnx builds an engine first.")(f)
@@ -68,7 +71,7 @@ def _open(path, plugin=None, device=None, trt_module=None, dtype=None, cuda_grap
     meta = click.get_current_context().meta
     b = load(path, plugin=plugin, device=device, trt_module=trt_module, dtype=dtype,
              cuda_graph=cuda_graph, scan_impl=scan_impl, backend=meta.get("cm_deploy.backend"),
-             ort_ops=meta.get("cm_deploy.ort_ops"))
+             ort_ops=meta.get("cm_deploy.ort_ops"), chunk=meta.get("cm_deploy.chunk"))
     b.check_finite = meta.get("cm_deploy.check_finite", True)
     return b
 

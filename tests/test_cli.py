@@ -150,6 +150,14 @@ def test_run_npz(capsys, art, npz, tmp_path):
     assert rc == 0
     with np.load(tmp_path / "t.npz") as z:
         assert np.allclose(z["output"], want, atol=1e-5)
+    # --chunk: checkpoints only (the same outputs); on an ONNX file one line, exit 2
+    rc, out, _ = cli(capsys, "run", art["a"], "--chunk", "2", "--inputs", x, "-o", tmp_path / "c.npz")
+    assert rc == 0
+    with np.load(tmp_path / "c.npz") as z:
+        assert np.allclose(z["output"], want, atol=1e-5)
+    rc, _, err = cli(capsys, "run", art["portable"], "--chunk", "2", "--inputs", x)
+    assert rc == 2
+    assert_one_line_error(err, "chunk applies to checkpoints")
 
 
 def _bad_npz(kind, tmp_path):

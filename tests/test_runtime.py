@@ -296,6 +296,15 @@ def test_torch_backend_precisions_and_errors(art):
         assert m.run(S.random_feeds(m.inputs, cases[0]))["output"].dtype == S.np_dtype(dt)
     other = TorchBackend(art["b"], device="cpu")
     assert not run_parity(ref, other, cases)["ok"]          # different weights: out of tolerance
+    # chunked inference: the same outputs with a padded batch (lengths), chunks shorter than L
+    feeds = S.random_feeds(ref.inputs, cases[0])
+    feeds["text_lengths"] = np.array([9, 4], np.int64)
+    want = ref.run(feeds)["output"]
+    for chunk in (1, 4, 100):
+        got = TorchBackend(art["a"], device="cpu", scan_impl="reference", chunk=chunk).run(feeds)["output"]
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(UserError, match="chunk must be a positive"):
+        TorchBackend(art["a"], chunk=0)
     with pytest.raises(UserError, match="unknown device"):
         TorchBackend(art["a"], device="tpu")
     with pytest.raises(UserError, match="unknown precision"):

@@ -16,10 +16,10 @@ BACKENDS = {"tensorrt": "trt", "onnx": "ort", "torch": "torch"}     # file kind 
 
 
 def load(path, plugin=None, device=None, *, backend=None, trt_module=None, cuda_graph=False, dtype=None,
-         scan_impl=None, providers=None, ort_ops=None, verbose=False) -> Backend:
+         scan_impl=None, providers=None, ort_ops=None, verbose=False, chunk=None) -> Backend:
     """Open a model by file type: .engine/.plan/.trt -> TensorRT (Engine; plugin, trt_module,
     cuda_graph), .onnx -> ONNX Runtime (providers, ort_ops: the CoupledScan op library, cuda_graph),
-    .pt/.pth/.ckpt -> PyTorch (dtype, scan_impl, cuda_graph). `backend` ("ort", "trt", "torch")
+    .pt/.pth/.ckpt -> PyTorch (dtype, scan_impl, cuda_graph, chunk). `backend` ("ort", "trt", "torch")
     overrides the default; "trt" on an .onnx file builds an engine first (in a temporary folder).
     `device`: None (the backend's default), "cpu", "cuda" or "cuda:N"."""
     p = Path(path)
@@ -34,6 +34,8 @@ def load(path, plugin=None, device=None, *, backend=None, trt_module=None, cuda_
     if backend != BACKENDS[kind] and not (kind == "onnx" and backend == "trt"):
         raise UserError(f"{p}: a {kind} file cannot run on backend {backend!r} "
                         f"(it runs on {BACKENDS[kind]!r}{' or trt' if kind == 'onnx' else ''})")
+    if chunk is not None and backend != "torch":
+        raise UserError(f"chunk applies to checkpoints (the torch backend), not to {p.name} on {backend}")
     if backend == "trt":
         from .engine import Engine
         if kind == "onnx":
@@ -46,7 +48,7 @@ def load(path, plugin=None, device=None, *, backend=None, trt_module=None, cuda_
         return OrtBackend(p, device=device, providers=providers, ort_ops=ort_ops, cuda_graph=cuda_graph)
     from .torch_backend import TorchBackend
     return TorchBackend(p, device=device, dtype=dtype or "float32", scan_impl=scan_impl or "auto",
-                        cuda_graph=cuda_graph)
+                        cuda_graph=cuda_graph, chunk=chunk)
 
 
 def _engine_from_onnx(onnx_path, **kw):

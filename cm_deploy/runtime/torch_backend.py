@@ -6,7 +6,9 @@ backend of its own: CUDA arrays from any producer (__cuda_array_interface__: tor
 cm-deploy DeviceArray) are wrapped with torch.as_tensor on the device without a copy, outputs can stay
 on the device (device_outputs=True returns torch tensors), and cuda_graph=True replays one CUDA graph
 per input shape (torch.cuda.CUDAGraph; inputs are copied into the graph's static buffers, one
-device-to-device copy, because a graph's addresses are fixed).
+device-to-device copy, because a graph's addresses are fixed). chunk=T runs the layers over time
+chunks of T steps with the state carried (CoupledMamba.forward(chunk=)): the same outputs with
+activation memory bounded by T instead of L.
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ class TorchBackend(Backend):
     kind = "torch"
 
     def __init__(self, path, device=None, dtype="float32", scan_impl="auto", cuda_graph=False,
-                 graph_max_batch: int = 64):
+                 graph_max_batch: int = 64, chunk: int | None = None):
         torch = _import_torch()
         from ..checkpoint import load_checkpoint
         self._torch = torch
@@ -49,6 +51,9 @@ class TorchBackend(Backend):
             raise UserError(f"unknown device {device!r}: use cpu, cuda or cuda:N") from None
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise UserError(f"device {device}: torch sees no CUDA device here")
+        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+            raise UserError(f"chunk must be a positive number of steps, not {chunk!r}")
+        self.chunk = chunk
         self.model = load_checkpoint(self.path, map_location=self.device)
         if scan_impl not in ("auto", "reference", "triton"):
             raise UserError(f"scan_impl must be auto, reference or triton, not {scan_impl!r}")
@@ -69,7 +74,8 @@ class TorchBackend(Backend):
         self._graphs = {}
         self.graph_stats = {"captures": 0, "replays": 0}
         self.last_input_pointers: dict[str, int] = {}
-        self.name = f"torch[{self.device},{self.precision},{scan_impl}]:{self.path.name}"
+        self.name = (f"torch[{self.device},{self.precision},{scan_impl}{f',chunk {chunk}' if chunk else ''}]:"
+                     f"{self.path.name}")
 
     # -- conversion
     def _to_tensor(self, spec: TensorSpec, value, info):
@@ -146,7 +152,8 @@ class TorchBackend(Backend):
 
     def _forward(self, xs):
         """The model on the modalities and their lengths, as the exported graphs compute it."""
-        return self.model({n: xs[n] for n in self._names}, lengths=[xs[n + LENGTHS_SUFFIX] for n in self._names])
+        return self.model({n: xs[n] for n in self._names}, lengths=[xs[n + LENGTHS_SUFFIX] for n in self._names],
+                          chunk=self.chunk)
 
     def synchronize(self):
         if self.device.type == "cuda":
