@@ -230,12 +230,17 @@ def _fwd_kernel(u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, W_pt
             tc = t0 + ct
             io_u = (pid_b * su0 + (z64 + m) * su1 + tc * su2)[:, None] + offs_e[None, :]
             if DT_RANK > 0:
-                row = pid_b * sd0 + (z64 + m) * sd1 + tc * sd2
+                # both factors loaded in the tile's full shape (repeated addresses, L1 hits): 1-D
+                # loads would get layouts of their own and a conversion each. A loop, not
+                # static_range: unrolled, all M * R loads were issued at once and hoisted out of
+                # the chunk loop (sm_90, fp32: 162 -> 233 registers; looped: 168)
+                io_l = (pid_b * sd0 + (z64 + m) * sd1 + tc * sd2)[:, None] + (le * 0)[None, :]
+                io_w = (ct * 0)[:, None] + (m * DT_RANK * E + offs_e)[None, :]
                 x = tl.zeros([T, BLOCK_E], dtype=tl.float32)
-                for r in tl.static_range(DT_RANK):
-                    lo = tl.load(dl_ptr + row + r, mask=ct < nt, other=0.0).to(tl.float32)
-                    wr = tl.load(W_ptr + (m * DT_RANK + r) * E + offs_e, mask=me, other=0.0)
-                    x += lo[:, None] * wr[None, :]
+                for r in range(DT_RANK):
+                    lo = tl.load(dl_ptr + io_l + r, mask=mt, other=0.0).to(tl.float32)
+                    wr = tl.load(W_ptr + io_w + r * E, mask=mt, other=0.0)
+                    x += lo * wr
             else:
                 io_d = (pid_b * sd0 + (z64 + m) * sd1 + tc * sd2)[:, None] + offs_e[None, :]
                 x = tl.load(dl_ptr + io_d, mask=mt, other=0.0).to(tl.float32)
