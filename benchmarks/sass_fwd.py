@@ -1,9 +1,13 @@
-"""Static check of the Triton forward for sm_90, on a CPU machine: registers, stack (spills), SASS
-size and MUFU (special-function) instructions of `_fwd_kernel` as the GPU plan launches it at the
-paper shape (M 3, N 64; float32 BLOCK_E 2, 16-bit BLOCK_E 4; 64-step chunks; one warp), for the full
-delta and for the inference path's rank-R delta. Triton bundles ptxas and cuobjdump, so no GPU is
-needed; registers decide how many one-warp programs an SM holds, so a change that raises them is
-visible before a GPU run. Not a timing.
+"""Static check of the forward kernels for sm_90, on a CPU machine (no GPU needed). Not a timing.
+
+Triton: registers, stack (spills), SASS size and MUFU (special-function) instructions of
+`_fwd_kernel` as the GPU plan launches it at the paper shape (M 3, N 64; float32 BLOCK_E 2, 16-bit
+BLOCK_E 4; 64-step chunks; one warp), for the full delta and for the inference path's rank-R delta
+(Triton bundles ptxas and cuobjdump). CUDA (plugins/coupled_scan_kernel, when nvcc is on PATH): the
+block kernel and the warp-tile kernel at the paper's M = 3, N = 64 instances: registers, stack, and
+the innermost loop that holds the exps (instructions, exps, instructions per exp, loads). Registers
+decide how many warps an SM holds; instructions per exp against the exp unit's 1/8 issue rate tell
+whether the loop can reach the exp-unit limit.
 
     python benchmarks/sass_fwd.py [--out FILE]
 """
@@ -61,6 +65,75 @@ def stats(compiled) -> dict:
             "mufu": sum("MUFU" in ln for ln in lines)}
 
 
+CUDA_INSTANCES = [  # (label, kernel template instance, exps per innermost loop iteration)
+    ("block kernel, bf16, 8 states a consumer thread", "coupledScanKernel<__nv_bfloat16, 8, 4, false>", 24),
+    ("block kernel, fp32, 8 states a consumer thread", "coupledScanKernel<float, 8, 4, false>", 24),
+    ("warp tiles, bf16, 4 states a lane (default)", "coupledScanWarpKernel<__nv_bfloat16, 4, 3, false, true>", 24),
+    ("warp tiles, bf16, 8 states a lane", "coupledScanWarpKernel<__nv_bfloat16, 8, 3, false, true>", 48),
+    ("warp tiles, fp32, 4 states a lane (default)", "coupledScanWarpKernel<float, 4, 3, false, true>", 24),
+    ("warp tiles, fp32, 8 states a lane", "coupledScanWarpKernel<float, 8, 3, false, true>", 48),
+]
+
+
+def _inner_loop(sass_lines, min_ex2):
+    """The smallest backward-branch loop with at least min_ex2 MUFU.EX2: (instructions, ex2, LDG)."""
+    addr = []
+    for ln in sass_lines:
+        m = re.match(r"\s+/\*([0-9a-f]+)\*/\s+(.*)", ln)
+        addr.append((int(m.group(1), 16), m.group(2)))
+    idx = {a: i for i, (a, _) in enumerate(addr)}
+    best = None
+    for i, (a, ins) in enumerate(addr):
+        m = re.search(r"BRA\s+(?:`\(\.L_x_\d+\)|)\s*0x([0-9a-f]+)", ins)
+        if m and int(m.group(1), 16) < a and int(m.group(1), 16) in idx:
+            body = addr[idx[int(m.group(1), 16)]:i + 1]
+            ex2 = sum("MUFU.EX2" in x for _, x in body)
+            if ex2 >= min_ex2 and (best is None or len(body) < len(best)):
+                best = body
+    if best is None:
+        return None
+    return len(best), sum("MUFU.EX2" in x for _, x in best), sum("LDG" in x for _, x in best)
+
+
+def cuda_rows():
+    import shutil
+    import triton.backends.nvidia as nv
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return ["(CUDA kernels skipped: no nvcc)"]
+    tool = os.path.join(os.path.dirname(nv.__file__), "bin", "cuobjdump")
+    inc = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "plugins", "coupled_scan_kernel")
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "inst.cu")
+        with open(src, "w") as f:
+            f.write('#include "scan_kernel.cuh"\nusing namespace cm_deploy::scan;\n')
+            for _, inst, _ in CUDA_INSTANCES:
+                f.write(f"template __global__ void cm_deploy::scan::{inst}(ScanArgs, ScanGeometry);\n")
+        cubin = os.path.join(d, "inst.cubin")
+        subprocess.run([nvcc, "-std=c++17", "-O3", "-arch=sm_90", "-cubin", "-I", inc, "-o", cubin, src],
+                       check=True, capture_output=True)
+        res = subprocess.run([tool, "--dump-resource-usage", cubin], capture_output=True, text=True).stdout
+        sass = subprocess.run(f"{tool} -sass {cubin} | c++filt", shell=True, capture_output=True, text=True).stdout
+    funcs = re.split(r"\n\s*Function : ", sass)
+    for label, inst, min_ex2 in CUDA_INSTANCES:
+        name = inst.replace("<", "<").split("<")[0]
+        args = inst[len(name):]
+        body = next((f for f in funcs if f.split("\n")[0].strip().endswith(name + args + "(cm_deploy::scan::ScanArgs, cm_deploy::scan::ScanGeometry)")
+                     or (name + args) in f.split("\n")[0]), None)
+        mangled = re.findall(r"Function ([^:]+):\n[^\n]*REG:(\d+) STACK:(\d+)", res)
+        regs = stack = None
+        for fn, r, st in mangled:
+            dem = subprocess.run(["c++filt", fn], capture_output=True, text=True).stdout
+            if (name + args) in dem:
+                regs, stack = int(r), int(st)
+        loop = _inner_loop([ln for ln in (body or "").splitlines() if re.match(r"\s+/\*[0-9a-f]{4,5}\*/", ln)], min_ex2)
+        txt = "loop not found" if loop is None else (f"inner loop {loop[0]} instructions, {loop[1]} exp2 "
+                                                    f"({loop[0] / loop[1]:.1f} per exp2), {loop[2]} global loads")
+        rows.append(f"{label:48s} registers {regs}  stack_bytes {stack}  {txt}")
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out")
@@ -73,6 +146,10 @@ def main(argv=None):
             s = stats(compile_fwd(act, rank))
             rows.append(f"{act:5s} {'full delta' if rank == 0 else f'rank-{rank} delta':13s} "
                         + "  ".join(f"{k} {v}" for k, v in s.items()))
+    rows.append("# CUDA kernels (plugins/coupled_scan_kernel) compiled by nvcc for sm_90; the block kernel's loop is its "
+                "consumers' (its producers load and gate), the warp tiles' loop does everything a step needs (two "
+                "steps an iteration)")
+    rows += cuda_rows()
     text = "\n".join(rows) + "\n"
     if a.out:
         with open(a.out, "w") as f:

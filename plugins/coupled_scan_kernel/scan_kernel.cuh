@@ -22,6 +22,8 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -598,6 +600,388 @@ struct Producer
     }
 };
 
+// ---------------------------------------------------------------------------------------------
+// Warp tiles (geometry kind 1). One warp owns one batch row, one segment and g.ch channels; lane
+// = channel * lpc + j holds the npt consecutive states j*npt .. j*npt+npt-1 of its channel. Each
+// chunk of g.tc steps runs in three phases separated by __syncwarp only:
+//   stage  per-channel math once per (t, m, channel): {dt, dt*u} into the warp's shared memory;
+//   run    the recurrence: per state only exp2, the update and the y product; B and C of a step
+//          are loaded straight into registers one step ahead (16-byte loads when aligned); each
+//          lane stores its part of y's state sum per (t, m) (one store; shuffles would cost
+//          log2(lanes a channel) shuffle-unit ops per (t, m), as many as the exps at 4 states);
+//   gate   y = (sum of the channel's parts + D*u) * silu(z), one (t, m, channel) per lane.
+// The phases are per-lane functions (CMS_HD) so that the CPU tests run them under a serial
+// emulation (emulateWarpPass), as for the block kernel.
+template <typename T, int NPT, int MT, bool VEC>
+struct WarpTile
+{
+    using IO = ActIO<T>;
+    using Raw = typename IO::Raw;
+    // NPT raw values of B (or C) packed in 32-bit words: one 16-byte load at NPT * sizeof(Raw) = 16
+    static constexpr int kWords = (NPT * static_cast<int>(sizeof(Raw)) + 3) / 4;
+    struct Run
+    {
+        uint32_t w[kWords];
+    };
+
+    float c[NPT];      // coupled state c[t-1]; the offset in the summary pass
+    float P[NPT];      // summary pass: product of the transitions so far
+    float a2[MT][NPT]; // A[m, e, n] * log2(e); 0 for padding
+    int32_t chl;
+    int32_t j;
+    int32_t e;
+    int32_t n0;
+    bool validE;
+
+    static CMS_HD float2* xf(BlockCtx const& k)
+    {
+        return reinterpret_cast<float2*>(k.smem);
+    }
+    // the lanes' parts of y's state sum, [t][m][lane] (lane = channel * lpc + j)
+    static CMS_HD float* parts(BlockCtx const& k, ScanGeometry const& g, int32_t M)
+    {
+        return k.smem + 2 * static_cast<size_t>(g.tc) * M * g.ch;
+    }
+
+    CMS_HD void storePart(ScanArgs const& a, ScanGeometry const& g, BlockCtx const& k, int32_t t,
+        float const (&acc)[MT]) const
+    {
+        float* const p = parts(k, g, a.M);
+#pragma unroll
+        for (int m = 0; m < MT; ++m)
+        {
+            if (m < a.M)
+            {
+                p[(t * a.M + m) * 32 + chl * g.lpc + j] = acc[m];
+            }
+        }
+    }
+
+    CMS_HD void init(ScanArgs const& a, ScanGeometry const& g, BlockCtx const& k, int32_t lane, bool summary)
+    {
+        chl = lane / g.lpc;
+        j = lane % g.lpc;
+        e = k.e0 + chl;
+        n0 = j * NPT;
+        validE = e < a.E;
+#pragma unroll
+        for (int s = 0; s < NPT; ++s)
+        {
+            int32_t const n = n0 + s;
+            bool const ok = validE && n < a.N;
+#pragma unroll
+            for (int m = 0; m < MT; ++m)
+            {
+                a2[m][s] = (ok && m < a.M) ? a.A[(static_cast<int64_t>(m) * a.E + e) * a.N + n] * kLog2e : 0.f;
+            }
+            P[s] = 1.f;
+            float cv = 0.f;
+            if (!summary && ok)
+            {
+                cv = a.initialState != nullptr ? a.initialState[(k.b * a.E + e) * a.N + n] : 0.f;
+                for (int32_t q = 0; q < k.seg; ++q)
+                {
+                    float2 const pw = reinterpret_cast<float2 const*>(
+                        a.work)[Consumer<NPT, MT>::workIndex(a, g, k.b, q, e, n)];
+                    cv = fmaf(pw.x, cv, pw.y);
+                }
+            }
+            c[s] = cv;
+        }
+    }
+
+    // Phase A: {dt, dt*u} of the chunk's (t, m, channel) items, lane-strided, four loads in flight.
+    static CMS_HD void stage(ScanArgs const& a, ScanGeometry const& g, BlockCtx const& k, int64_t chunk, int32_t lane)
+    {
+        constexpr int kBatch = 4;
+        int32_t const tcur = chunkSteps(k, g, chunk);
+        int64_t const t0 = k.tBase + chunk * g.tc;
+        float2* x = xf(k);
+        int32_t const M = a.M;
+        int32_t const E = a.E;
+        int32_t const items = tcur * M * g.ch;
+        Walk w(lane, 32, g.ch, M);
+        for (int32_t i = lane; i < items; i += kBatch * 32)
+        {
+            Raw uu[kBatch], dl[kBatch];
+            int32_t mm[kBatch], ee[kBatch];
+#pragma unroll
+            for (int r = 0; r < kBatch; ++r)
+            {
+                ee[r] = k.e0 + w.x;
+                mm[r] = w.m;
+                uu[r] = dl[r] = Raw(0);
+                if (i + r * 32 < items && ee[r] < E)
+                {
+                    int64_t const gi = ((k.b * M + w.m) * a.L + t0 + w.t) * E + ee[r];
+                    uu[r] = IO::loadRaw(a.u, gi);
+                    dl[r] = IO::loadRaw(a.delta, gi);
+                }
+                w.advance();
+            }
+#pragma unroll
+            for (int r = 0; r < kBatch; ++r)
+            {
+                if (i + r * 32 < items)
+                {
+                    float2 v = make_float2(0.f, 0.f);
+                    if (ee[r] < E)
+                    {
+                        float const raw = IO::toFloat(dl[r]) + a.deltaBias[static_cast<int64_t>(mm[r]) * E + ee[r]];
+                        float const dt = a.deltaSoftplus ? softplus(raw) : raw;
+                        v = make_float2(dt, dt * IO::toFloat(uu[r]));
+                    }
+                    x[i + r * 32] = v;
+                }
+            }
+        }
+    }
+
+    // VEC: every lane's run of B and C rows is whole and aligned for one load of kWords words (N =
+    // lpc * NPT, N * sizeof(Raw) and the base pointers multiples of the load size), so the loads
+    // need no per-state bounds. Decided once per launch.
+    static bool vectorizable(ScanArgs const& a, ScanGeometry const& g)
+    {
+        size_t const vbytes = kWords * 4 < 16 ? kWords * 4 : 16;
+        return a.N == g.lpc * NPT && (static_cast<size_t>(a.N) * sizeof(Raw)) % vbytes == 0
+            && reinterpret_cast<uintptr_t>(a.B) % vbytes == 0 && reinterpret_cast<uintptr_t>(a.C) % vbytes == 0;
+    }
+
+    // B (or C) of this lane's states from element offset `row` (= ((b*M + m)*L + t)*N + n0); zeros
+    // past N.
+    CMS_HD void load(void const* p, int64_t row, int32_t N, Run& out) const
+    {
+        if constexpr (VEC)
+        {
+            loadAt(static_cast<char const*>(p) + row * static_cast<int64_t>(sizeof(Raw)), out);
+        }
+        else
+        {
+            Raw r[kWords * 4 / sizeof(Raw)];
+#pragma unroll
+            for (int s = 0; s < static_cast<int>(kWords * 4 / sizeof(Raw)); ++s)
+            {
+                r[s] = (s < NPT && validE && n0 + s < N) ? IO::loadRaw(p, row + s) : Raw(0);
+            }
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+            for (int q = 0; q < kWords; ++q)
+            {
+                if constexpr (sizeof(Raw) == 4)
+                {
+                    out.w[q] = __float_as_uint(r[q]);
+                }
+                else
+                {
+                    out.w[q] = static_cast<uint32_t>(r[2 * q]) | (static_cast<uint32_t>(r[2 * q + 1]) << 16);
+                }
+            }
+#else
+            std::memcpy(out.w, r, sizeof(out.w));
+#endif
+        }
+    }
+
+    // VEC: the lane's whole run from an aligned byte address, in one or two vector loads.
+    static CMS_HD void loadAt(char const* src, Run& out)
+    {
+        {
+#if defined(__CUDA_ARCH__)
+            if constexpr (kWords % 4 == 0)
+            {
+#pragma unroll
+                for (int q = 0; q < kWords / 4; ++q)
+                {
+                    uint4 const v = reinterpret_cast<uint4 const*>(src)[q];
+                    out.w[4 * q] = v.x;
+                    out.w[4 * q + 1] = v.y;
+                    out.w[4 * q + 2] = v.z;
+                    out.w[4 * q + 3] = v.w;
+                }
+            }
+            else if constexpr (kWords == 2)
+            {
+                uint2 const v = *reinterpret_cast<uint2 const*>(src);
+                out.w[0] = v.x;
+                out.w[1] = v.y;
+            }
+            else
+            {
+                out.w[0] = *reinterpret_cast<uint32_t const*>(src);
+            }
+#else
+            std::memcpy(out.w, src, sizeof(out.w));
+#endif
+        }
+    }
+
+    static CMS_HD float value(Run const& v, int s)
+    {
+        if constexpr (sizeof(Raw) == 4)
+        {
+#if defined(__CUDA_ARCH__)
+            return __uint_as_float(v.w[s]);
+#else
+            float f;
+            std::memcpy(&f, &v.w[s], sizeof f);
+            return f;
+#endif
+        }
+        else
+        {
+            return IO::toFloat(static_cast<Raw>((v.w[s / 2] >> (16 * (s & 1))) & 0xffffu));
+        }
+    }
+
+    // B and C of every modality of absolute step `t` (C not in the summary pass). The rows of
+    // modality m are m * L * N elements apart.
+    template <bool SUMMARY>
+    CMS_HD void loadStep(ScanArgs const& a, BlockCtx const& k, int64_t t, Run (&bv)[MT], Run (&cv)[MT]) const
+    {
+        loadRows<SUMMARY>(a, (k.b * a.M * a.L + t) * a.N + n0, a.L * a.N, bv, cv);
+    }
+
+    // The same from the element offset of modality 0's row (+ n0) and the distance between
+    // modalities: the kernel advances `row` by N a step instead of recomputing it.
+    template <bool SUMMARY>
+    CMS_HD void loadRows(ScanArgs const& a, int64_t row, int64_t mstride, Run (&bv)[MT], Run (&cv)[MT]) const
+    {
+#pragma unroll
+        for (int m = 0; m < MT; ++m)
+        {
+            if (m < a.M)
+            {
+                load(a.B, row + m * mstride, a.N, bv[m]);
+                if constexpr (!SUMMARY)
+                {
+                    load(a.C, row + m * mstride, a.N, cv[m]);
+                }
+            }
+        }
+    }
+
+    // One step: the states advance; acc[m] = this lane's part of y's state sum (before the gate).
+    template <bool SUMMARY>
+    CMS_HD void advance(ScanArgs const& a, ScanGeometry const& g, BlockCtx const& k, int32_t t, Run const (&bv)[MT],
+        Run const (&cv)[MT], float (&acc)[MT])
+    {
+        float2 const* x = xf(k);
+        int32_t const M = a.M;
+        float cs[NPT];
+        float ts[NPT];
+#pragma unroll
+        for (int s = 0; s < NPT; ++s)
+        {
+            cs[s] = 0.f;
+            ts[s] = 0.f;
+        }
+#pragma unroll
+        for (int m = 0; m < MT; ++m)
+        {
+            acc[m] = 0.f;
+            if (m < M)
+            {
+                float2 const d = x[(t * M + m) * g.ch + chl]; // {dt, dt * u}
+                if constexpr (SUMMARY)
+                {
+#pragma unroll
+                    for (int s = 0; s < NPT; ++s)
+                    {
+                        ts[s] += fastExp2(d.x * a2[m][s]);
+                        cs[s] = fmaf(d.y, value(bv[m], s), cs[s]);
+                    }
+                }
+                else
+                {
+                    float sum = 0.f;
+#pragma unroll
+                    for (int s = 0; s < NPT; ++s)
+                    {
+                        float const h = fmaf(fastExp2(d.x * a2[m][s]), c[s], d.y * value(bv[m], s));
+                        sum = fmaf(value(cv[m], s), h, sum);
+                        cs[s] = (m == 0) ? h : cs[s] + h;
+                    }
+                    acc[m] = sum;
+                }
+            }
+        }
+        float const kappa = a.kappa;
+#pragma unroll
+        for (int s = 0; s < NPT; ++s)
+        {
+            if constexpr (SUMMARY)
+            {
+                float const tr = kappa * ts[s];
+                P[s] *= tr;
+                c[s] = fmaf(tr, c[s], kappa * cs[s]);
+            }
+            else
+            {
+                c[s] = kappa * cs[s];
+            }
+        }
+    }
+
+    // Phase C: y = (y sum + D*u) * silu(z), lane-strided over the chunk's (t, m, channel) items.
+    static CMS_HD void gate(ScanArgs const& a, ScanGeometry const& g, BlockCtx const& k, int64_t chunk, int32_t lane)
+    {
+        int32_t const tcur = chunkSteps(k, g, chunk);
+        int64_t const t0 = k.tBase + chunk * g.tc;
+        int32_t const M = a.M;
+        int32_t const E = a.E;
+        float const* const p = parts(k, g, M);
+        int32_t const items = tcur * M * g.ch;
+        Walk w(lane, 32, g.ch, M);
+        for (int32_t i = lane; i < items; i += 32, w.advance())
+        {
+            int32_t const ee = k.e0 + w.x;
+            if (ee >= E)
+            {
+                continue;
+            }
+            float const* q = p + (w.t * M + w.m) * 32 + w.x * g.lpc;
+            float s0 = 0.f, s1 = 0.f;
+            for (int32_t jj = 0; jj < g.lpc; jj += 2)
+            {
+                s0 += q[jj];
+                s1 += jj + 1 < g.lpc ? q[jj + 1] : 0.f;
+            }
+            int64_t const gi = ((k.b * M + w.m) * a.L + t0 + w.t) * E + ee;
+            float const uf = IO::load(a.u, gi);
+            float const zf = IO::load(a.z, gi);
+            float const yv = ((s0 + s1) + a.D[static_cast<int64_t>(w.m) * E + ee] * uf) * silu(zf);
+            IO::store(a.y, gi, yv);
+        }
+    }
+
+    // Main pass: final_state from the last segment. Summary pass: {P, off} of this segment.
+    CMS_HD void finish(ScanArgs const& a, ScanGeometry const& g, BlockCtx const& k, bool summary) const
+    {
+        if (!validE)
+        {
+            return;
+        }
+#pragma unroll
+        for (int s = 0; s < NPT; ++s)
+        {
+            int32_t const n = n0 + s;
+            if (n >= a.N)
+            {
+                continue;
+            }
+            if (summary)
+            {
+                reinterpret_cast<float2*>(a.work)[Consumer<NPT, MT>::workIndex(a, g, k.b, k.seg, e, n)]
+                    = make_float2(P[s], c[s]);
+            }
+            else if (a.finalState != nullptr && k.seg == g.segs - 1)
+            {
+                a.finalState[(k.b * a.E + e) * a.N + n] = c[s];
+            }
+        }
+    }
+};
+
 #if defined(__CUDACC__)
 
 // Named barrier 1 among the producer warps only; the non-.aligned form, so lanes that left the
@@ -658,7 +1042,161 @@ __global__ void __launch_bounds__(kMaxBlockThreads, (MT <= 4 ? 3 : 1)) coupledSc
     }
 }
 
+// Warp tiles (geometry kind 1): each warp scans its own tile; no block barrier anywhere.
+template <typename T, int NPT, int MT, bool SUMMARY, bool VEC>
+__global__ void __launch_bounds__(kWarpTileWarps * 32) coupledScanWarpKernel(ScanArgs a, ScanGeometry g)
+{
+    using W = WarpTile<T, NPT, MT, VEC>;
+    extern __shared__ float4 smemRaw[];
+    int32_t const lane = static_cast<int32_t>(threadIdx.x) & 31;
+    int32_t const warp = static_cast<int32_t>(threadIdx.x) >> 5;
+    int64_t const tiles = g.blocks * (SUMMARY ? g.segs - 1 : g.segs);
+    int64_t const tile = static_cast<int64_t>(blockIdx.x) * g.warpsPerBlock + warp;
+    if (tile >= tiles)
+    {
+        return; // whole warps only
+    }
+    float* const wsm = reinterpret_cast<float*>(smemRaw) + warp * warpTileFloats(g, a.M);
+    BlockCtx const k = makeBlockCtx(wsm, a, g, tile, SUMMARY);
+    W st;
+    st.init(a, g, k, lane, SUMMARY);
+    for (int64_t chunk = 0; chunk < k.nchunks; ++chunk)
+    {
+        W::stage(a, g, k, chunk, lane);
+        __syncwarp();
+        int32_t const tcur = chunkSteps(k, g, chunk);
+        int64_t const t0 = k.tBase + chunk * g.tc;
+        // B and C one step ahead, in two register sets used in turn (no copies between steps)
+        typename W::Run b0[MT], c0[MT], b1[MT], c1[MT];
+        float acc[MT];
+        int64_t const mstride = a.L * a.N;
+        int64_t row = (k.b * a.M * a.L + t0) * a.N + st.n0; // step t0's B / C row, modality 0
+        // VEC: byte addresses of the lane's runs, per modality, moved one row (N elements) a step
+        char const* pb[MT];
+        char const* pc[MT];
+        int64_t const rowBytes = static_cast<int64_t>(a.N) * sizeof(typename W::Raw);
+#pragma unroll
+        for (int m = 0; m < MT; ++m)
+        {
+            int64_t const off = (row + (m < a.M ? m : 0) * mstride) * static_cast<int64_t>(sizeof(typename W::Raw));
+            pb[m] = static_cast<char const*>(a.B) + off;
+            pc[m] = static_cast<char const*>(a.C) + off;
+        }
+        auto loadNext = [&](int32_t dt, typename W::Run(&bv)[MT], typename W::Run(&cv)[MT]) {
+            if constexpr (VEC)
+            {
+#pragma unroll
+                for (int m = 0; m < MT; ++m)
+                {
+                    if (m < a.M)
+                    {
+                        W::loadAt(pb[m] + dt * rowBytes, bv[m]);
+                        if constexpr (!SUMMARY)
+                        {
+                            W::loadAt(pc[m] + dt * rowBytes, cv[m]);
+                        }
+                    }
+                }
+            }
+            else
+            {
+                st.template loadRows<SUMMARY>(a, row + dt * static_cast<int64_t>(a.N), mstride, bv, cv);
+            }
+        };
+        auto reduceStore = [&](int32_t t) {
+            if constexpr (!SUMMARY)
+            {
+                st.storePart(a, g, k, t, acc);
+            }
+        };
+        loadNext(0, b0, c0);
+        for (int32_t t = 0; t < tcur; t += 2)
+        {
+            if (t + 1 < tcur)
+            {
+                loadNext(t + 1, b1, c1);
+            }
+            st.template advance<SUMMARY>(a, g, k, t, b0, c0, acc);
+            reduceStore(t);
+            if (t + 1 < tcur)
+            {
+                if (t + 2 < tcur)
+                {
+                    loadNext(t + 2, b0, c0);
+                }
+                st.template advance<SUMMARY>(a, g, k, t + 1, b1, c1, acc);
+                reduceStore(t + 1);
+            }
+        }
+        if constexpr (!SUMMARY)
+        {
+            __syncwarp();
+            W::gate(a, g, k, chunk, lane);
+        }
+        __syncwarp(); // the next chunk's stage overwrites what this chunk's phases read
+    }
+    st.finish(a, g, k, SUMMARY);
+}
+
 #endif // __CUDACC__
+
+// The warp-tile kernel's schedule on the CPU: lanes one after another within each phase. The
+// warp's shared memory is poisoned before every chunk, so a read of what a phase did not write
+// shows up (as in emulatePass).
+template <typename T, int NPT, int MT, bool SUMMARY, bool VEC>
+void emulateWarpPass(ScanArgs const& a, ScanGeometry const& g)
+{
+    using W = WarpTile<T, NPT, MT, VEC>;
+    std::vector<float4> smem((warpTileFloats(g, a.M) + 3) / 4 + 1);
+    float* base = reinterpret_cast<float*>(smem.data());
+    float const nan = std::numeric_limits<float>::quiet_NaN();
+    std::fill(base, base + smem.size() * 4, nan);
+    int64_t const tiles = g.blocks * (SUMMARY ? g.segs - 1 : g.segs);
+    std::vector<W> lanes(32);
+    for (int64_t tile = 0; tile < tiles; ++tile)
+    {
+        BlockCtx const k = makeBlockCtx(base, a, g, tile, SUMMARY);
+        for (int32_t l = 0; l < 32; ++l)
+        {
+            lanes[l].init(a, g, k, l, SUMMARY);
+        }
+        for (int64_t chunk = 0; chunk < k.nchunks; ++chunk)
+        {
+            std::fill(base, base + smem.size() * 4, nan);
+            for (int32_t l = 0; l < 32; ++l)
+            {
+                W::stage(a, g, k, chunk, l);
+            }
+            int32_t const tcur = chunkSteps(k, g, chunk);
+            int64_t const t0 = k.tBase + chunk * g.tc;
+            for (int32_t t = 0; t < tcur; ++t)
+            {
+                for (int32_t l = 0; l < 32; ++l)
+                {
+                    typename W::Run bv[MT], cv[MT];
+                    lanes[l].template loadStep<SUMMARY>(a, k, t0 + t, bv, cv);
+                    float acc[MT];
+                    lanes[l].template advance<SUMMARY>(a, g, k, t, bv, cv, acc);
+                    if (!SUMMARY)
+                    {
+                        lanes[l].storePart(a, g, k, t, acc);
+                    }
+                }
+            }
+            if (!SUMMARY)
+            {
+                for (int32_t l = 0; l < 32; ++l)
+                {
+                    W::gate(a, g, k, chunk, l);
+                }
+            }
+        }
+        for (int32_t l = 0; l < 32; ++l)
+        {
+            lanes[l].finish(a, g, k, SUMMARY);
+        }
+    }
+}
 
 // The kernel's schedule run serially on the CPU, phase by phase, with the same per-thread code.
 // Buffers a phase has finished with are poisoned with NaN so that a read out of order shows up.
@@ -729,6 +1267,19 @@ void emulatePass(ScanArgs const& a, ScanGeometry const& g)
     }
 }
 
+template <typename T, int NPT, int MT, bool SUMMARY>
+void emulateWarp(ScanArgs const& a, ScanGeometry const& g)
+{
+    if (WarpTile<T, NPT, MT, true>::vectorizable(a, g))
+    {
+        emulateWarpPass<T, NPT, MT, SUMMARY, true>(a, g);
+    }
+    else
+    {
+        emulateWarpPass<T, NPT, MT, SUMMARY, false>(a, g);
+    }
+}
+
 // Both passes, as the launcher runs them. A segmented geometry without a.work gets a host workspace.
 template <typename T, int NPT, int MT>
 void emulateCoupledScan(ScanArgs const& a0, ScanGeometry const& g)
@@ -742,9 +1293,23 @@ void emulateCoupledScan(ScanArgs const& a0, ScanGeometry const& g)
             work.assign(static_cast<size_t>(a.batch) * g.segs * a.E * a.N * 2, std::numeric_limits<float>::quiet_NaN());
             a.work = work.data();
         }
-        emulatePass<T, NPT, MT, true>(a, g);
+        if (g.kind == 1)
+        {
+            emulateWarp<T, NPT, MT, true>(a, g);
+        }
+        else
+        {
+            emulatePass<T, NPT, MT, true>(a, g);
+        }
     }
-    emulatePass<T, NPT, MT, false>(a, g);
+    if (g.kind == 1)
+    {
+        emulateWarp<T, NPT, MT, false>(a, g);
+    }
+    else
+    {
+        emulatePass<T, NPT, MT, false>(a, g);
+    }
 }
 
 } // namespace scan
