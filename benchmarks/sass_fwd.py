@@ -116,17 +116,12 @@ def cuda_rows():
         res = subprocess.run([tool, "--dump-resource-usage", cubin], capture_output=True, text=True).stdout
         sass = subprocess.run(f"{tool} -sass {cubin} | c++filt", shell=True, capture_output=True, text=True).stdout
     funcs = re.split(r"\n\s*Function : ", sass)
+    mangled = re.findall(r"Function ([^:]+):\n[^\n]*REG:(\d+) STACK:(\d+)", res)
+    demangled = [(subprocess.run(["c++filt", fn], capture_output=True, text=True).stdout, int(r), int(st))
+                 for fn, r, st in mangled]
     for label, inst, min_ex2 in CUDA_INSTANCES:
-        name = inst.replace("<", "<").split("<")[0]
-        args = inst[len(name):]
-        body = next((f for f in funcs if f.split("\n")[0].strip().endswith(name + args + "(cm_deploy::scan::ScanArgs, cm_deploy::scan::ScanGeometry)")
-                     or (name + args) in f.split("\n")[0]), None)
-        mangled = re.findall(r"Function ([^:]+):\n[^\n]*REG:(\d+) STACK:(\d+)", res)
-        regs = stack = None
-        for fn, r, st in mangled:
-            dem = subprocess.run(["c++filt", fn], capture_output=True, text=True).stdout
-            if (name + args) in dem:
-                regs, stack = int(r), int(st)
+        body = next((f for f in funcs if inst + "(" in f.split("\n")[0]), None)
+        regs, stack = next(((r, st) for dem, r, st in demangled if inst + "(" in dem), (None, None))
         loop = _inner_loop([ln for ln in (body or "").splitlines() if re.match(r"\s+/\*[0-9a-f]{4,5}\*/", ln)], min_ex2)
         txt = "loop not found" if loop is None else (f"inner loop {loop[0]} instructions, {loop[1]} exp2 "
                                                     f"({loop[0] / loop[1]:.1f} per exp2), {loop[2]} global loads")
