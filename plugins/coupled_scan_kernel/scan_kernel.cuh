@@ -833,16 +833,8 @@ struct WarpTile
         }
     }
 
-    // B and C of every modality of absolute step `t` (C not in the summary pass). The rows of
-    // modality m are m * L * N elements apart.
-    template <bool SUMMARY>
-    CMS_HD void loadStep(ScanArgs const& a, BlockCtx const& k, int64_t t, Run (&bv)[MT], Run (&cv)[MT]) const
-    {
-        loadRows<SUMMARY>(a, (k.b * a.M * a.L + t) * a.N + n0, a.L * a.N, bv, cv);
-    }
-
-    // The same from the element offset of modality 0's row (+ n0) and the distance between
-    // modalities: the kernel advances `row` by N a step instead of recomputing it.
+    // B and C of every modality (C not in the summary pass) from the element offset of modality
+    // 0's row (+ n0) and the distance between modalities (L * N).
     template <bool SUMMARY>
     CMS_HD void loadRows(ScanArgs const& a, int64_t row, int64_t mstride, Run (&bv)[MT], Run (&cv)[MT]) const
     {
@@ -918,6 +910,78 @@ struct WarpTile
             else
             {
                 c[s] = kappa * cs[s];
+            }
+        }
+    }
+
+    // Phase B of one chunk, the whole step loop of this lane: B and C one step ahead in two
+    // register sets used in turn, the states advanced, this lane's y parts stored. No lane reads
+    // another's registers here, so the CPU emulation runs exactly this code lane by lane.
+    template <bool SUMMARY>
+    CMS_HD void runChunk(ScanArgs const& a, ScanGeometry const& g, BlockCtx const& k, int64_t chunk)
+    {
+        int32_t const tcur = chunkSteps(k, g, chunk);
+        int64_t const t0 = k.tBase + chunk * g.tc;
+        // B and C one step ahead, in two register sets used in turn (no copies between steps)
+        Run b0[MT], c0[MT], b1[MT], c1[MT];
+        float acc[MT];
+        int64_t const mstride = a.L * a.N;
+        int64_t row = (k.b * a.M * a.L + t0) * a.N + n0; // step t0's B / C row, modality 0
+        // VEC: byte addresses of the lane's runs, per modality, moved one row (N elements) a step
+        char const* pb[MT];
+        char const* pc[MT];
+        int64_t const rowBytes = static_cast<int64_t>(a.N) * sizeof(Raw);
+#pragma unroll
+        for (int m = 0; m < MT; ++m)
+        {
+            int64_t const off = (row + (m < a.M ? m : 0) * mstride) * static_cast<int64_t>(sizeof(Raw));
+            pb[m] = static_cast<char const*>(a.B) + off;
+            pc[m] = static_cast<char const*>(a.C) + off;
+        }
+        auto loadNext = [&](int32_t dt, Run(&bv)[MT], Run(&cv)[MT]) {
+            if constexpr (VEC)
+            {
+#pragma unroll
+                for (int m = 0; m < MT; ++m)
+                {
+                    if (m < a.M)
+                    {
+                        loadAt(pb[m] + dt * rowBytes, bv[m]);
+                        if constexpr (!SUMMARY)
+                        {
+                            loadAt(pc[m] + dt * rowBytes, cv[m]);
+                        }
+                    }
+                }
+            }
+            else
+            {
+                loadRows<SUMMARY>(a, row + dt * static_cast<int64_t>(a.N), mstride, bv, cv);
+            }
+        };
+        auto reduceStore = [&](int32_t t) {
+            if constexpr (!SUMMARY)
+            {
+                storePart(a, g, k, t, acc);
+            }
+        };
+        loadNext(0, b0, c0);
+        for (int32_t t = 0; t < tcur; t += 2)
+        {
+            if (t + 1 < tcur)
+            {
+                loadNext(t + 1, b1, c1);
+            }
+            advance<SUMMARY>(a, g, k, t, b0, c0, acc);
+            reduceStore(t);
+            if (t + 1 < tcur)
+            {
+                if (t + 2 < tcur)
+                {
+                    loadNext(t + 2, b0, c0);
+                }
+                advance<SUMMARY>(a, g, k, t + 1, b1, c1, acc);
+                reduceStore(t + 1);
             }
         }
     }
@@ -1064,70 +1128,7 @@ __global__ void __launch_bounds__(kWarpTileWarps * 32) coupledScanWarpKernel(Sca
     {
         W::stage(a, g, k, chunk, lane);
         __syncwarp();
-        int32_t const tcur = chunkSteps(k, g, chunk);
-        int64_t const t0 = k.tBase + chunk * g.tc;
-        // B and C one step ahead, in two register sets used in turn (no copies between steps)
-        typename W::Run b0[MT], c0[MT], b1[MT], c1[MT];
-        float acc[MT];
-        int64_t const mstride = a.L * a.N;
-        int64_t row = (k.b * a.M * a.L + t0) * a.N + st.n0; // step t0's B / C row, modality 0
-        // VEC: byte addresses of the lane's runs, per modality, moved one row (N elements) a step
-        char const* pb[MT];
-        char const* pc[MT];
-        int64_t const rowBytes = static_cast<int64_t>(a.N) * sizeof(typename W::Raw);
-#pragma unroll
-        for (int m = 0; m < MT; ++m)
-        {
-            int64_t const off = (row + (m < a.M ? m : 0) * mstride) * static_cast<int64_t>(sizeof(typename W::Raw));
-            pb[m] = static_cast<char const*>(a.B) + off;
-            pc[m] = static_cast<char const*>(a.C) + off;
-        }
-        auto loadNext = [&](int32_t dt, typename W::Run(&bv)[MT], typename W::Run(&cv)[MT]) {
-            if constexpr (VEC)
-            {
-#pragma unroll
-                for (int m = 0; m < MT; ++m)
-                {
-                    if (m < a.M)
-                    {
-                        W::loadAt(pb[m] + dt * rowBytes, bv[m]);
-                        if constexpr (!SUMMARY)
-                        {
-                            W::loadAt(pc[m] + dt * rowBytes, cv[m]);
-                        }
-                    }
-                }
-            }
-            else
-            {
-                st.template loadRows<SUMMARY>(a, row + dt * static_cast<int64_t>(a.N), mstride, bv, cv);
-            }
-        };
-        auto reduceStore = [&](int32_t t) {
-            if constexpr (!SUMMARY)
-            {
-                st.storePart(a, g, k, t, acc);
-            }
-        };
-        loadNext(0, b0, c0);
-        for (int32_t t = 0; t < tcur; t += 2)
-        {
-            if (t + 1 < tcur)
-            {
-                loadNext(t + 1, b1, c1);
-            }
-            st.template advance<SUMMARY>(a, g, k, t, b0, c0, acc);
-            reduceStore(t);
-            if (t + 1 < tcur)
-            {
-                if (t + 2 < tcur)
-                {
-                    loadNext(t + 2, b0, c0);
-                }
-                st.template advance<SUMMARY>(a, g, k, t + 1, b1, c1, acc);
-                reduceStore(t + 1);
-            }
-        }
+        st.template runChunk<SUMMARY>(a, g, k, chunk);
         if constexpr (!SUMMARY)
         {
             __syncwarp();
@@ -1167,21 +1168,9 @@ void emulateWarpPass(ScanArgs const& a, ScanGeometry const& g)
             {
                 W::stage(a, g, k, chunk, l);
             }
-            int32_t const tcur = chunkSteps(k, g, chunk);
-            int64_t const t0 = k.tBase + chunk * g.tc;
-            for (int32_t t = 0; t < tcur; ++t)
+            for (int32_t l = 0; l < 32; ++l)
             {
-                for (int32_t l = 0; l < 32; ++l)
-                {
-                    typename W::Run bv[MT], cv[MT];
-                    lanes[l].template loadStep<SUMMARY>(a, k, t0 + t, bv, cv);
-                    float acc[MT];
-                    lanes[l].template advance<SUMMARY>(a, g, k, t, bv, cv, acc);
-                    if (!SUMMARY)
-                    {
-                        lanes[l].storePart(a, g, k, t, acc);
-                    }
-                }
+                lanes[l].template runChunk<SUMMARY>(a, g, k, chunk);
             }
             if (!SUMMARY)
             {
