@@ -7,7 +7,10 @@ BLOCK_E 4; 64-step chunks; one warp), for the full delta and for the inference p
 block kernel and the warp-tile kernel at the paper's M = 3, N = 64 instances: registers, stack, and
 the innermost loop that holds the exps (instructions, exps, instructions per exp, loads). Registers
 decide how many warps an SM holds; instructions per exp against the exp unit's 1/8 issue rate tell
-whether the loop can reach the exp-unit limit.
+whether the loop can reach the exp-unit limit: an sm_90 scheduler issues one warp instruction a
+cycle and gets one warp's exp2 every 8 cycles (16 lanes a cycle an SM, 4 schedulers), so a loop of I
+instructions per exp2 reaches at most min(1, 8 / I) of that limit ("issue bound"). Replacing part
+of the exp2s by a polynomial on the FMA pipes only helps below 8 instructions per exp2.
 
     python benchmarks/sass_fwd.py [--out FILE]
 """
@@ -124,7 +127,9 @@ def cuda_rows():
         regs, stack = next(((r, st) for dem, r, st in demangled if inst + "(" in dem), (None, None))
         loop = _inner_loop([ln for ln in (body or "").splitlines() if re.match(r"\s+/\*[0-9a-f]{4,5}\*/", ln)], min_ex2)
         txt = "loop not found" if loop is None else (f"inner loop {loop[0]} instructions, {loop[1]} exp2 "
-                                                    f"({loop[0] / loop[1]:.1f} per exp2), {loop[2]} global loads")
+                                                    f"({loop[0] / loop[1]:.1f} per exp2, issue bound "
+                                                    f"{min(1.0, 8 * loop[1] / loop[0]):.0%} of the exp-unit "
+                                                    f"limit), {loop[2]} global loads")
         rows.append(f"{label:48s} registers {regs}  stack_bytes {stack}  {txt}")
     return rows
 
@@ -142,8 +147,9 @@ def main(argv=None):
             rows.append(f"{act:5s} {'full delta' if rank == 0 else f'rank-{rank} delta':13s} "
                         + "  ".join(f"{k} {v}" for k, v in s.items()))
     rows.append("# CUDA kernels (plugins/coupled_scan_kernel) compiled by nvcc for sm_90; the block kernel's loop is its "
-                "consumers' (its producers load and gate), the warp tiles' loop does everything a step needs (two "
-                "steps an iteration)")
+                "consumers' (its producers load and gate on the same schedulers; capacity 4 modalities, so at M = 3 a "
+                "quarter of the loop's exp2 are skipped), the warp tiles' loop does everything a step needs (two steps "
+                "an iteration, capacity 3). Issue bound: a model, not a measurement")
     rows += cuda_rows()
     text = "\n".join(rows) + "\n"
     if a.out:
