@@ -656,3 +656,11 @@ def test_triton_rank_delta(dtype, tune):
     assert_close(f_t, f_r, TOL[dtype], "final_state")
     with pytest.raises(RuntimeError, match="inference path"):
         coupled_scan_triton(args[0].clone().requires_grad_(True), low, *args[2:], delta_proj=W)
+    # L = 0 (handed to the reference): an empty y and the initial state back
+    e = [t[:, :, :0] if t is not None and t.dim() == 4 else t for t in args]
+    with torch.no_grad():
+        y0, f0 = coupled_scan_triton(e[0], low[:, :, :0], *e[2:], delta_softplus=True,
+                                     initial_state=inp["initial_state"], return_final_state=True,
+                                     delta_proj=W)
+    assert y0.shape == (b, M, 0, E)
+    assert torch.equal(f0, inp["initial_state"])

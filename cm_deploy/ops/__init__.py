@@ -10,7 +10,7 @@ import os
 
 import torch
 
-from .reference import coupled_scan_reference
+from .reference import coupled_scan_reference, rank_delta
 
 __all__ = ["coupled_scan", "coupled_scan_reference", "triton_available"]
 
@@ -99,7 +99,7 @@ def coupled_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, *, delta_so
     if impl == "auto":
         impl = "triton" if (u.is_cuda and triton_available(u.device)) else "reference"
     if _delta_proj is not None and impl != "triton":
-        delta = torch.einsum("bmlr,mre->bmle", delta, _delta_proj.to(delta.dtype))
+        delta = rank_delta(delta, _delta_proj)
         _delta_proj = None
     if impl == "onnx":   # one cm_deploy::CoupledScan node under torch.onnx.export, else the reference
         from .onnx_node import coupled_scan_onnx

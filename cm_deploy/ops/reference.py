@@ -12,6 +12,12 @@ import torch.nn.functional as F
 from ..contract import coupling_scale as _kappa
 
 
+def rank_delta(delta_low, delta_proj):
+    """delta from Mamba's rank-R form: delta_low (b, M, L, R) @ delta_proj (M, R, E) per modality,
+    in delta_low's dtype (what the Triton kernel forms inside, with float32 math)."""
+    return torch.einsum("bmlr,mre->bmle", delta_low, delta_proj.to(delta_low.dtype))
+
+
 def coupled_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None, *,
                            delta_softplus=False, coupling_scale=None, initial_state=None,
                            return_final_state=False):

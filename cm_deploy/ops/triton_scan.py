@@ -1245,7 +1245,9 @@ def coupled_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, *,
     kappa = _kappa(coupling_scale, M)
     if L == 0:
         # Nothing to scan: y is empty and final_state is initial_state; the reference does that.
-        from .reference import coupled_scan_reference
+        from .reference import coupled_scan_reference, rank_delta
+        if delta_proj is not None:
+            delta = rank_delta(delta, delta_proj)
         return coupled_scan_reference(u, delta, A, B, C, D, z, delta_bias,
                                       delta_softplus=delta_softplus, coupling_scale=kappa,
                                       initial_state=initial_state,
