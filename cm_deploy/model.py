@@ -214,7 +214,7 @@ class CoupledLayer(nn.Module):
         cast = lambda t: t.to(dt).contiguous()  # noqa: E731
         self._folded = ((cast(wu), cast(bu)), (cast(wz), cast(bz)), cast(wx),
                         *(t.contiguous() for t in self.scan_weights()))
-        self._folded_low = None
+        self._folded_low = None   # so that _lowrank_weights() reads the parameters, not an old fold
         self._folded_low = tuple(t.contiguous() for t in self._lowrank_weights())
         return self
 
@@ -247,9 +247,9 @@ class CoupledLayer(nn.Module):
     def _inference_kernels(self, h):
         """Inference (no autograd) on the Triton kernels: the scan writes y over z (z is this
         layer's own, used by nothing else) and takes delta in rank-R form."""
-        from .ops import triton_available
-        return (self.cfg.coupled and self.scan_impl in ("auto", "triton") and not torch.is_grad_enabled()
-                and (self.scan_impl == "triton" or h.is_cuda) and triton_available(h.device))
+        from .ops import resolve_impl, triton_available
+        return (self.cfg.coupled and not torch.is_grad_enabled()
+                and resolve_impl(self.scan_impl, h.device) == "triton" and triton_available(h.device))
 
     def forward(self, h, ax=0, state=None):
         """h: (M, b, L, d) if ax == 0 else (b, M, L, d) -> the same. Streaming: `state` = (conv
@@ -276,12 +276,11 @@ class CoupledLayer(nn.Module):
             new_conv = [tail[:, m].transpose(1, 2) for m in range(M)]
             del su
         W = E                                                      # width of delta's columns
+        inference_kw = {}
         if fast:
             w_x, w_dt = self._lowrank_weights()
             W = w_x.shape[2] - 2 * N
-            fast = {"_gate_in_place": True, "_delta_proj": w_dt}
-        else:
-            fast = {}
+            inference_kw = {"_gate_in_place": True, "_delta_proj": w_dt}
         dbc = _matmul(u, w_x, ax)                                  # delta (or its rank-R form) | B | C
         A, D, bias = self.scan_weights()
         args = [_scan_view(t, ax) for t in (u, dbc[..., :W], dbc[..., W:W + N], dbc[..., W + N:], z)]
@@ -291,7 +290,7 @@ class CoupledLayer(nn.Module):
             y = coupled_scan(su, sdelta, A, sB, sC, D, sz, bias, delta_softplus=True,
                              coupling_scale=cfg.coupling_scale, impl=self.scan_impl,
                              initial_state=None if state is None else state[1][0],
-                             **stream, **fast)
+                             **stream, **inference_kw)
             if state is not None:
                 y, scan_states = y[0], [y[1]]
         else:

@@ -12,7 +12,7 @@ import torch
 
 from .reference import coupled_scan_reference, rank_delta
 
-__all__ = ["coupled_scan", "coupled_scan_reference", "triton_available"]
+__all__ = ["coupled_scan", "coupled_scan_reference", "resolve_impl", "triton_available"]
 
 _ACT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 IMPLS = ("auto", "reference", "triton", "onnx")
@@ -28,6 +28,14 @@ def triton_available(device: torch.device | None = None) -> bool:
     if os.environ.get("TRITON_INTERPRET") == "1":
         return True
     return device is not None and device.type == "cuda"
+
+
+def resolve_impl(impl: str, device: torch.device) -> str:
+    """impl "auto" -> "triton" on a CUDA device where Triton runs, else "reference"; any other impl
+    as it is. The one rule for the scan, the conv and the model's inference path."""
+    if impl == "auto":
+        return "triton" if (device.type == "cuda" and triton_available(device)) else "reference"
+    return impl
 
 
 def _check(name, t, shape, dtypes, device):
@@ -96,8 +104,7 @@ def coupled_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, *, delta_so
         coupling_scale = float(coupling_scale)
     kwargs = dict(delta_softplus=bool(delta_softplus), coupling_scale=coupling_scale,
                   initial_state=initial_state, return_final_state=return_final_state)
-    if impl == "auto":
-        impl = "triton" if (u.is_cuda and triton_available(u.device)) else "reference"
+    impl = resolve_impl(impl, u.device)
     if _delta_proj is not None and impl != "triton":
         delta = rank_delta(delta, _delta_proj)
         _delta_proj = None

@@ -59,8 +59,8 @@ def causal_conv_silu(x, weight, bias=None, left=None, *, impl="auto"):
         raise ValueError(f"causal_conv_silu: x (b, M, L, E) and weight (M, E, K) expected, got "
                          f"{tuple(x.shape)} and {tuple(weight.shape)}")
     if impl == "auto":
-        from . import triton_available
-        impl = "triton" if (x.is_cuda and triton_available(x.device)) else "reference"
+        from . import resolve_impl
+        impl = resolve_impl(impl, x.device)
         grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, left))
         if left is not None and grad:
             impl = "reference"
