@@ -258,6 +258,72 @@ CMS_HD int32_t chunkSteps(BlockCtx const& k, ScanGeometry const& g, int64_t chun
     return static_cast<int32_t>(left < g.tc ? left : g.tc);
 }
 
+// State (e, n) of batch row b, segment seg, in the segment summaries' workspace.
+CMS_HD int64_t workIndex(ScanArgs const& a, ScanGeometry const& g, int64_t b, int32_t seg, int32_t e, int32_t n)
+{
+    return ((b * g.segs + seg) * a.E + e) * static_cast<int64_t>(a.N) + n;
+}
+
+// A thread's NPT states (e, stateOf(s)) at the start of its segment: A * log2(e) per modality (0
+// for padding), P = 1, and c = 0 in the summary pass, else the segment's true initial state: the
+// operator's initial state carried through the summaries {P, off} of the segments before it.
+template <int NPT, int MT, typename StateOf>
+CMS_HD void startStates(ScanArgs const& a, ScanGeometry const& g, BlockCtx const& k, int32_t e, StateOf stateOf,
+    bool validE, bool summary, float (&a2)[MT][NPT], float (&P)[NPT], float (&c)[NPT])
+{
+#pragma unroll
+    for (int s = 0; s < NPT; ++s)
+    {
+        int32_t const n = stateOf(s);
+        bool const ok = validE && n < a.N;
+#pragma unroll
+        for (int m = 0; m < MT; ++m)
+        {
+            a2[m][s] = (ok && m < a.M) ? a.A[(static_cast<int64_t>(m) * a.E + e) * a.N + n] * kLog2e : 0.f;
+        }
+        P[s] = 1.f;
+        float cv = 0.f;
+        if (!summary && ok)
+        {
+            cv = a.initialState != nullptr ? a.initialState[(k.b * a.E + e) * a.N + n] : 0.f;
+            for (int32_t q = 0; q < k.seg; ++q)
+            {
+                float2 const pw = reinterpret_cast<float2 const*>(a.work)[workIndex(a, g, k.b, q, e, n)];
+                cv = fmaf(pw.x, cv, pw.y);
+            }
+        }
+        c[s] = cv;
+    }
+}
+
+// After a pass: the summary pass writes this segment's {P, off}; the main pass final_state, from
+// the last segment.
+template <int NPT, typename StateOf>
+CMS_HD void endStates(ScanArgs const& a, ScanGeometry const& g, BlockCtx const& k, int32_t e, StateOf stateOf,
+    bool validE, bool summary, float const (&P)[NPT], float const (&c)[NPT])
+{
+    if (!validE || (!summary && (a.finalState == nullptr || k.seg != g.segs - 1)))
+    {
+        return;
+    }
+#pragma unroll
+    for (int s = 0; s < NPT; ++s)
+    {
+        int32_t const n = stateOf(s);
+        if (n < a.N)
+        {
+            if (summary)
+            {
+                reinterpret_cast<float2*>(a.work)[workIndex(a, g, k.b, k.seg, e, n)] = make_float2(P[s], c[s]);
+            }
+            else
+            {
+                a.finalState[(k.b * a.E + e) * a.N + n] = c[s];
+            }
+        }
+    }
+}
+
 // A consumer thread: channel `chl` of the block, lane j of that channel's lpc threads, NPT states.
 template <int NPT, int MT>
 struct Consumer
@@ -278,14 +344,6 @@ struct Consumer
         return NPT == 1 ? j : 2 * (j + lpc * (s / 2)) + (s & 1);
     }
 
-    static CMS_HD int64_t workIndex(ScanArgs const& a, ScanGeometry const& g, int64_t b, int32_t seg, int32_t e,
-        int32_t n)
-    {
-        return ((b * g.segs + seg) * a.E + e) * static_cast<int64_t>(a.N) + n;
-    }
-
-    // summary: start from c = 0, P = 1. Otherwise start from the segment's true initial state: the
-    // operator's initial state carried through the summaries {P, off} of the segments before it.
     CMS_HD void init(ScanArgs const& a, ScanGeometry const& g, BlockCtx const& k, int32_t tid, bool summary)
     {
         active = tid < g.ch * g.lpc;
@@ -293,29 +351,8 @@ struct Consumer
         j = active ? tid % g.lpc : 0;
         e = k.e0 + chl;
         validE = active && e < a.E;
-#pragma unroll
-        for (int s = 0; s < NPT; ++s)
-        {
-            int32_t const n = stateOf(j, s, g.lpc);
-            bool const ok = validE && n < a.N;
-#pragma unroll
-            for (int m = 0; m < MT; ++m)
-            {
-                a2[m][s] = (ok && m < a.M) ? a.A[(static_cast<int64_t>(m) * a.E + e) * a.N + n] * kLog2e : 0.f;
-            }
-            P[s] = 1.f;
-            float cv = 0.f;
-            if (!summary && ok)
-            {
-                cv = a.initialState != nullptr ? a.initialState[(k.b * a.E + e) * a.N + n] : 0.f;
-                for (int32_t q = 0; q < k.seg; ++q)
-                {
-                    float2 const pw = reinterpret_cast<float2 const*>(a.work)[workIndex(a, g, k.b, q, e, n)];
-                    cv = fmaf(pw.x, cv, pw.y);
-                }
-            }
-            c[s] = cv;
-        }
+        int32_t const jj = j, lpc = g.lpc;
+        startStates<NPT, MT>(a, g, k, e, [=](int s) { return stateOf(jj, s, lpc); }, validE, summary, a2, P, c);
     }
 
     template <bool SUMMARY>
@@ -414,36 +451,8 @@ struct Consumer
     // Main pass: final_state from the last segment. Summary pass: {P, off} of this segment.
     CMS_HD void finish(ScanArgs const& a, ScanGeometry const& g, BlockCtx const& k, bool summary) const
     {
-        if (!validE)
-        {
-            return;
-        }
-        if (summary)
-        {
-#pragma unroll
-            for (int s = 0; s < NPT; ++s)
-            {
-                int32_t const n = stateOf(j, s, g.lpc);
-                if (n < a.N)
-                {
-                    reinterpret_cast<float2*>(a.work)[workIndex(a, g, k.b, k.seg, e, n)] = make_float2(P[s], c[s]);
-                }
-            }
-            return;
-        }
-        if (a.finalState == nullptr || k.seg != g.segs - 1)
-        {
-            return;
-        }
-#pragma unroll
-        for (int s = 0; s < NPT; ++s)
-        {
-            int32_t const n = stateOf(j, s, g.lpc);
-            if (n < a.N)
-            {
-                a.finalState[(k.b * a.E + e) * a.N + n] = c[s];
-            }
-        }
+        int32_t const jj = j, lpc = g.lpc;
+        endStates<NPT>(a, g, k, e, [=](int s) { return stateOf(jj, s, lpc); }, validE, summary, P, c);
     }
 };
 
@@ -664,30 +673,8 @@ struct WarpTile
         e = k.e0 + chl;
         n0 = j * NPT;
         validE = e < a.E;
-#pragma unroll
-        for (int s = 0; s < NPT; ++s)
-        {
-            int32_t const n = n0 + s;
-            bool const ok = validE && n < a.N;
-#pragma unroll
-            for (int m = 0; m < MT; ++m)
-            {
-                a2[m][s] = (ok && m < a.M) ? a.A[(static_cast<int64_t>(m) * a.E + e) * a.N + n] * kLog2e : 0.f;
-            }
-            P[s] = 1.f;
-            float cv = 0.f;
-            if (!summary && ok)
-            {
-                cv = a.initialState != nullptr ? a.initialState[(k.b * a.E + e) * a.N + n] : 0.f;
-                for (int32_t q = 0; q < k.seg; ++q)
-                {
-                    float2 const pw = reinterpret_cast<float2 const*>(
-                        a.work)[Consumer<NPT, MT>::workIndex(a, g, k.b, q, e, n)];
-                    cv = fmaf(pw.x, cv, pw.y);
-                }
-            }
-            c[s] = cv;
-        }
+        int32_t const first = n0;
+        startStates<NPT, MT>(a, g, k, e, [=](int s) { return first + s; }, validE, summary, a2, P, c);
     }
 
     // Phase A: {dt, dt*u} of the chunk's (t, m, channel) items, lane-strided, four loads in flight.
@@ -1021,28 +1008,8 @@ struct WarpTile
     // Main pass: final_state from the last segment. Summary pass: {P, off} of this segment.
     CMS_HD void finish(ScanArgs const& a, ScanGeometry const& g, BlockCtx const& k, bool summary) const
     {
-        if (!validE)
-        {
-            return;
-        }
-#pragma unroll
-        for (int s = 0; s < NPT; ++s)
-        {
-            int32_t const n = n0 + s;
-            if (n >= a.N)
-            {
-                continue;
-            }
-            if (summary)
-            {
-                reinterpret_cast<float2*>(a.work)[Consumer<NPT, MT>::workIndex(a, g, k.b, k.seg, e, n)]
-                    = make_float2(P[s], c[s]);
-            }
-            else if (a.finalState != nullptr && k.seg == g.segs - 1)
-            {
-                a.finalState[(k.b * a.E + e) * a.N + n] = c[s];
-            }
-        }
+        int32_t const first = n0;
+        endStates<NPT>(a, g, k, e, [=](int s) { return first + s; }, validE, summary, P, c);
     }
 };
 
