@@ -459,6 +459,13 @@ def find(res, model, mode, batch, L):
     return None
 
 
+def best_mode(res, model, modes, batch, L):
+    """(ms, mode) of the fastest of `modes` measured for the model, or None."""
+    ts = [(common.ms_of(find(res, model, mode, batch, L)), mode) for mode in modes]
+    ts = [t for t in ts if t[0]]
+    return min(ts) if ts else None
+
+
 def mem_of(r, key="peak_minus_weights_bytes"):
     return (r or {}).get("mem", {}).get(key)
 
@@ -485,12 +492,8 @@ def summarize(res):
     # issue 12: each model in its best mode; activations <= 0.5x tf's (cm or its chunked run);
     # a training step 1.5x faster than tf's with less peak memory
     for bb in res["params"]["batches"]:
-        best = {}
-        for m in ("cm", "cm_chunk", "tf"):
-            ts = [(common.ms_of(find(res, m, mode, bb, L)), mode) for mode in MODES]
-            ts = [t for t in ts if t[0]]
-            if ts:
-                best[m] = min(ts)
+        best = {m: best_mode(res, m, MODES, bb, L) for m in ("cm", "cm_chunk", "tf")}
+        best = {m: v for m, v in best.items() if v}
         if "cm" in best and "tf" in best:
             want = 1.5 if bb == b else 1.0
             targets.append({"target": f"best mode: cm ({best['cm'][1]}) >= {want}x faster than tf ({best['tf'][1]})",
@@ -505,14 +508,9 @@ def summarize(res):
         if a and c and m == "cm_chunk":
             targets.append({"target": f"{m}: >= 85% less activation memory than tf_math", "shape": f"{b}x{L}",
                             "value": 1 - a / c, "met": 1 - a / c >= 0.85})
-    best_train = {}
-    for m in ("cm_train", "tf_train"):
-        ts = [(common.ms_of(find(res, m, mode, b, L)), mode) for mode in ("train", "train_compile")]
-        ts = [t for t in ts if t[0]]
-        if ts:
-            best_train[m] = min(ts)
-    if len(best_train) == 2:
-        (cms, cmode), (tms, tmode) = best_train["cm_train"], best_train["tf_train"]
+    best_cm, best_tf = (best_mode(res, m, ("train", "train_compile"), b, L) for m in ("cm_train", "tf_train"))
+    if best_cm and best_tf:
+        (cms, cmode), (tms, tmode) = best_cm, best_tf
         targets.append({"target": f"training step, best mode: cm ({cmode}) >= 1.5x faster than tf ({tmode})",
                         "shape": f"{b}x{L}", "value": tms / cms, "met": tms / cms >= 1.5})
     ct, tt = find(res, "cm_train", "train", b, L), find(res, "tf_train", "train", b, L)

@@ -117,33 +117,33 @@ elif [[ -z "$san" ]]; then
   note "sanitizers skipped: compute-sanitizer not found"
 else
   for kind in block warp; do
-  filter=()
-  kname=coupledScanKernel; [[ $kind == warp ]] && kname=coupledScanWarpKernel
-  if "$san" --help 2>/dev/null | grep -q -- "--kernel-name"; then filter=(--kernel-name kns=$kname); fi
-  wt=0; [[ $kind == warp ]] && wt=1
-  for tool in memcheck racecheck synccheck initcheck; do
-    ts=$(date +%s)
-    extra=()
-    [[ $tool == memcheck ]] && extra=(--leak-check no)
-    [[ $tool == racecheck ]] && extra=(--racecheck-report all)
-    # memcheck and initcheck check every kernel (torch's too); the others only ours (they are slow).
-    f=(); [[ $tool != memcheck && $tool != initcheck ]] && f=("${filter[@]}")
-    log="$out/sanitize_${tool}$([[ $kind == warp ]] && echo _warp).log"
-    CM_DEPLOY_SCAN_WARP_TILES=$wt timeout "${SANITIZER_TIMEOUT:-100}" "$san" --tool "$tool" "${f[@]}" "${extra[@]}" \
-      --error-exitcode 9 "${harness[@]}" --sanitize --out "${log%.log}.json" > "$log" 2>&1
-    rc=$?
-    errs=$(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$log" | tail -n 1)
-    if [[ $rc -eq 0 ]]; then
-      note "compute-sanitizer $tool ($kind kernel): PASS ${errs} ($(( $(date +%s) - ts )) s)"
-    elif [[ $rc -eq 124 ]]; then
-      note "compute-sanitizer $tool ($kind kernel): TIMEOUT after ${SANITIZER_TIMEOUT:-100} s (log: $(basename "$log"))"
-      [[ $tool == memcheck ]] && status=1
-    else
-      note "FAIL: compute-sanitizer $tool ($kind kernel) exit $rc ${errs} (log: $(basename "$log"))"
-      grep -E "=========" "$log" | head -n 20
-      status=1
-    fi
-  done
+    filter=()
+    kname=coupledScanKernel; [[ $kind == warp ]] && kname=coupledScanWarpKernel
+    if "$san" --help 2>/dev/null | grep -q -- "--kernel-name"; then filter=(--kernel-name kns=$kname); fi
+    wt=0; [[ $kind == warp ]] && wt=1
+    for tool in memcheck racecheck synccheck initcheck; do
+      ts=$(date +%s)
+      extra=()
+      [[ $tool == memcheck ]] && extra=(--leak-check no)
+      [[ $tool == racecheck ]] && extra=(--racecheck-report all)
+      # memcheck and initcheck check every kernel (torch's too); the others only ours (they are slow).
+      f=(); [[ $tool != memcheck && $tool != initcheck ]] && f=("${filter[@]}")
+      log="$out/sanitize_${tool}$([[ $kind == warp ]] && echo _warp).log"
+      CM_DEPLOY_SCAN_WARP_TILES=$wt timeout "${SANITIZER_TIMEOUT:-100}" "$san" --tool "$tool" "${f[@]}" "${extra[@]}" \
+        --error-exitcode 9 "${harness[@]}" --sanitize --out "${log%.log}.json" > "$log" 2>&1
+      rc=$?
+      errs=$(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$log" | tail -n 1)
+      if [[ $rc -eq 0 ]]; then
+        note "compute-sanitizer $tool ($kind kernel): PASS ${errs} ($(( $(date +%s) - ts )) s)"
+      elif [[ $rc -eq 124 ]]; then
+        note "compute-sanitizer $tool ($kind kernel): TIMEOUT after ${SANITIZER_TIMEOUT:-100} s (log: $(basename "$log"))"
+        [[ $tool == memcheck ]] && status=1
+      else
+        note "FAIL: compute-sanitizer $tool ($kind kernel) exit $rc ${errs} (log: $(basename "$log"))"
+        grep -E "=========" "$log" | head -n 20
+        status=1
+      fi
+    done
   done
 fi
 
