@@ -32,9 +32,31 @@ size_t smemBytesFor(ScanGeometry g, int32_t M, int32_t tc)
     return 2 * smemLayout(g, M).stageFloats * sizeof(float);
 }
 
+// Batch x channels too small to fill the GPU (`warps1` warps for one segment against
+// `targetWarps`): split L into segments, scanned in parallel after a first pass that summarises
+// each segment as a linear map of its initial state. Forced (ov.segs > 1, tests and tuning): any
+// segment length; automatic: long segments only. Sets g.segs and g.segLen.
+void splitSegments(int64_t batch, int64_t L, int64_t warps1, int64_t targetWarps, ScanOverrides const& ov,
+    ScanGeometry& g)
+{
+    g.segs = 1;
+    g.segLen = L;
+    if (ov.segs != 1 && batch > 0 && L >= 2 && (ov.segs > 1 || L >= 2 * kMinSegmentLen))
+    {
+        int64_t want = ov.segs > 1 ? ov.segs : ceilDiv(targetWarps, std::max<int64_t>(warps1, 1));
+        want = std::min<int64_t>(want, kMaxSegmentRows / batch);
+        want = std::min<int64_t>(want, ov.segs > 1 ? L : L / kMinSegmentLen);
+        if (want > 1)
+        {
+            g.segLen = ceilDiv(L, want);
+            g.segs = static_cast<int32_t>(ceilDiv(L, g.segLen)); // every segment non-empty
+        }
+    }
+}
+
 // Kind 1: one warp per tile of ch channels, lpc = 32 / ch lanes per channel (a power of two),
-// npt consecutive states per lane (4 or 8: whole-run vector loads of B and C). Steps per chunk: 32 unless overridden. Returns false when N needs more than
-// one warp per channel.
+// npt consecutive states per lane (4 or 8: whole-run vector loads of B and C). Steps per chunk: 32
+// unless overridden. Returns false when N needs more than one warp per channel.
 bool warpTileGeometry(int64_t batch, int32_t M, int64_t L, int32_t E, int32_t N, DeviceLimits const& dev,
     ScanOverrides const& ov, ScanGeometry& g)
 {
@@ -67,21 +89,8 @@ bool warpTileGeometry(int64_t batch, int32_t M, int64_t L, int32_t E, int32_t N,
         g.S = 0;
         g.etiles = ceilDiv(E, g.ch);
         g.blocks = batch * g.etiles;
-        g.segs = 1;
-        g.segLen = L;
         int32_t const targetPerSM = ov.targetWarpsPerSM > 0 ? ov.targetWarpsPerSM : 16;
-        int64_t const targetWarps = static_cast<int64_t>(dev.smCount) * targetPerSM;
-        if (ov.segs != 1 && batch > 0 && L >= 2 && (ov.segs > 1 || L >= 2 * kMinSegmentLen))
-        {
-            int64_t want = ov.segs > 1 ? ov.segs : ceilDiv(targetWarps, std::max<int64_t>(g.blocks, 1));
-            want = std::min<int64_t>(want, kMaxSegmentRows / batch);
-            want = std::min<int64_t>(want, ov.segs > 1 ? L : L / kMinSegmentLen);
-            if (want > 1)
-            {
-                g.segLen = ceilDiv(L, want);
-                g.segs = static_cast<int32_t>(ceilDiv(L, g.segLen));
-            }
-        }
+        splitSegments(batch, L, g.blocks, static_cast<int64_t>(dev.smCount) * targetPerSM, ov, g);
         // several warps a block only when the grid fills the GPU anyway (they share an SM's exp unit)
         g.warpsPerBlock = g.blocks * g.segs >= static_cast<int64_t>(kWarpTileWarps) * dev.smCount ? kWarpTileWarps : 1;
         g.tc = ov.tc > 0 ? ov.tc : 32;
@@ -151,27 +160,8 @@ bool chooseGeometry(int64_t batch, int32_t M, int64_t L, int32_t E, int32_t N, D
         g.S = partialStride(g.lpc);
         g.etiles = ceilDiv(E, g.ch);
         g.blocks = batch * g.etiles;
-        // Batch x channels too small to fill the GPU: split L into segments (scanned in parallel after a
-        // first pass that summarises each segment as a linear map of its initial state).
-        g.segs = 1;
         int64_t const warps1 = g.blocks * (g.nc / 32);
-        if (ov.segs != 1 && batch > 0 && L >= 2 && (ov.segs > 1 || L >= 2 * kMinSegmentLen))
-        {
-            // Forced (ov.segs > 1, tests and tuning): any segment length; automatic: long segments only.
-            int64_t want = ov.segs > 1 ? ov.segs : ceilDiv(targetWarps, std::max<int64_t>(warps1, 1));
-            want = std::min<int64_t>(want, kMaxSegmentRows / batch);
-            want = std::min<int64_t>(want, ov.segs > 1 ? L : L / kMinSegmentLen);
-            if (want > 1)
-            {
-                g.segLen = ceilDiv(L, want);
-                g.segs = static_cast<int32_t>(ceilDiv(L, g.segLen)); // every segment non-empty
-            }
-        }
-        if (g.segs <= 1)
-        {
-            g.segs = 1;
-            g.segLen = L;
-        }
+        splitSegments(batch, L, warps1, targetWarps, ov, g);
         int64_t const warps = warps1 * g.segs;
         if (warps >= targetWarps)
         {
