@@ -255,7 +255,11 @@ def test_checkpoint_with_wrong_weight_shape(tmp_path):
     assert "\n" not in str(e.value)
 
 
-def _compiled_ops(model, *args):
+needs_interpreter = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                       reason="needs the Triton interpreter")
+
+
+def _compiled_ops(model):
     """Compile model with fullgraph=True (any graph break raises) and an AOT backend that records
     the ATen/custom ops of the forward and backward graphs."""
     from functorch.compile import make_boxed_func
@@ -270,7 +274,7 @@ def _compiled_ops(model, *args):
     return torch.compile(model, fullgraph=True, backend=aot_autograd(fw_compiler=record, bw_compiler=record)), seen
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs the Triton interpreter")
+@needs_interpreter
 @pytest.mark.parametrize("rule, coupled", [("interpolate", True), ("pad", False)])
 def test_torch_compile_is_one_graph_with_the_kernels(rule, coupled):
     """torch.compile(fullgraph=True) traces the whole model, training included: the conv and the
@@ -292,7 +296,7 @@ def test_torch_compile_is_one_graph_with_the_kernels(rule, coupled):
                                    msg=lambda m, k=k: f"d {k}: {m}")
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs the Triton interpreter")
+@needs_interpreter
 def test_torch_compile_chunked_inference():
     """Chunked inference (carried conv and scan states) compiles to one graph too."""
     torch.manual_seed(0)
@@ -307,7 +311,7 @@ def test_torch_compile_chunked_inference():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs the Triton interpreter")
+@needs_interpreter
 def test_torch_compile_inductor_inference():
     """Inductor (the default backend) around the custom ops: the same outputs as eager."""
     torch.manual_seed(0)

@@ -594,9 +594,9 @@ def test_custom_ops_opcheck(layout, optional):
     act = [inp[k] for k in NAMES[:8]] + [_t(inp["initial_state"])]
     fwd, bwd = torch.ops.cm_deploy.coupled_scan_fwd.default, torch.ops.cm_deploy.coupled_scan_bwd.default
     torch.library.opcheck(fwd, (*act, None, True, 0.5, 0))           # inference: no checkpoints
-    rank_delta = torch.randn(*u.shape[:3], 3) * 0.3                   # delta in rank-3 form
-    dt_w = torch.randn(u.shape[1], 3, u.shape[3]) * 0.3
-    torch.library.opcheck(fwd, (act[0], rank_delta, *act[2:], dt_w, True, 0.5, 0))
+    low = (torch.randn(*u.shape[:3], 3) * 0.3).to(DEV)                # delta in rank-3 form
+    dt_w = (torch.randn(u.shape[1], 3, u.shape[3]) * 0.3).to(DEV)
+    torch.library.opcheck(fwd, (act[0], low, *act[2:], dt_w, True, 0.5, 0))
     chunk = _train_chunk(u, A)
     grad = [t.detach().clone().requires_grad_(True) if t is not None else None for t in act]
     torch.library.opcheck(fwd, (*grad, None, True, 0.5, chunk))      # training: autograd formula
@@ -622,7 +622,7 @@ def test_custom_op_gradients_equal_eager():
         else:
             y, final = _scan_compiled(*leaves, True, 0.7, True)
         if not grads:
-            wy, wf = torch.randn(y.shape, generator=gen), torch.randn(final.shape, generator=gen)
+            wy, wf = (torch.randn(t.shape, generator=gen).to(DEV) for t in (y, final))
         ((y * wy).sum() + (final * wf).sum()).backward()
         grads.append([t.grad for t in leaves])
     for name, a, b in zip(NAMES, *grads):
