@@ -11,6 +11,7 @@
 #include <random>
 #include <sstream>
 #include <string>
+#include <utility>
 #include <vector>
 
 using namespace cm_deploy::scan;
@@ -416,10 +417,9 @@ void runSegmented()
     {
         for (int32_t segs : {2, 3, 7})
         {
-            for (int32_t npt : {0, 1, 8, -4})
+            // {states a thread, kernel}: the block kernel at 0 (automatic), 1 and 8; warp tiles at 4
+            for (auto const& [npt, warp] : {std::pair{0, 0}, std::pair{1, 0}, std::pair{8, 0}, std::pair{4, 1}})
             {
-                int32_t const warp = npt < 0 ? 1 : 0; // -4: the warp-tile kernel, 4 states a lane
-                npt = npt < 0 ? -npt : npt;
                 if (npt > s.N && warp == 0)
                 {
                     continue;
