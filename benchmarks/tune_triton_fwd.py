@@ -84,7 +84,7 @@ def bench(mod, inp, tune):
         return triton.testing.do_bench(lambda: call(mod, inp, tune), warmup=10, rep=60)
 
 
-SHAPES = {"paper": (64, 3, 500, 256, 64), "8x4096": (8, 3, 4096, 256, 64),
+SHAPES = {"paper": (64, 3, 500, 256, 64), "1x500": (1, 3, 500, 256, 64), "8x4096": (8, 3, 4096, 256, 64),
           "1x16384": (1, 3, 16384, 256, 64)}
 
 
@@ -94,6 +94,8 @@ def main():
     ap.add_argument("--budget", type=float, default=150.0)
     ap.add_argument("--quick", action="store_true", help="defaults only")
     ap.add_argument("--smoke", action="store_true", help="CPU, TRITON_INTERPRET=1, tiny shapes")
+    ap.add_argument("--round", type=int, default=3, help="3: the round-2/3 sweep; 4: registers cap, "
+                    "short segments at batch 1")
     args = ap.parse_args()
     if SMOKE:
         SHAPES.update({k: (1, 3, 5, 8, 16) for k in SHAPES})
@@ -112,7 +114,23 @@ def main():
     if "old" in mods:
         items += [("old", "paper", f32, {}), ("old", "paper", f32, dict(block_e=64, num_warps=8))]
     items += [("new", "paper", bf16, {}), ("new", "8x4096", f32, {}), ("new", "1x16384", f32, {})]
-    if not args.quick:
+    if args.round == 4:
+        # round 4 (issue 20): a register cap (16-bit activations take ~220 registers uncapped on
+        # Triton 3.6, 165 at 168 without spills: 12 warps an SM instead of 9) and shorter segments
+        # at batch 1 (the 1x500 step loop is latency bound with ~3 warps an SM)
+        items = [("new", "paper", bf16, {}), ("new", "paper", f32, {})]
+        items += [("new", "paper", bf16, dict(maxnreg=168)), ("new", "paper", bf16, dict(maxnreg=128)),
+                  ("new", "paper", f32, dict(maxnreg=80)), ("new", "paper", bf16, dict(maxnreg=168, y_parts=2)),
+                  ("new", "1x500", f32, {}), ("new", "1x500", bf16, {})]
+        for dt in (f32, bf16):
+            items += [("new", "1x500", dt, dict(min_seg=32)), ("new", "1x500", dt, dict(min_seg=16)),
+                      ("new", "1x500", dt, dict(n_seg=32, block_e=1)), ("new", "1x500", dt, dict(n_seg=16, block_e=1)),
+                      ("new", "1x500", dt, dict(min_seg=16, maxnreg=128))]
+        items += [("new", "8x4096", bf16, {}), ("new", "8x4096", bf16, dict(maxnreg=168)),
+                  ("new", "8x4096", bf16, dict(maxnreg=168, n_seg=8)), ("new", "8x4096", f32, dict(n_seg=8)),
+                  ("new", "1x16384", bf16, {}), ("new", "1x16384", bf16, dict(maxnreg=168)),
+                  ("new", "1x16384", f32, dict(n_seg=256)), ("new", "1x16384", bf16, dict(maxnreg=168, n_seg=256))]
+    elif not args.quick:
         # round 2 (chunked phases): B/C prefetch, partial y sums, chunk length, tile width,
         # warps, segments for the long shapes
         items += [("new", "paper", f32, dict(pf_bc=False)),

@@ -328,7 +328,10 @@ def test_triton_strided_inputs(layout, dtype, tune):
                             initial_state=view["initial_state"], impl="triton")
     tol = TOL[dtype]
     assert_close(y_t, y_r, tol, "y")
-    assert torch.equal(y_ng, y_t)
+    # not bitwise: the no-grad call's y has other strides, so the JIT specializes other alignments
+    # and may pick another vector width for B and C, hence another order of the sum over n (seen on
+    # an H100: float32 differs in the last bits); the interpreter happens to agree exactly
+    assert_close(y_ng, y_t, 1e-6 if dtype == torch.float32 else tol, "y without grad")
     if layout == "mmajor":
         assert y_ng.stride() == view["u"].stride()
     assert_close(f_t, f_r, tol, "final_state")
@@ -460,9 +463,10 @@ def test_kappa1_state_grows_like_M_to_the_t(impl):
     torch.testing.assert_close(final.double().cpu(), torch.full((1, 3, N), float(M) ** L,
                                                                 dtype=torch.float64),
                                rtol=1e-6, atol=0)
-    # mean coupling (the default) keeps the same input bounded: c stays exactly 1
+    # mean coupling (the default) keeps the same input bounded: c stays 1 (exactly in the
+    # reference; the GPU kernel's ex2.approx of log2(1/M) is within ~2^-22 a step, so 1 to ~L * 2e-7)
     y1, f1 = coupled_scan(u, delta, A, B, C, return_final_state=True, impl=impl)
-    assert torch.equal(f1.cpu(), torch.ones(1, 3, N))
+    torch.testing.assert_close(f1.cpu(), torch.ones(1, 3, N), rtol=1e-5 if impl == "triton" else 0, atol=0)
 
 
 @pytest.mark.slow

@@ -815,9 +815,9 @@ def _bwd_kernel(u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dy_p
 
 # Overrides for the heuristics below (tests force small blocks and several segments; benchmarks
 # sweep). Keys (bwd_* for the backward): block_e, num_warps, maxnreg, n_seg; chunk; deterministic.
-_KEYS = ("block_e", "num_warps", "maxnreg", "n_seg", "fast_exp", "pf_bc", "chunk_t", "y_parts",
+_KEYS = ("block_e", "num_warps", "maxnreg", "n_seg", "min_seg", "fast_exp", "pf_bc", "chunk_t", "y_parts",
          "bwd_block_e", "bwd_num_warps",
-         "bwd_maxnreg", "bwd_n_seg", "chunk", "deterministic")
+         "bwd_maxnreg", "bwd_n_seg", "bwd_min_seg", "chunk", "deterministic")
 _OVERRIDES: dict = {}
 
 
@@ -868,6 +868,8 @@ class _Plan:
 # N=64: forward ~96-127 registers/thread -> 16-21 one-warp programs; backward: 8, the value its
 # segment counts were measured with).
 _WARPS_PER_SM = {False: 21, True: 8}
+# Shortest segment (steps) the planner makes when it splits time.
+_MIN_SEG = {False: 64, True: 64}
 
 
 def _plan(batch, M, L, E, N, device, *, bwd, chunk=1, elem_size=4):
@@ -913,7 +915,8 @@ def _plan(batch, M, L, E, N, device, *, bwd, chunk=1, elem_size=4):
         # Segments double the exp work (a summary pass, then the real one): worth it only when
         # the (batch, E-block) grid fills under half the GPU; then aim at ~2 waves.
         if 2 * threads < target:
-            n_seg = max(1, min(-(-2 * target // threads), L // 64))
+            min_seg = int(_OVERRIDES.get(pre + "min_seg", _MIN_SEG[bwd]))
+            n_seg = max(1, min(-(-2 * target // threads), L // min_seg))
     n_seg = int(_OVERRIDES.get(pre + "n_seg", n_seg))
     n_seg = max(1, min(n_seg, L))
     seg_len = -(-L // n_seg)
