@@ -62,6 +62,8 @@ __all__ = ["coupled_scan_triton", "tuning"]
 
 _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
+# a pair of bfloat16 (one 32-bit register, element 0 in the low half) -> two float32
+_BF16X2_F32 = tl.constexpr("shl.b32 $0, $2, 16;\n\tand.b32 $1, $2, 0xffff0000;")
 
 
 @triton.jit
@@ -117,7 +119,8 @@ def _fwd_kernel(u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, W_pt
                 SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
                 HAS_BIAS: tl.constexpr, HAS_C0: tl.constexpr, SAVE_CKPT: tl.constexpr,
                 SUMMARY: tl.constexpr, FAST_EXP: tl.constexpr, PF_BC: tl.constexpr,
-                FOLD: tl.constexpr, YP: tl.constexpr, N_C: tl.constexpr, DT_RANK: tl.constexpr):
+                FOLD: tl.constexpr, YP: tl.constexpr, N_C: tl.constexpr, DT_RANK: tl.constexpr,
+                CVT_ASM: tl.constexpr, UNROLL: tl.constexpr):
     # SUMMARY=False: the scan itself (y, checkpoints, final state). SUMMARY=True: the segment
     # summary of the module notes instead (c0_ptr -> P, final_ptr -> S; no y, C, D, z).
     #
@@ -179,6 +182,7 @@ def _fwd_kernel(u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, W_pt
     a2 = _load_a(A_ptr, 2, E, N, offs_en, m2, M > 2)
     a3 = _load_a(A_ptr, 3, E, N, offs_en, m2, M > 3)
     NEED_Y: tl.constexpr = not SUMMARY
+    BF16_ASM: tl.constexpr = CVT_ASM and B_ptr.dtype.element_ty == tl.bfloat16
 
     if HAS_C0:
         c = tl.load(c0_ptr + (pid_b * n_seg + pid_s) * E * N + offs_st, mask=m2, other=0.0)
@@ -281,7 +285,7 @@ def _fwd_kernel(u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, W_pt
         if M > 3:
             q3 = tl.load(s_dt + 3 * T * BLOCK_E + le)
             w3 = tl.load(s_du + 3 * T * BLOCK_E + le)
-        for tt in range(0, nt):
+        for tt in tl.range(0, nt, loop_unroll_factor=UNROLL):
             t = t0 + tt
             if SAVE_CKPT:
                 if t % chunk == 0:
@@ -395,7 +399,14 @@ def _fwd_kernel(u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, W_pt
                                                    dtype=tl.float32, is_pure=True, pack=1)
                 else:
                     da = tl.exp2(arg)
-                h = da * c + bb.to(tl.float32) * duv[:, None]
+                if BF16_ASM:
+                    # bf16 -> float32 is a 16-bit shift: one op per value (Triton's own
+                    # conversion spends a PRMT and a shift on every odd element)
+                    bbf = tl.inline_asm_elementwise(_BF16X2_F32, "=r,=r,r", [bb], dtype=tl.float32,
+                                                    is_pure=True, pack=2)
+                else:
+                    bbf = bb.to(tl.float32)
+                h = da * c + bbf * duv[:, None]
                 if m == 0:
                     acc = h
                 else:
@@ -406,7 +417,12 @@ def _fwd_kernel(u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, W_pt
                     else:
                         acc_p += da
                 else:
-                    hc = h * cc.to(tl.float32)
+                    if BF16_ASM:
+                        ccf = tl.inline_asm_elementwise(_BF16X2_F32, "=r,=r,r", [cc], dtype=tl.float32,
+                                                        is_pure=True, pack=2)
+                    else:
+                        ccf = cc.to(tl.float32)
+                    hc = h * ccf
                     if YP == 1:
                         ys = tl.reduce(hc, 1, _SUM)[:, None]
                     else:
@@ -814,8 +830,10 @@ def _bwd_kernel(u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dy_p
 # ---------------------------------------------------------------------------------------------
 
 # Overrides for the heuristics below (tests force small blocks and several segments; benchmarks
-# sweep). Keys (bwd_* for the backward): block_e, num_warps, maxnreg, n_seg; chunk; deterministic.
+# sweep). Keys (bwd_* for the backward): block_e, num_warps, maxnreg, n_seg, min_seg; forward only:
+# fast_exp, pf_bc, chunk_t, y_parts, cvt_asm, unroll; chunk; deterministic.
 _KEYS = ("block_e", "num_warps", "maxnreg", "n_seg", "min_seg", "fast_exp", "pf_bc", "chunk_t", "y_parts",
+         "cvt_asm", "unroll",
          "bwd_block_e", "bwd_num_warps",
          "bwd_maxnreg", "bwd_n_seg", "bwd_min_seg", "chunk", "deterministic")
 _OVERRIDES: dict = {}
@@ -856,6 +874,8 @@ class _Plan:
     pf_bc: bool = False
     chunk_t: int = 64
     y_parts: int = 1
+    cvt_asm: bool = False
+    unroll: int = 1
 
     def launch_opts(self):
         opts = {"num_warps": self.num_warps}
@@ -930,8 +950,13 @@ def _plan(batch, M, L, E, N, device, *, bwd, chunk=1, elem_size=4):
     chunk_t = min(chunk_t, _pow2(seg_len))
     # forward: partial y sums per channel left for the vectorised phase (power of two)
     y_parts = _pow2(int(_OVERRIDES.get("y_parts", 1)))
+    # forward: bfloat16 B and C widened by inline PTX (GPU only: the interpreter runs no asm)
+    cvt_asm = bool(_OVERRIDES.get("cvt_asm", gpu)) and not _interpreting()
+    # forward: the step loop unrolled by the compiler (2: the values carried a step ahead need no
+    # register moves; costs registers)
+    unroll = int(_OVERRIDES.get("unroll", 1))
     return _Plan(block_e, block_n, num_warps, maxnreg, n_seg, seg_len, fast_exp, pf_bc, chunk_t,
-                 y_parts)
+                 y_parts, cvt_asm, unroll)
 
 
 def _chunk_for(L, n_seg_bwd):
@@ -998,7 +1023,8 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, init_t, softplus, kappa, save,
     yp = min(p.y_parts, p.block_n)
     meta = dict(M=M, BLOCK_E=p.block_e, BLOCK_N=p.block_n, T=p.chunk_t, SOFTPLUS=softplus,
                 FAST_EXP=p.fast_exp, PF_BC=p.pf_bc, FOLD=fold, YP=yp, N_C=N,
-                DT_RANK=dt_w.shape[1] if dt_w is not None else 0, **p.launch_opts())
+                DT_RANK=dt_w.shape[1] if dt_w is not None else 0, CVT_ASM=p.cvt_asm, UNROLL=p.unroll,
+                **p.launch_opts())
     log2_kappa = math.log2(kappa) if fold else 0.0
     # per-program scratch of the chunk phases (see _fwd_kernel): (2 + YP) x M x T x BLOCK_E
     scratch = torch.empty(n_eblk * batch * p.n_seg * (2 + yp) * M * p.chunk_t * p.block_e,
