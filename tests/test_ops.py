@@ -553,6 +553,20 @@ def test_triton_forward_gpu_tile_shapes(tune):
 
 
 @needs_triton
+@pytest.mark.parametrize("n_seg", [6, 9, 17])
+def test_triton_forward_many_segments(n_seg):
+    # the segment summaries composed by the combine kernel's parallel scan: a power of two of
+    # summaries (n_seg 9, 17) and padded ones (6), an initial state carried through all of them
+    inp = make_inputs(2, 3, 37, 8, 16, init=True, seed=n_seg)
+    kw = dict(softplus=True, kappa=None, return_final=True)
+    y_r, f_r, _ = run_scan("reference", inp, **kw)
+    with tuning(n_seg=n_seg, chunk_t=2):
+        y_t, f_t, _ = run_scan("triton", inp, **kw)
+    assert_close(y_t, y_r, 1e-5, "y")
+    assert_close(f_t, f_r, 1e-5, "final_state")
+
+
+@needs_triton
 @pytest.mark.parametrize("kappa", [0.0, -0.4])
 def test_triton_nonpositive_coupling_scale(kappa):
     # the forward folds log2(kappa) into the exponent only for kappa > 0; zero and negative
