@@ -554,16 +554,23 @@ def test_triton_forward_gpu_tile_shapes(tune):
 
 @needs_triton
 @pytest.mark.parametrize("n_seg", [6, 9, 17])
-def test_triton_forward_many_segments(n_seg):
+def test_triton_many_segments(n_seg):
     # the segment summaries composed by the combine kernel's parallel scan: a power of two of
     # summaries (n_seg 9, 17) and padded ones (6), an initial state carried through all of them
+    # (forward), and the backward's segment adjoints composed the same way in reverse
     inp = make_inputs(2, 3, 37, 8, 16, init=True, seed=n_seg)
-    kw = dict(softplus=True, kappa=None, return_final=True)
-    y_r, f_r, _ = run_scan("reference", inp, **kw)
-    with tuning(n_seg=n_seg, chunk_t=2):
-        y_t, f_t, _ = run_scan("triton", inp, **kw)
+    names = tuple(k for k in NAMES if inp[k] is not None)
+    gen = torch.Generator().manual_seed(4)
+    wy = torch.randn(2, 3, 37, 8, generator=gen).to(DEV)
+    wf = torch.randn(2, 8, 16, generator=gen).to(DEV)
+    kw = dict(softplus=True, kappa=None, return_final=True, grad_names=names, wy=wy, wf=wf)
+    y_r, f_r, g_r = run_scan("reference", inp, **kw)
+    with tuning(n_seg=n_seg, chunk_t=2, bwd_n_seg=n_seg, chunk=2):
+        y_t, f_t, g_t = run_scan("triton", inp, **kw)
     assert_close(y_t, y_r, 1e-5, "y")
     assert_close(f_t, f_r, 1e-5, "final_state")
+    for k in names:
+        assert_close(g_t[k], g_r[k], 1e-5, f"d{k}")
 
 
 @needs_triton

@@ -568,24 +568,26 @@ def _bwd_seg_kernel(dl_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, dy_ptr, P_ptr, R_ptr,
 
 @triton.jit
 def _bwd_combine_kernel(P_ptr, R_ptr, gL_ptr, G_ptr, EN, n_seg,
-                        HAS_GL: tl.constexpr, BLOCK: tl.constexpr):
-    # Sequential over segments in reverse: G[j-1] = P[j] * G[j] + R[j], G[last] = d final_state.
+                        HAS_GL: tl.constexpr, BLOCK: tl.constexpr, NSEG: tl.constexpr):
+    # In reverse: G[last] = d final_state, G[j - 1] = P[j] * G[j] + R[j]; as the forward's
+    # combine, all at once: row r holds segment j = n_seg - 1 - r, composed by a parallel scan.
     pid = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < EN
+    r = tl.arange(0, NSEG)
+    base = pid_b * n_seg * EN
+    idx = base + (n_seg - 1 - r)[:, None] * EN + offs[None, :]
+    mr = (r < n_seg - 1)[:, None] & mask[None, :]
+    p = tl.load(P_ptr + idx, mask=mr, other=1.0)
+    q = tl.load(R_ptr + idx, mask=mr, other=0.0)
+    pc, qc = tl.associative_scan((p, q), 0, _compose)
     if HAS_GL:
         g = tl.load(gL_ptr + pid_b * EN + offs, mask=mask, other=0.0)
     else:
         g = tl.zeros([BLOCK], dtype=tl.float32)
-    base = pid_b * n_seg * EN + offs
-    tl.store(G_ptr + base + (n_seg - 1) * EN, g, mask=mask)
-    for jj in range(n_seg - 1):
-        j = n_seg - 1 - jj
-        p = tl.load(P_ptr + base + j * EN, mask=mask, other=0.0)
-        r = tl.load(R_ptr + base + j * EN, mask=mask, other=0.0)
-        g = p * g + r
-        tl.store(G_ptr + base + (j - 1) * EN, g, mask=mask)
+    tl.store(G_ptr + base + (n_seg - 1) * EN + offs, g, mask=mask)
+    tl.store(G_ptr + idx - EN, pc * g[None, :] + qc, mask=mr)
 
 
 @triton.jit
@@ -1105,10 +1107,11 @@ def _backward(saved, softplus, kappa, chunk, need, dy, dfinal_t):
             *_rows(delta), *_rows(z if z is not None else u), *_rows(C), *_rows(dy),
             HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, **meta)
         g = torch.empty_like(P)
-        BLK = 1024
+        nseg = _pow2(p.n_seg - 1)
+        BLK = max(16, min(1024, 4096 // nseg))
         _bwd_combine_kernel[(triton.cdiv(E * N, BLK), batch)](
             P, R, dfinal if dfinal is not None else dummy, g, E * N, p.n_seg,
-            HAS_GL=dfinal is not None, BLOCK=BLK, num_warps=4)
+            HAS_GL=dfinal is not None, BLOCK=BLK, NSEG=nseg, num_warps=4)
         del P, R
 
     # du, d delta and dz share one layout in the kernel: u's (or contiguous)
