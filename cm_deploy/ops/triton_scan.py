@@ -62,6 +62,8 @@ __all__ = ["coupled_scan_triton", "tuning"]
 
 _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
+# ex2.approx.ftz: one MUFU op (tl.exp2 may add denormal fix-ups)
+_EX2 = tl.constexpr("ex2.approx.ftz.f32 $0, $1;")
 # a pair of bfloat16 (one 32-bit register, element 0 in the low half) -> two float32
 _BF16X2_F32 = tl.constexpr("shl.b32 $0, $2, 16;\n\tand.b32 $1, $2, 0xffff0000;")
 
@@ -395,7 +397,7 @@ def _fwd_kernel(u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, W_pt
                     arg += log2_kappa
                 if FAST_EXP:
                     # ex2.approx.ftz: one MUFU op (plain exp2 may add denormal fix-ups on 3.6)
-                    da = tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [arg],
+                    da = tl.inline_asm_elementwise(_EX2, "=f,f", [arg],
                                                    dtype=tl.float32, is_pure=True, pack=1)
                 else:
                     da = tl.exp2(arg)
@@ -494,7 +496,8 @@ def _bwd_seg_kernel(dl_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, dy_ptr, P_ptr, R_ptr,
                     L, E, N, seg_len, n_seg, kappa,
                     sd0, sd1, sd2, sz0, sz1, sz2, sc0, sc1, sc2, sy0, sy1, sy2,
                     M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr,
-                    SOFTPLUS: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr):
+                    SOFTPLUS: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    FAST_EXP: tl.constexpr):
     # Segment summary of the adjoint recurrence: R = adjoint at the segment's start given a zero
     # adjoint at its end, P = the segment's transition (the same as the forward's).
     pid_e = tl.program_id(0)
@@ -556,7 +559,15 @@ def _bwd_seg_kernel(dl_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, dy_ptr, P_ptr, R_ptr,
                 zz = tl.load(z_ptr + pid_b * sz0 + mm * sz1 + t * sz2 + offs_e, mask=me, other=0.0).to(tl.float32)
                 dyr = dyr * (zz * (1.0 / (1.0 + tl.exp(-zz))))
             cc = tl.load(C_ptr + pid_b * sc0 + mm * sc1 + t * sc2 + offs_n, mask=mn, other=0.0).to(tl.float32)
-            da = tl.exp2(dt[None, :] * a)
+            if FAST_EXP:
+                da = tl.inline_asm_elementwise(_EX2, "=f,f", [dt[None, :] * a], dtype=tl.float32,
+                                               is_pure=True, pack=1)
+            else:
+                if FAST_EXP:
+                    da = tl.inline_asm_elementwise(_EX2, "=f,f", [dt[None, :] * a], dtype=tl.float32,
+                                                   is_pure=True, pack=1)
+                else:
+                    da = tl.exp2(dt[None, :] * a)
             acc_g += da * (cc[:, None] * dyr[None, :] + kg)
             acc_p += da
         g = acc_g
@@ -601,7 +612,7 @@ def _bwd_kernel(u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dy_p
                 SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
                 HAS_BIAS: tl.constexpr, HAS_G: tl.constexpr, NEED_DB: tl.constexpr,
                 NEED_DC: tl.constexpr, NEED_DINIT: tl.constexpr,
-                DETERMINISTIC: tl.constexpr):
+                DETERMINISTIC: tl.constexpr, FAST_EXP: tl.constexpr):
     pid_e = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     pid_s = tl.program_id(2)
@@ -696,7 +707,12 @@ def _bwd_kernel(u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dy_p
                 else:
                     dt = x
                 bb = tl.load(B_ptr + pid_b * sb0 + mm * sb1 + t * sb2 + offs_n, mask=mn, other=0.0).to(tl.float32)
-                acc += tl.exp2(dt[None, :] * a) * c + bb[:, None] * (dt * u)[None, :]
+                if FAST_EXP:
+                    ea = tl.inline_asm_elementwise(_EX2, "=f,f", [dt[None, :] * a], dtype=tl.float32,
+                                                   is_pure=True, pack=1)
+                else:
+                    ea = tl.exp2(dt[None, :] * a)
+                acc += ea * c + bb[:, None] * (dt * u)[None, :]
             c = acc * kappa
             tl.store(scr + (t + 1 - t0) * TILE + scr_off, c)
         # threads may read back elements that other threads wrote: make the writes visible
@@ -744,7 +760,11 @@ def _bwd_kernel(u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dy_p
                 ro = pid_b * so0 + mm * so1 + t * so2      # du, d delta, dz
                 rg = pid_b * sg0 + mm * sg1 + t * sg2      # dB, dC
                 dy = tl.load(dy_ptr + pid_b * sy0 + mm * sy1 + t * sy2 + offs_e, mask=me, other=0.0).to(tl.float32)
-                da = tl.exp2(dt[None, :] * a)
+                if FAST_EXP:
+                    da = tl.inline_asm_elementwise(_EX2, "=f,f", [dt[None, :] * a], dtype=tl.float32,
+                                                   is_pure=True, pack=1)
+                else:
+                    da = tl.exp2(dt[None, :] * a)
                 xu = dt * u
                 h = da * cp + bb[:, None] * xu[None, :]
                 if HAS_Z:
@@ -1093,7 +1113,7 @@ def _backward(saved, softplus, kappa, chunk, need, dy, dfinal_t):
     dfinal = dfinal_t.float().contiguous() if dfinal_t is not None else None
     det = _deterministic()
     dummy = At
-    meta = dict(M=M, BLOCK_E=p.block_e, BLOCK_N=p.block_n, SOFTPLUS=softplus,
+    meta = dict(M=M, BLOCK_E=p.block_e, BLOCK_N=p.block_n, SOFTPLUS=softplus, FAST_EXP=p.fast_exp,
                 **p.launch_opts())
 
     g = dfinal
