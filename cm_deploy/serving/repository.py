@@ -193,7 +193,7 @@ class _Builder:
             raise UserError(f"{engine}: no engine description {engine.name}.json beside it (cm-deploy build "
                             "writes one): serve-repo reads the engine's inputs and profile from it")
         if self.o.kind == "cpu":
-            raise UserError("--kind cpu: TensorRT engines run on GPUs only (leave tensorrt out of --backends)")
+            self.o.notes.append(f"{self.o.name}_{SUFFIX['tensorrt']}: TensorRT runs on GPUs: KIND_GPU whatever --kind says")
         prof = (sc.get("profiles") or [{}])[0]
         first = sc["inputs"][0]["name"]
         engine_max = int(prof[first]["max"][0]) if first in prof else self.o.max_batch
@@ -210,7 +210,9 @@ class _Builder:
         else:
             self.o.notes.append(f"{cfg.name}: no {LIBRARIES['trt'].what} found to copy beside the engine; give the "
                                 "server yours with --backend-config=tensorrt,plugins=PATH")
-        ranges = "; ".join(f"{k} {v['min']}..{v['max']} (opt {v['opt']})" for k, v in prof.items())
+        ranges = "; ".join(f"{k} " + " x ".join(str(a) if a == c else f"{a}..{c} (opt {b})"
+                                                for a, b, c in zip(v["min"], v["opt"], v["max"]))
+                           for k, v in prof.items())
         return Plan(cfg.name, "tensorrt", cfg, files,
                     f"engine {engine.name} ({sc.get('precision')}, {sc.get('tensorrt', {}).get('module')} "
                     f"{sc.get('tensorrt', {}).get('version')}); profile: {ranges}")
