@@ -162,7 +162,8 @@ def render_md(res):
     shapes = ", ".join(f"{k} (1, {L}, {v})" for k, v in res["config"]["modalities"].items())
     lines = [f"# Triton python backend under load ({res['device']})", "",
              f"Commit {e['commit']}; tritonserver {res.get('server', {}).get('version')}; onnxruntime {e['onnxruntime']}; "
-             f"{e['cpu']} ({e['cores']} cores); Python {e['python']}.",
+             f"{e['cpu']} ({e['cores']} cores, load average {e['loadavg_start'][0]:.1f} at the start, "
+             f"{e['loadavg_end'][0]:.1f} at the end: other work shared the machine); Python {e['python']}.",
              f"Model: {res['config']} float32, random weights; each request 1 sample x {L} steps of every "
              f"modality ({shapes}).",
              f"Load: tritonclient asyncio gRPC on 127.0.0.1, C requests in flight, {res['seconds']} s per level after "
@@ -220,7 +221,8 @@ def main():
            "env": {"commit": git_commit(), "python": platform.python_version(), "cpu": cpu_name(),
                    "cores": os.cpu_count(), "onnxruntime": onnxruntime.__version__,
                    "providers": onnxruntime.get_available_providers(),
-                   "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}}
+                   "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                   "loadavg_start": os.getloadavg()}}
     res["device"] = f"CPU: {res['env']['cpu']}, {os.cpu_count()} cores" if args.device == "cpu" else "CUDA"
     if args.device == "cuda":
         try:
@@ -239,6 +241,7 @@ def main():
             run_mode(args, export, cfg, dynamic, res)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    res["env"]["loadavg_end"] = os.getloadavg()
     res["verdict"] = verdict(res)
     write_json(os.path.join(args.out, "serve_load.json"), res)
     with open(os.path.join(args.out, "SERVE_LOAD.md"), "w") as f:
