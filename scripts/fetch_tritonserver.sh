@@ -8,6 +8,7 @@
 # (cm_deploy.serving.server puts that folder on $CM_DEPLOY_PYTHONPATH).
 #
 #   scripts/fetch_tritonserver.sh [PREFIX]     # default build/tritonserver
+#   (offline: PIP_NO_INDEX=1 PIP_FIND_LINKS=DIR with the wheels in DIR; pip reads both)
 #   CM_DEPLOY_TRITONSERVER=PREFIX python -m pytest tests/test_serving_live.py
 set -euo pipefail
 prefix=${1:-build/tritonserver}
@@ -30,8 +31,14 @@ stub=$work/x/pytriton/tritonserver/python_backend_stubs/$pyver/triton_python_bac
 [[ -f "$stub" ]] || { echo "fetch_tritonserver: the wheel has no python backend stub for Python $pyver" >&2; exit 1; }
 cp "$stub" "$work/x/pytriton/tritonserver/backends/python/"
 chmod +x "$work/x/pytriton/tritonserver/bin/tritonserver" "$work/x/pytriton/tritonserver/backends/python/triton_python_backend_stub"
-ort=$("$py" -c 'import onnxruntime; print(onnxruntime.__version__)' 2>/dev/null || echo "")
-"$py" -m pip install -q --target "$work/python" "numpy<2" ${ort:+"onnxruntime==$ort"} 2>&1 | grep -v "is ignored" >&2 || true
+# this venv's onnxruntime (onnxruntime-gpu on a GPU machine), same release
+ort=$("$py" -c 'import importlib.metadata as m
+for d in ("onnxruntime-gpu", "onnxruntime"):
+    try:
+        print(f"{d}=={m.version(d)}"); break
+    except m.PackageNotFoundError:
+        pass' 2>/dev/null || echo "")
+"$py" -m pip install -q --target "$work/python" "numpy<2" ${ort:+"$ort"} 2>&1 | grep -v "is ignored" >&2 || true
 [[ -d "$work/python/numpy" ]] || { echo "fetch_tritonserver: pip could not install numpy<2 for the python backend" >&2; exit 1; }
 rm -rf "$work/x/pytriton/tritonserver/python_backend_stubs" "$prefix/pytriton" "$prefix/nvidia_pytriton.libs" "$prefix/python"
 mv "$work/x/pytriton" "$work/x/nvidia_pytriton.libs" "$work/python" "$prefix/"

@@ -207,6 +207,9 @@ class _Builder:
         plugin = find_library("trt", self.o.plugin, recorded=(sc.get("plugin") or {}).get("path"), required=False)
         if plugin is not None:
             files[plugin.name] = plugin
+            self.o.notes.append(f"{cfg.name}: the server dlopens --backend-config=tensorrt,plugins=...; the plugin "
+                                "registers through getCreators (IPluginRegistry::loadLibrary), so this load path "
+                                "is unverified (docs/serving.md)")
         else:
             self.o.notes.append(f"{cfg.name}: no {LIBRARIES['trt'].what} found to copy beside the engine; give the "
                                 "server yours with --backend-config=tensorrt,plugins=PATH")
