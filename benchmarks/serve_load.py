@@ -20,6 +20,7 @@ import asyncio
 import os
 import platform
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -61,34 +62,49 @@ def percentile(xs, q):
     return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
 
 
-async def load_level(url, model, inputs_fn, concurrency, seconds, warmup_s):
-    """`concurrency` coroutines, each sending its next request when the last one answers."""
+async def load_level(url, model, inputs_fn, concurrency, warmup_s, window_s):
+    """`concurrency` coroutines, each sending its next request when the last one answers. After
+    `warmup_s`, the requests that complete within `window_s` count (throughput = those / window_s;
+    latencies are theirs); then whatever is still in flight is cancelled."""
     import tritonclient.grpc.aio as tga
     client = tga.InferenceServerClient(url)
-    lat, errors = [], []
-    t_stop_warm = time.perf_counter() + warmup_s
-    t_end = t_stop_warm + seconds
+    done, errors = [], []           # (completion time, latency)
+    t_start = time.perf_counter()
+    t_win, t_end = t_start + warmup_s, t_start + warmup_s + window_s
 
     async def worker():
         inputs = inputs_fn(tga)
         while True:
             t0 = time.perf_counter()
-            if t0 >= t_end:
-                return
             try:
                 await client.infer(model, inputs)
+            except asyncio.CancelledError:
+                raise
             except Exception as e:  # noqa: BLE001  (recorded, the load goes on)
                 errors.append(err_str(e))
                 continue
-            t1 = time.perf_counter()
-            if t0 >= t_stop_warm:
-                lat.append(t1 - t0)
+            done.append((time.perf_counter(), time.perf_counter() - t0))
 
+    tasks = [asyncio.ensure_future(worker()) for _ in range(concurrency)]
     try:
-        await asyncio.gather(*[worker() for _ in range(concurrency)])
+        await asyncio.sleep(t_end - time.perf_counter())
     finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         await client.close()
-    return lat, errors
+    return [lat for t, lat in done if t_win <= t <= t_end], errors
+
+
+def wait_idle(url, model, timeout=300.0):
+    """Until the server has finished what cancelled requests left queued (its counts stand still)."""
+    deadline, last = time.monotonic() + timeout, None
+    while time.monotonic() < deadline:
+        now = stats_of(url, model)
+        if now == last:
+            return
+        last = now
+        time.sleep(1.0)
 
 
 def stats_of(url, model):
@@ -132,16 +148,21 @@ def run_mode(args, export, cfg, dynamic, res):
             res.setdefault("server", {"version": meta.get_server_metadata(as_json=True).get("version")})
             meta.close()
             res.setdefault("repository", summary["models"][0]["what"])
+            est = None          # one request's latency at the last level, scaled: sizes the next window
             for c in args.concurrency:
+                window = args.seconds if est is None else min(max(args.seconds, 2.5 * est * c), args.max_window)
+                warmup = args.warmup if est is None else min(max(args.warmup, est * c), args.max_window)
+                wait_idle(srv.grpc_url, "cm_python")
                 n0, e0 = stats_of(srv.grpc_url, "cm_python")
                 t0 = time.perf_counter()
-                lat, errors = asyncio.run(load_level(srv.grpc_url, "cm_python", inputs_fn, c, args.seconds,
-                                                     args.warmup))
-                wall = time.perf_counter() - t0
+                lat, errors = asyncio.run(load_level(srv.grpc_url, "cm_python", inputs_fn, c, warmup, window))
                 n1, e1 = stats_of(srv.grpc_url, "cm_python")
+                wall = time.perf_counter() - t0
+                if lat:
+                    est = statistics.median(lat) / c
                 row = {"mode": mode, "concurrency": c, "requests": len(lat), "errors": len(errors),
-                       "first_error": errors[0] if errors else None,
-                       "throughput_rps": len(lat) / args.seconds if lat else 0.0,
+                       "first_error": errors[0] if errors else None, "window_s": window, "warmup_s": warmup,
+                       "throughput_rps": len(lat) / window if lat else 0.0,
                        "p50_ms": 1e3 * percentile(lat, 50) if lat else None,
                        "p99_ms": 1e3 * percentile(lat, 99) if lat else None,
                        "mean_ms": 1e3 * statistics.fmean(lat) if lat else None,
@@ -166,8 +187,9 @@ def render_md(res):
              f"{e['loadavg_end'][0]:.1f} at the end: other work shared the machine); Python {e['python']}.",
              f"Model: {res['config']} float32, random weights; each request 1 sample x {L} steps of every "
              f"modality ({shapes}).",
-             f"Load: tritonclient asyncio gRPC on 127.0.0.1, C requests in flight, {res['seconds']} s per level after "
-             f"{res['warmup']} s of warm-up; the client shares the machine with the server. Repository: "
+             f"Load: tritonclient asyncio gRPC on 127.0.0.1, C requests in flight; per level, after a warm-up, the "
+             f"requests completed in a window of at least {res['seconds']} s (longer when requests take long: "
+             f"`window_s` in the JSON) count; the client shares the machine with the server. Repository: "
              f"`cm-deploy serve-repo --backends python --kind {'gpu' if res['device_arg'] == 'cuda' else 'cpu'} "
              f"--max-batch {res['max_batch']} --queue-delay-us {res['queue_delay_us']}` (and --no-dynamic-batching).",
              "", md_table(["batching", "concurrency", "req/s", "p50 ms", "p99 ms", "mean server batch", "requests",
@@ -198,8 +220,10 @@ def main():
     ap.add_argument("--export", default=None, help="An export folder (default: the paper model, exported here).")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--concurrency", default="1,4,16,64")
-    ap.add_argument("--seconds", type=float, default=8.0)
+    ap.add_argument("--seconds", type=float, default=8.0, help="Measurement window per level (at least; longer "
+                                                                    "when requests take long).")
     ap.add_argument("--warmup", type=float, default=2.0)
+    ap.add_argument("--max-window", type=float, default=30.0, help="Cap of a level's window and warm-up.")
     ap.add_argument("--length", type=int, default=500)
     ap.add_argument("--max-batch", type=int, default=64)
     ap.add_argument("--queue-delay-us", type=int, default=2000)
@@ -207,6 +231,7 @@ def main():
     ap.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads per instance (default ORT's).")
     ap.add_argument("--smoke", action="store_true", help="A tiny model and short levels: checks the script.")
     args = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))      # a killed run still stops its server
     if args.smoke:
         args.seconds, args.warmup, args.length = 1.5, 0.5, 32
     args.concurrency = [int(c) for c in args.concurrency.split(",")]

@@ -258,6 +258,19 @@ class _Builder:
         return Plan(cfg.name, "python", cfg, files, f"cm_deploy.runtime over {model_file}, requests of any "
                                                     "lengths padded into one batch")
 
+    def _stream_base(self, key, backend, strategy, controls):
+        """A streaming model's config: chunk inputs, sequence batching with `controls` [(name, kind)]."""
+        python = backend == "python"
+        cfg = self._base(SUFFIX[key], backend, self.o.max_sequences)
+        _io_entries(self.pb, cfg, self.m["stream"]["inputs"], for_python=python, ragged=python)
+        _outputs(self.pb, cfg, self.m["stream"]["outputs"])
+        seq = self._sequence(cfg, strategy)
+        for name, kind in controls:
+            _control(self.pb, seq, name, getattr(self.pb.ModelSequenceBatching.Control, kind),
+                     data_type=self.pb.TYPE_UINT64 if name == CORRID else None)
+        _instances(self.pb, cfg, self.o)
+        return cfg, seq
+
     def _sequence(self, cfg, strategy):
         seq = cfg.sequence_batching
         seq.max_sequence_idle_microseconds = self.o.sequence_idle_us
@@ -271,16 +284,9 @@ class _Builder:
 
     def stream_python(self) -> Plan:
         self._check_python_dtype()
-        s = self.m["stream"]
-        cfg = self._base(SUFFIX["stream_python"], "python", self.o.max_sequences)
-        _io_entries(self.pb, cfg, s["inputs"], for_python=True, ragged=True)
-        _outputs(self.pb, cfg, s["outputs"])
-        seq = self._sequence(cfg, "oldest")
-        _control(self.pb, seq, START, self.pb.ModelSequenceBatching.Control.CONTROL_SEQUENCE_START)
-        _control(self.pb, seq, END, self.pb.ModelSequenceBatching.Control.CONTROL_SEQUENCE_END)
-        _control(self.pb, seq, CORRID, self.pb.ModelSequenceBatching.Control.CONTROL_SEQUENCE_CORRID,
-                 data_type=self.pb.TYPE_UINT64)
-        _instances(self.pb, cfg, self.o)
+        cfg, _ = self._stream_base("stream_python", "python", "oldest",
+                                   [(START, "CONTROL_SEQUENCE_START"), (END, "CONTROL_SEQUENCE_END"),
+                                    (CORRID, "CONTROL_SEQUENCE_CORRID")])
         files, model_file, lib = self._python_files("stream_tensorrt", "stream_portable")
         self._python_params(cfg, "stream", model_file, lib)
         _param(cfg, "sequence_idle_seconds", self.o.sequence_idle_us / 1e6)
@@ -294,22 +300,16 @@ class _Builder:
             raise UserError("the streaming onnxruntime model is rewritten with the onnx package (START/READY "
                             "controls): pip install onnx, or leave stream out of --backends") from None
         from .stream_graph import serving_stream_graph
-        s = self.m["stream"]
         proto = serving_stream_graph(onnx.load(str(self.dir / self.m["files"]["stream_tensorrt"])))
-        cfg = self._base(SUFFIX["stream_onnxruntime"], "onnxruntime", self.o.max_sequences)
-        _io_entries(self.pb, cfg, s["inputs"], for_python=False, ragged=False)
-        _outputs(self.pb, cfg, s["outputs"])
-        seq = self._sequence(cfg, "direct")
-        _control(self.pb, seq, START, self.pb.ModelSequenceBatching.Control.CONTROL_SEQUENCE_START)
-        _control(self.pb, seq, READY, self.pb.ModelSequenceBatching.Control.CONTROL_SEQUENCE_READY)
-        for e in s["inputs"]:
+        cfg, seq = self._stream_base("stream_onnxruntime", "onnxruntime", "direct",
+                                     [(START, "CONTROL_SEQUENCE_START"), (READY, "CONTROL_SEQUENCE_READY")])
+        for e in self.m["stream"]["inputs"]:
             if not e["name"].startswith(STATE_PREFIX):
                 continue
             dims = [int(d) for d in e["shape"][1:]] or [1]       # state.count (batch,) is (batch, 1) here
             st = seq.state.add(input_name=e["name"], output_name=NEXT_STATE_PREFIX + e["name"][len(STATE_PREFIX):],
                                data_type=_dtype(self.pb, e["dtype"]), dims=dims)
             st.initial_state.add(data_type=st.data_type, dims=dims, zero_data=True, name="zero")
-        _instances(self.pb, cfg, self.o)
         files = {"1/model.onnx": proto.SerializeToString()}
         self._op_library(cfg, cfg.name, files)
         return Plan(cfg.name, "onnxruntime", cfg, files, "model.stream.onnx with START/READY controls; Triton keeps "
