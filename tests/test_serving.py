@@ -186,6 +186,17 @@ def test_bad_options_are_one_line_and_write_nothing(export, tmp_path, args, need
     assert list(tmp_path.iterdir()) == []          # no repository, no staging folder
 
 
+def test_without_tritonclient_one_line(export, tmp_path):
+    import subprocess
+    import sys
+    code = ("import sys; sys.modules['tritonclient'] = None\n"
+            "from cm_deploy.cli import main\n"
+            f"sys.exit(main(['serve-repo', {str(export)!r}, '-o', {str(tmp_path / 'r')!r}]))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "pip install 'cm-deploy[serve]'" in p.stderr, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1 and list(tmp_path.iterdir()) == []
+
+
 def test_bad_folders(export, tmp_path):
     rc, _, err = _cli("serve-repo", tmp_path, "-o", tmp_path / "r")
     assert rc == 2 and "export manifest not found" in err
