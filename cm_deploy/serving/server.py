@@ -66,15 +66,13 @@ def free_port() -> int:
 
 def python_paths(layout: dict) -> list[str]:
     """Import folders for the python backend's interpreter ($CM_DEPLOY_PYTHONPATH): cm_deploy's own
-    folder, then the server's package folder where scripts/fetch_tritonserver.sh made one (numpy < 2,
-    which the wheel's python backend stub was built for, and onnxruntime), else this interpreter's
-    site-packages (same Python minor version)."""
+    folder, the server's package folder where scripts/fetch_tritonserver.sh made one (numpy < 2, which
+    the wheel's python backend stub was built for, and onnxruntime), then this interpreter's
+    site-packages (same Python minor version) for whatever that folder lacks."""
     import cm_deploy
     pkg_root = str(Path(cm_deploy.__file__).resolve().parents[1])
-    own = layout["python"]
-    if own is not None:
-        return [pkg_root, str(own)]
-    return [pkg_root] + [p for p in sys.path if p and p.endswith(("site-packages", "dist-packages"))]
+    own = [str(layout["python"])] if layout["python"] is not None else []
+    return [pkg_root, *own] + [p for p in sys.path if p and p.endswith(("site-packages", "dist-packages"))]
 
 
 class TritonServer:
