@@ -436,6 +436,70 @@ def inspect(model, as_json, plugin, device, trt_module):
         click.echo(f"{d['parameters']} parameters; config {json.dumps(d['config'])}")
 
 
+# ---------------------------------------------------------------------------- serve-repo
+
+@cli.command("serve-repo")
+@click.argument("export_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("-o", "--output", type=click.Path(), required=True, help="The model repository folder to write.")
+@click.option("--backends", default=None, metavar="B[,B...]",
+              help="onnxruntime, tensorrt, python, stream (the streaming models of onnxruntime/python) "
+                   "[default: every one the export allows].")
+@click.option("--name", default="coupled_mamba", show_default=True, help="Prefix of the model names.")
+@click.option("--max-batch", type=click.IntRange(min=1), default=64, show_default=True,
+              help="max_batch_size (TensorRT: at most the engine profile's).")
+@click.option("--preferred-batch", default="", metavar="B[,B...]", help="Dynamic batcher's preferred sizes.")
+@click.option("--queue-delay-us", type=click.IntRange(min=0), default=500, show_default=True,
+              help="How long the batcher waits to fill a batch.")
+@click.option("--dynamic-batching/--no-dynamic-batching", default=True, show_default=True)
+@click.option("--instances", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Model instances per device.")
+@click.option("--kind", type=click.Choice(["auto", "gpu", "cpu"]), default="auto", show_default=True,
+              help="Instance kind (auto: GPUs where the server has them).")
+@click.option("--gpus", default="", metavar="I[,I...]", help="GPU ids of the instances (implies --kind gpu).")
+@click.option("--max-sequences", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Streaming models: sequences batched together.")
+@click.option("--sequence-idle-us", type=click.IntRange(min=1), default=60_000_000, show_default=True,
+              help="Streaming models: a sequence idle this long is ended.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Python backend: ONNX Runtime threads "
+                                                                           "per instance.")
+@click.option("--engine", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="TensorRT engine (default: one in EXPORT_DIR).")
+@click.option("--ort-ops", "op_library", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="CoupledScan ONNX Runtime op library to ship (default: as `run` finds it).")
+@click.option("--plugin", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="CoupledScan TensorRT plugin to ship beside the engine.")
+@click.option("--server-path", default=None, metavar="PATH",
+              help="Where the server sees the repository, e.g. /models in a container (absolute paths in "
+                   "config.pbtxt use it) [default: the output's absolute path].")
+@click.option("--force", is_flag=True, help="Replace this command's model folders in an existing repository.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def serve_repo(export_dir, output, backends, name, max_batch, preferred_batch, queue_delay_us, dynamic_batching,
+               instances, kind, gpus, max_sequences, sequence_idle_us, threads, engine, op_library, plugin,
+               server_path, force, as_json):
+    """Write a Triton Inference Server model repository from EXPORT_DIR (cm-deploy export): one model
+    folder per backend, config.pbtxt in Triton's schema (docs/serving.md)."""
+    from .runtime.specs import parse_int_list
+    from .serving.repository import RepoOptions, write_repository
+    opts = RepoOptions(
+        backends=tuple(b.strip() for b in backends.split(",") if b.strip()) if backends else None, name=name,
+        max_batch=max_batch, preferred_batch=tuple(parse_int_list(preferred_batch, "--preferred-batch"))
+        if preferred_batch else (), queue_delay_us=queue_delay_us, dynamic_batching=dynamic_batching,
+        instances=instances, kind=kind, gpus=tuple(int(g) for g in gpus.split(",") if g.strip().isdigit())
+        if gpus else (), max_sequences=max_sequences, sequence_idle_us=sequence_idle_us, threads=threads,
+        engine=engine, op_library=op_library, plugin=plugin, server_path=server_path)
+    if gpus and len(opts.gpus) != len([g for g in gpus.split(",") if g.strip()]):
+        raise UserError(f"--gpus: expected GPU ids (integers >= 0) separated by commas, got {gpus!r}")
+    summary = write_repository(export_dir, output, opts, force=force)
+    if as_json:
+        _echo_json(summary)
+        return
+    click.echo(f"wrote {summary['repository']}/")
+    click.echo(_table([(m["name"], m["backend"], m["what"]) for m in summary["models"]], ("model", "backend", "what")))
+    for note in summary["notes"]:
+        click.echo(f"note: {note}")
+    click.echo(f"start: {summary['start']}")
+
+
 # ---------------------------------------------------------------------------- entry point
 
 def main(argv=None) -> int:

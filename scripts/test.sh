@@ -6,7 +6,8 @@
 #     TensorRT's and ONNX Runtime's public headers (fetched: a pip wheel and a Debian package, unpacked
 #     into build/, never installed), and their C++ tests (CTest); GoogleTest from apt (libgtest-dev)
 #     when missing, as root or with passwordless sudo;
-#  3. the Python tests: Triton kernels under TRITON_INTERPRET=1, export, runtime, CLI, model.onnx in
+#  3. a real Triton Inference Server (scripts/fetch_tritonserver.sh) for the live serving tests;
+#  4. the Python tests: Triton kernels under TRITON_INTERPRET=1, export, runtime, CLI, model.onnx in
 #     ONNX Runtime with the op library, and the ONNX -> plugin -> engine build with TensorRT-RTX.
 # A part whose tool is missing (nvcc, TensorRT-RTX) is skipped with the reason, never passed silently.
 set -euo pipefail
@@ -15,6 +16,11 @@ bash scripts/setup.sh
 . .venv/bin/activate
 python -m pip install -q "tensorrt-rtx-cu13-libs==1.7.1.116" "tensorrt-rtx-cu13-bindings==1.7.1.116" \
   || echo "NOTE: TensorRT-RTX wheels not installable: the engine-build tests will skip" >&2
+# serving: tritonclient (Triton's config schema, clients) and a real tritonserver (the nvidia-pytriton wheel, unpacked)
+python -m pip install -q "tritonclient[http,grpc]==2.73.0" \
+  || echo "NOTE: tritonclient not installable: the serving tests will skip" >&2
+bash scripts/fetch_tritonserver.sh build/tritonserver \
+  || echo "NOTE: tritonserver not fetched: the live serving tests will skip" >&2
 if command -v nvcc >/dev/null 2>&1 || [[ -x /usr/local/cuda/bin/nvcc ]]; then
   if [[ ! -f /usr/include/gtest/gtest.h ]]; then   # GoogleTest for the plugin's C++ tests
     if [[ $(id -u) == 0 ]]; then apt-get install -y -q libgtest-dev >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q libgtest-dev >/dev/null; }
