@@ -93,6 +93,10 @@ PY
   fi
 fi
 
+for f in "$build/examples/cpp/cm_infer_ort" "$build/plugins/ort_coupled_scan/libcoupled_scan_ort.so"; do
+  echo "== $(basename "$f") needs on the board: $("${prefix}objdump" -T "$f" | grep -o 'GLIBC_[0-9.]*' | sort -uV | tail -n 1)," \
+       "$("${prefix}objdump" -T "$f" | grep -o 'GLIBCXX_[0-9.]*' | sort -uV | tail -n 1)"
+done
 echo "== test"
 (cd "$build" && ctest --output-on-failure -j "$jobs")
 if command -v qemu-aarch64 >/dev/null 2>&1 || command -v qemu-aarch64-static >/dev/null 2>&1; then
