@@ -27,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 
-from common import REPO, git_commit
+from common import REPO, emit_text, git_commit
 
 OBJ = "plugins/coupled_scan_kernel/CMakeFiles/coupled_scan_kernel_cpu.dir/scan_cpu.cpp.o"
 STEPS = {"stepFast": "default: polynomial exp", "stepExact": "CM_DEPLOY_SCAN_CPU_EXACT=1: libm expf"}
@@ -188,11 +188,7 @@ def main(argv=None):
             "# from the object code (objdump); no timing: QEMU's speed says nothing about a board"]
     rows += static_rows(objdump, obj)
     rows += run_rows(a.build)
-    text = "\n".join(rows) + "\n"
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write(text)
-    print(text, end="")
+    emit_text("\n".join(rows), a.out)
     return 0
 
 
