@@ -196,6 +196,15 @@ def write_json(path, obj):
     os.replace(tmp, path)
 
 
+def emit_text(text, out=None):
+    """A text report: printed, and written to `out` when given (the --out of the static-check scripts)."""
+    text = text if text.endswith("\n") else text + "\n"
+    if out:
+        with open(out, "w") as f:
+            f.write(text)
+    print(text, end="")
+
+
 def write_outputs(res, out, stem, summarize, render_md, plot):
     """<stem>.json, <stem>.md and <stem>.png of one benchmark part; a failing plot is logged, not fatal."""
     summarize(res)

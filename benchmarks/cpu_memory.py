@@ -23,6 +23,8 @@ os.environ.setdefault("TRITON_INTERPRET", "1")     # lets the Triton path be cho
 import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
+from common import emit_text  # noqa: E402
+
 PAPER = dict(modalities={"text": 768, "audio": 74, "vision": 35}, d_model=128, n_layers=3, d_state=64)
 
 
@@ -132,11 +134,7 @@ def main(argv=None):
         tf.train(a.train)
         res["tf"] = activation_peak(call(tf))
     res["MiB"] = {k: round(v / 2**20, 1) for k, v in res.items() if isinstance(v, int) and k not in ("batch", "L")}
-    text = json.dumps(res, indent=1)
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write(text + "\n")
-    print(text)
+    emit_text(json.dumps(res, indent=1), a.out)
     return 0
 
 

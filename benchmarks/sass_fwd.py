@@ -23,6 +23,8 @@ import subprocess
 import sys
 import tempfile
 
+from common import emit_text
+
 
 def compile_fwd(act: str, dt_rank: int, summary: bool = False):
     import triton
@@ -163,11 +165,7 @@ def main(argv=None):
                 "quarter of the loop's exp2 are skipped), the warp tiles' loop does everything a step needs (two steps "
                 "an iteration, capacity 3). Issue bound: a model, not a measurement")
     rows += cuda_rows()
-    text = "\n".join(rows) + "\n"
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write(text)
-    print(text, end="")
+    emit_text("\n".join(rows), a.out)
     return 0
 
 

@@ -7,7 +7,10 @@
 #     into build/, never installed), and their C++ tests (CTest); GoogleTest from apt (libgtest-dev)
 #     when missing, as root or with passwordless sudo;
 #  3. a real Triton Inference Server (scripts/fetch_tritonserver.sh) for the live serving tests;
-#  4. the Python tests: Triton kernels under TRITON_INTERPRET=1, export, runtime, CLI, model.onnx in
+#  4. the aarch64 (Jetson-class) op library and C++ example, cross-built (g++-aarch64-linux-gnu and
+#     qemu-user from apt when missing, as root or with passwordless sudo) for tests/test_aarch64.py,
+#     which runs them under QEMU (docs/jetson.md);
+#  5. the Python tests: Triton kernels under TRITON_INTERPRET=1, export, runtime, CLI, model.onnx in
 #     ONNX Runtime with the op library, and the ONNX -> plugin -> engine build with TensorRT-RTX.
 # A part whose tool is missing (nvcc, TensorRT-RTX) is skipped with the reason, never passed silently.
 set -euo pipefail
@@ -16,16 +19,20 @@ bash scripts/setup.sh
 . .venv/bin/activate
 python -m pip install -q "tensorrt-rtx-cu13-libs==1.7.1.116" "tensorrt-rtx-cu13-bindings==1.7.1.116" \
   || echo "NOTE: TensorRT-RTX wheels not installable: the engine-build tests will skip" >&2
+apt_install() {   # Debian packages, as root or with passwordless sudo; fails quietly otherwise
+  local as=()
+  [[ $(id -u) == 0 ]] || as=(sudo -n)
+  "${as[@]}" apt-get install -y -q --no-install-recommends "$@" >/dev/null 2>&1 \
+    || { "${as[@]}" apt-get update -q >/dev/null 2>&1 && "${as[@]}" apt-get install -y -q --no-install-recommends "$@" >/dev/null 2>&1; }
+}
 # serving: tritonclient (Triton's config schema, clients) and a real tritonserver (the nvidia-pytriton wheel, unpacked)
 python -m pip install -q "tritonclient[http,grpc]==2.73.0" \
   || echo "NOTE: tritonclient not installable: the serving tests will skip" >&2
 bash scripts/fetch_tritonserver.sh build/tritonserver \
   || echo "NOTE: tritonserver not fetched: the live serving tests will skip" >&2
 if command -v nvcc >/dev/null 2>&1 || [[ -x /usr/local/cuda/bin/nvcc ]]; then
-  if [[ ! -f /usr/include/gtest/gtest.h ]]; then   # GoogleTest for the plugin's C++ tests
-    if [[ $(id -u) == 0 ]]; then apt-get install -y -q libgtest-dev >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q libgtest-dev >/dev/null; }
-    else sudo -n apt-get install -y -q libgtest-dev >/dev/null; fi
-  fi
+  [[ -f /usr/include/gtest/gtest.h ]] || apt_install libgtest-dev || true   # GoogleTest for the plugin's C++ tests
+  native=build/ci
   bash scripts/build_plugin.sh build/ci          # one architecture (80) unless CUDA_ARCHITECTURES says otherwise
   export CM_DEPLOY_PLUGIN=$PWD/build/ci/plugins/trt_coupled_scan/libcoupled_scan_plugin.so
   export CM_DEPLOY_ORT_OP_LIBRARY=$PWD/build/ci/plugins/ort_coupled_scan/libcoupled_scan_ort.so
@@ -33,8 +40,20 @@ if command -v nvcc >/dev/null 2>&1 || [[ -x /usr/local/cuda/bin/nvcc ]]; then
 else
   # no CUDA toolkit: the ONNX Runtime library's CPU kernel still builds (no TensorRT plugin, no GPU code)
   echo "SKIPPED: TensorRT plugin build and its C++ tests: nvcc (the CUDA toolkit) is not installed" >&2
+  native=build/ci-cpu
   CM_DEPLOY_CPU_ONLY=1 bash scripts/build_plugin.sh build/ci-cpu
   export CM_DEPLOY_ORT_OP_LIBRARY=$PWD/build/ci-cpu/plugins/ort_coupled_scan/libcoupled_scan_ort.so
   export CM_DEPLOY_CPP_EXAMPLE=$PWD/build/ci-cpu/examples/cpp/cm_infer_ort
+fi
+# aarch64 (Jetson-class boards): the op library's CPU kernel and examples/cpp cross-built, ONNX Runtime's
+# aarch64 library unpacked from its wheel; tests/test_aarch64.py runs them under QEMU
+have_aarch64() { command -v aarch64-linux-gnu-g++ >/dev/null 2>&1 && command -v qemu-aarch64 >/dev/null 2>&1; }
+have_aarch64 || apt_install g++-aarch64-linux-gnu qemu-user || true
+if have_aarch64; then
+  ONNXRUNTIME_ROOT=${ONNXRUNTIME_ROOT:-$PWD/$native/ort} bash scripts/build_aarch64.sh build/ci-aarch64
+  export CM_DEPLOY_AARCH64_BUILD=$PWD/build/ci-aarch64
+else
+  echo "SKIPPED: aarch64 cross build and its emulated run: g++-aarch64-linux-gnu and qemu-user are not installed" \
+       "and not installable here (needs root or passwordless sudo)" >&2
 fi
 python -m pytest -q -ra tests

@@ -112,7 +112,9 @@ struct BF16
 // exp) and stepFast (expPoly: vectorized, ~1 ulp), which the kernel uses unless
 // CM_DEPLOY_SCAN_CPU_EXACT=1. On the CI machine (x86-64, AVX-512) one state update costs 4.5 ns
 // exact, 1.8 ns fast with SSE2 only, 0.5 ns fast with AVX2 or AVX-512 (GCC builds those clones and
-// picks one at load time).
+// picks one at load time). On aarch64 (Jetson-class boards) the vectorizer turns stepFast into NEON
+// code, 4 states an iteration (NEON is part of the base ISA, so no clone is needed); an SVE clone would
+// need target_clones on aarch64, which GCC only has from version 14 (docs/jetson.md).
 using StepFn = float (*)(float const* A, float const* c, float* next, float const* B, float const* C, int32_t N,
     float dt, float dtu);
 
