@@ -165,6 +165,11 @@ def _torch_export(model, config, dtype, opset, batch, lengths, streaming=False) 
         args = tuple(_example_inputs(config, dtype, batch, lambda i, name: lengths.get(name, 5 + 2 * i)))
         dynamic = _dynamic_shapes(config, batch, lengths)
         names_in, names_out = input_names(config.modalities), [OUTPUT_NAME]
+    return torch_onnx_export(wrapped, args, opset, names_in, names_out, dynamic)
+
+
+def torch_onnx_export(module, args, opset, names_in, names_out, dynamic) -> onnx.ModelProto:
+    """torch.onnx.export (dynamo) of module(*args), its chatter kept out of the terminal."""
     log = io.StringIO()
     # The exporter narrates every step and torch warns about its own internals: keep that out of
     # the user's terminal, but put it in the error when the export fails.
@@ -175,7 +180,7 @@ def _torch_export(model, config, dtype, opset, batch, lengths, streaming=False) 
             warnings.simplefilter("ignore")
             torch_log.setLevel(logging.ERROR)
             program = torch.onnx.export(
-                wrapped, args, dynamo=True, opset_version=opset,
+                module, args, dynamo=True, opset_version=opset,
                 input_names=names_in, output_names=names_out, dynamic_shapes=dynamic, verbose=False)
     except Exception as e:
         tail = "\n".join(log.getvalue().strip().splitlines()[-20:])

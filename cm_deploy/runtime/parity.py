@@ -89,7 +89,7 @@ def default_shapes(backends: Sequence[Backend], max_batch=DEFAULT_MAX_BATCH, max
     names = [s.name for s in specs]
     if not ranges:
         out = [ShapeChoice(1, {n: 8 for n in lens}), ShapeChoice(2, {n: 33 for n in lens})]
-        if len(lens) > 1:
+        if len({s.shape[1] for s in specs if s.name in lens}) > 1:     # not when the inputs share one length
             out.append(ShapeChoice(3, {n: v for n, v in zip(lens, (24, 17, 9, 30, 12, 5))}))
         return out
     blo, bopt, bhi = _common_range(ranges, names, 0)
@@ -108,7 +108,7 @@ def default_shapes(backends: Sequence[Backend], max_batch=DEFAULT_MAX_BATCH, max
         ShapeChoice(clip(bopt, blo, bhi, max_batch), {n: clip(per[n][1], per[n][0], per[n][2], max_length) for n in lens}),
         ShapeChoice(clip(bhi, blo, bhi, max_batch), {n: clip(per[n][2], per[n][0], per[n][2], max_length) for n in lens}),
     ]
-    if len(lens) > 1:
+    if len({s.shape[1] for s in specs if s.name in lens}) > 1:
         rag = {}
         for i, n in enumerate(lens):
             lo, _, hi = per[n]
