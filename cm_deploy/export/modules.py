@@ -41,7 +41,8 @@ from torch.utils import _pytree as pytree
 from ..contract import (BATCH_DIM, CHUNK_DIM, DOMAIN, DOMAIN_VERSION, FILES, MANIFEST_NAME, MAX_STATES,
                         NEXT_STATE_PREFIX, OP_TYPE, OUTPUT_NAME, STATE_PREFIX, STREAM_FILES)
 from ..errors import UserError
-from ..foreign.mamba1 import is_mamba1_mixer, is_mamba2_mixer, keeps_float32, mixer_forward, state_shapes
+from ..foreign.mamba1 import (add_norm_functions, is_mamba1_mixer, is_mamba2_mixer, keeps_float32, mixer_forward,
+                              state_shapes)
 from ..progress import silent
 from .exporter import (DTYPES, MIN_OPSET, DEFAULT_OPSET, _check, _manifest, _save, _sha256, _Staging,
                        torch_onnx_export)
@@ -60,27 +61,6 @@ def find_mixers(model: nn.Module) -> list:
         if is_mamba1_mixer(m):
             found.append((name or "mixer", m))
     return found
-
-
-def add_norm_functions(layer_norm, rms_norm):
-    """mamba-ssm's fused `layer_norm_fn` / `rms_norm_fn` (residual add + norm in one kernel) on top of
-    plain norms layer_norm(x, weight, bias, eps) / rms_norm(...) of a float32 x: the sum x + residual
-    in float32, the residual returned in residual's dtype (float32 with residual_in_fp32, else x's)
-    and the normalized output in x's dtype, as the kernel does."""
-
-    def norm_fn(x, weight, bias, residual=None, x1=None, weight1=None, bias1=None, eps=1e-6, dropout_p=0.0,
-                rowscale=None, prenorm=False, residual_in_fp32=False, is_rms_norm=False,
-                return_dropout_mask=False):
-        if x1 is not None or weight1 is not None or rowscale is not None or dropout_p or return_dropout_mask:
-            raise NotImplementedError("fused add + norm: parallel norms, rowscale and dropout are not covered")
-        res_dtype = residual.dtype if residual is not None else (torch.float32 if residual_in_fp32 else x.dtype)
-        total = x.float() if residual is None else x.float() + residual.float()
-        y = (rms_norm if is_rms_norm else layer_norm)(total, weight, bias, eps).to(x.dtype)
-        return (y, total.to(res_dtype)) if prenorm else y
-
-    def rms_fn(x, weight, bias, residual=None, **kw):
-        return norm_fn(x, weight, bias, residual, is_rms_norm=True, **kw)
-    return norm_fn, rms_fn
 
 
 def _layer_norm(x, weight, bias, eps):
@@ -289,37 +269,47 @@ def _finish(proto, names_in, names_out, dims_in, n_nodes, stateful, dtype, props
     proto.producer_name, proto.producer_version = "cm-deploy", __version__
 
 
-def _close(a, b, tol=1e-4):
-    return a.shape == b.shape and bool(((a.float() - b.float()).abs() <= tol + tol * b.float().abs()).all())
+def _stream_groups(mixers, calls, batch) -> list:
+    """G of every mixer (it runs once per forward on G * the input batch), or UserError."""
+    groups = []
+    for name, m in mixers:
+        seen = calls.get(m, [])
+        if len(seen) != 1 or seen[0] % batch:
+            raise UserError(f"streaming: mixer {name} runs {len(seen)} time(s) per forward on batch {seen}; "
+                            f"streaming needs one call per mixer on a multiple of the input batch {batch}")
+        groups.append(seen[0] // batch)
+    return groups
 
 
-def _check_streamable(model, mixers, groups, args, full_outputs, slots):
-    """The example run in two chunks along axis 1 must give the one-run outputs (see the module doc)."""
+def _check_streamable(model, mixers, groups, args, tol=1e-4):
+    """The example run in two chunks along axis 1 (float32) must give the one-run outputs."""
+    args = tuple(a.float() if a.is_floating_point() else a for a in args)
     lengths = {a.shape[1] if a.dim() >= 2 else 0 for a in args}
     L = lengths.pop()
     if L < 2 or lengths:
         raise UserError("streaming: every example input must be (batch, L, ...) with one L >= 2 (time on axis 1)")
-    cut = L // 2
+    model, mixers = _prepare(model, mixers, "float32")
+    slots = _Slots()
     wrapper = _Streaming(model, mixers, groups, len(args), slots)
-    states = _zero_states(mixers, groups, args[0].shape[0], _act_dtype(model), args[0].device)
-    n_out = len(full_outputs)
-    with torch.no_grad():
-        first = wrapper(*(a[:, :cut] for a in args), *states)
-        second = wrapper(*(a[:, cut:] for a in args), *first[n_out:])
-    for i, full in enumerate(full_outputs):
+    states = _zero_states(mixers, groups, args[0].shape[0], torch.float32, args[0].device)
+    with torch.no_grad(), mixers_on_cm_deploy(model, mixers, "reference", slots=slots):
+        full = _flat(model(*args))
+        try:
+            first = wrapper(*(a[:, :L // 2] for a in args), *states)
+            second = wrapper(*(a[:, L // 2:] for a in args), *first[len(full):])
+        except (RuntimeError, ValueError, IndexError) as e:
+            raise UserError(f"streaming: the model fails on a chunk of its inputs (axis 1 cut in two): "
+                            f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+    for i, whole in enumerate(full):
         try:
             joined = torch.cat([first[i], second[i]], dim=1)
         except RuntimeError:
             joined = None
-        if joined is None or not _close(joined, full):
+        if joined is None or joined.shape != whole.shape or \
+                not bool(((joined - whole).abs() <= tol + tol * whole.abs()).all()):
             raise UserError(f"streaming: output {i} of the model run in two chunks differs from one run: the model "
                             "mixes time steps outside its Mamba mixers (pooling, attention, ...); export without "
                             "streaming")
-
-
-def _act_dtype(model):
-    return next((p.dtype for n, p in model.named_parameters() if p.is_floating_point() and not keeps_float32(n)),
-                torch.float32)
 
 
 def build_module_onnx(model, example_inputs, *, input_names=None, output_names=None, dynamic_axes=None,
@@ -338,7 +328,7 @@ def build_module_onnx(model, example_inputs, *, input_names=None, output_names=N
             raise UserError(f"mixer {name}: d_state {m.A_log.shape[1]} exceeds the CoupledScan kernels' {MAX_STATES}")
     prepared, pmixers = _prepare(model, mixers, dtype)
     dt = DTYPES[dtype]
-    args = tuple(a.to(dt) if a.is_floating_point() else a for a in args)
+    given, args = args, tuple(a.to(dt) if a.is_floating_point() else a for a in args)
     # one eager run: the outputs (their count and names), every mixer's calls and batch
     calls = {}
     with torch.no_grad(), mixers_on_cm_deploy(prepared, pmixers, "reference", calls=calls):
@@ -349,6 +339,9 @@ def build_module_onnx(model, example_inputs, *, input_names=None, output_names=N
         raise UserError(f"output_names {output_names} must name each of the model's {len(full)} outputs")
     n_calls = sum(len(v) for v in calls.values())
     dims_in = [dict((dynamic_axes or {}).get(n) or {}) for n in input_names]
+    if streaming:     # refused before any tracing when the model cannot stream
+        groups = _stream_groups(pmixers, calls, args[0].shape[0])
+        _check_streamable(model, mixers, groups, given)
     props = {k: str(v) for k, v in (props or {}).items()}
     graphs = {}
     progress(f"tracing {type(model).__name__} into {FILES['tensorrt']} and {FILES['portable']} (torch.export)")
@@ -360,34 +353,23 @@ def build_module_onnx(model, example_inputs, *, input_names=None, output_names=N
     info = {"opset": next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), "count": n_calls,
             "mixers": [name for name, _ in pmixers], "stream": None}
     if streaming:
-        batch = args[0].shape[0]
-        groups = []
-        for name, m in pmixers:
-            seen = calls.get(m, [])
-            if len(seen) != 1 or seen[0] % batch:
-                raise UserError(f"streaming: mixer {name} runs {len(seen)} time(s) per forward on batch {seen}; "
-                                f"streaming needs one call per mixer on a multiple of the input batch {batch}")
-            groups.append(seen[0] // batch)
         slots = _Slots()
-        with mixers_on_cm_deploy(prepared, pmixers, "reference", slots=slots):
-            _check_streamable(prepared, pmixers, groups, args, full, slots)
         snames = state_names(pmixers)
         s_in, s_out = [STATE_PREFIX + n for n in snames], [NEXT_STATE_PREFIX + n for n in snames]
-        cut = max(2, args[0].shape[1] // 2)
-        chunk = tuple(a[:, :cut] for a in args)
-        states = _zero_states(pmixers, groups, batch, dt, args[0].device)
+        chunk = tuple(a[:, :max(2, a.shape[1] // 2)] for a in args)
+        states = tuple(_zero_states(pmixers, groups, args[0].shape[0], dt, args[0].device))
         bdim = dims_in[0].get(0)
         s_dims = [({0: bdim} if bdim else {}) for _ in states]
         c_dims = [{k: (CHUNK_DIM if k == 1 else v) for k, v in d.items()} for d in dims_in]
         progress("tracing the streaming graphs")
         with mixers_on_cm_deploy(prepared, pmixers, "onnx", slots=slots):
-            stream = torch_onnx_export(_Streaming(prepared, pmixers, groups, len(args), slots), chunk + tuple(states),
+            stream = torch_onnx_export(_Streaming(prepared, pmixers, groups, len(args), slots), chunk + states,
                                        opset, input_names + s_in, output_names + s_out,
-                                       _dynamic_shapes(chunk + tuple(states), input_names + s_in,
+                                       _dynamic_shapes(chunk + states, input_names + s_in,
                                                        dict(zip(input_names + s_in, c_dims + s_dims))))
         _finish(stream, input_names + s_in, output_names + s_out, c_dims + s_dims, len(pmixers), True, dtype, props)
         graphs[STREAM_FILES["stream_tensorrt"]], graphs[STREAM_FILES["stream_portable"]] = stream, make_portable(stream)
-        info["stream"], info["groups"] = stream, groups
+        info["stream"] = stream
     for name, g in graphs.items():
         _check(g, name)
     return graphs, info

@@ -93,6 +93,27 @@ def mixer_forward(m, h, *, impl="auto", state=None):
     return out if state is None else (out, (conv_next, ssm_next))
 
 
+def add_norm_functions(layer_norm, rms_norm):
+    """mamba-ssm's fused `layer_norm_fn` / `rms_norm_fn` (residual add + norm in one kernel) on top of
+    plain norms layer_norm(x, weight, bias, eps) / rms_norm(...) of a float32 x: the sum x + residual
+    in float32, the residual returned in residual's dtype (float32 with residual_in_fp32, else x's)
+    and the normalized output in x's dtype, as the kernel does."""
+
+    def norm_fn(x, weight, bias, residual=None, x1=None, weight1=None, bias1=None, eps=1e-6, dropout_p=0.0,
+                rowscale=None, prenorm=False, residual_in_fp32=False, is_rms_norm=False,
+                return_dropout_mask=False):
+        if x1 is not None or weight1 is not None or rowscale is not None or dropout_p or return_dropout_mask:
+            raise NotImplementedError("fused add + norm: parallel norms, rowscale and dropout are not covered")
+        res_dtype = residual.dtype if residual is not None else (torch.float32 if residual_in_fp32 else x.dtype)
+        total = x.float() if residual is None else x.float() + residual.float()
+        y = (rms_norm if is_rms_norm else layer_norm)(total, weight, bias, eps).to(x.dtype)
+        return (y, total.to(res_dtype)) if prenorm else y
+
+    def rms_fn(x, weight, bias, residual=None, **kw):
+        return norm_fn(x, weight, bias, residual, is_rms_norm=True, **kw)
+    return norm_fn, rms_fn
+
+
 class MambaMixer(nn.Module):
     """A Mamba-1 mixer with mamba-ssm's parameter names (so that mamba-ssm state_dicts load as they
     are), computed by mixer_forward. Sizes as the weights give them: E inner channels, N states,

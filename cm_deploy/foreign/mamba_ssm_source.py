@@ -31,6 +31,7 @@ import types
 from pathlib import Path
 
 from ..errors import UserError
+from .mamba1 import add_norm_functions
 
 PACKAGE = "mamba_ssm"
 # the modules cm-deploy uses (Mamba, Block, MambaLMHeadModel) and what they import
@@ -80,28 +81,6 @@ def _not_built(*args, **kwargs):
                        "Python sources only; its reference paths run instead)")
 
 
-def _reference_norm(layer_norm_ref, rms_norm_ref):
-    """mamba-ssm's layer_norm_fn / rms_norm_fn signature over its own references: the sum x +
-    residual in float32, the residual returned in residual's dtype (float32 with
-    residual_in_fp32, else x's), the normalized output in x's dtype, as its Triton kernel does."""
-    import torch
-
-    def norm_fn(x, weight, bias, residual=None, x1=None, weight1=None, bias1=None, eps=1e-6, dropout_p=0.0,
-                rowscale=None, prenorm=False, residual_in_fp32=False, is_rms_norm=False,
-                return_dropout_mask=False):
-        if x1 is not None or weight1 is not None or rowscale is not None or dropout_p or return_dropout_mask:
-            raise NotImplementedError("reference norm: parallel norms, rowscale and dropout are not covered")
-        res_dtype = residual.dtype if residual is not None else (torch.float32 if residual_in_fp32 else x.dtype)
-        total = x.float() if residual is None else x.float() + residual.float()
-        ref = rms_norm_ref if is_rms_norm else layer_norm_ref
-        y = ref(total, weight, bias, eps=eps, upcast=True).to(x.dtype)
-        return (y, total.to(res_dtype)) if prenorm else y
-
-    def rms_fn(x, weight, bias, residual=None, **kw):
-        return norm_fn(x, weight, bias, residual, is_rms_norm=True, **kw)
-    return norm_fn, rms_fn
-
-
 def import_mamba_ssm(source, cache_dir=None) -> types.ModuleType:
     """Import mamba-ssm from `source` (its sdist .tar.gz, or a folder holding mamba_ssm/) without its
     CUDA build (see the module doc) and return the package; its modules import as usual afterwards
@@ -139,7 +118,8 @@ def import_mamba_ssm(source, cache_dir=None) -> types.ModuleType:
         raise UserError(f"mamba-ssm's modules need {e.name or e} (pip install it)") from None
     ssi = sys.modules[f"{PACKAGE}.ops.selective_scan_interface"]
     ln = sys.modules[f"{PACKAGE}.ops.triton.layer_norm"]
-    norm_fn, rms_fn = _reference_norm(ln.layer_norm_ref, ln.rms_norm_ref)
+    norm_fn, rms_fn = add_norm_functions(lambda x, w, b, eps: ln.layer_norm_ref(x, w, b, eps=eps, upcast=True),
+                                         lambda x, w, b, eps: ln.rms_norm_ref(x, w, b, eps=eps, upcast=True))
     patch = {"selective_scan_fn": ssi.selective_scan_ref, "mamba_inner_fn": None, "causal_conv1d_fn": None,
              "causal_conv1d_update": None, "selective_state_update": None,
              "layer_norm_fn": norm_fn, "rms_norm_fn": rms_fn}
