@@ -81,11 +81,13 @@ def _not_built(*args, **kwargs):
                        "Python sources only; its reference paths run instead)")
 
 
-def import_mamba_ssm(source, cache_dir=None) -> types.ModuleType:
+def import_mamba_ssm(source, cache_dir=None, references: bool = True) -> types.ModuleType:
     """Import mamba-ssm from `source` (its sdist .tar.gz, or a folder holding mamba_ssm/) without its
     CUDA build (see the module doc) and return the package; its modules import as usual afterwards
     (`from mamba_ssm.modules.mamba_simple import Mamba`). cache_dir: where the sdist is extracted
-    (default ~/.cache/cm-deploy). A mamba-ssm already imported in this process is returned as is."""
+    (default ~/.cache/cm-deploy). references=False leaves mamba-ssm's entry points as they are (a
+    GPU process that put a built `selective_scan_cuda` in sys.modules first: its kernel runs). A
+    mamba-ssm already imported in this process is returned as is."""
     if PACKAGE in sys.modules:
         return sys.modules[PACKAGE]
     source = Path(source)
@@ -116,6 +118,8 @@ def import_mamba_ssm(source, cache_dir=None) -> types.ModuleType:
         for key in [k for k in sys.modules if k == PACKAGE or k.startswith(PACKAGE + ".")]:
             del sys.modules[key]
         raise UserError(f"mamba-ssm's modules need {e.name or e} (pip install it)") from None
+    if not references:
+        return pkg
     ssi = sys.modules[f"{PACKAGE}.ops.selective_scan_interface"]
     ln = sys.modules[f"{PACKAGE}.ops.triton.layer_norm"]
     norm_fn, rms_fn = add_norm_functions(lambda x, w, b, eps: ln.layer_norm_ref(x, w, b, eps=eps, upcast=True),
