@@ -139,7 +139,8 @@ def render_md(res) -> str:
             "ORT + op library ms", "ORT / mamba-ssm"]
     return ("# mamba-ssm models through CoupledScan on the GPU\n\n"
             f"{res['env'].get('gpu', '')} - mamba-ssm's own CUDA selective scan (built from the sdist) vs ONNX "
-            "Runtime's CUDA provider with the CoupledScan op library; relative error = max |diff| / max |mamba-ssm|.\n\n"
+            "Runtime's CUDA provider with the CoupledScan op library; relative error = max |diff| / "
+            "max |mamba-ssm|.\n\n"
             + common.md_table(head, rows) + "\n")
 
 
@@ -148,8 +149,9 @@ def main():
     ap.add_argument("--out", default=os.path.join(common.REPO, "benchmarks", "results"))
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--work", default="/tmp/cm_bench_mamba")
-    ap.add_argument("--smoke", action="store_true", help="check the script on a CPU: mamba-ssm's reference path, "
-                                                         "ORT's CPU provider, small sizes, float32 (timings meaningless)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="check the script on a CPU: mamba-ssm's reference path, ORT's CPU provider, small sizes, "
+                         "float32 (timings meaningless)")
     a = ap.parse_args()
     import torch
     device = "cpu" if a.smoke else "cuda"

@@ -370,6 +370,18 @@ def _save(proto, path: Path):
     onnx.save_model(proto, str(path))
 
 
+def write_files(staging: _Staging, graphs: dict, manifest: dict) -> None:
+    """The graphs ({file name: ModelProto}) and manifest.json into the staging folder, then into
+    place (the manifest last); UserError when the folder cannot be written."""
+    try:
+        for name, proto in graphs.items():
+            _save(proto, staging.path / name)
+        (staging.path / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+        staging.commit([*graphs, MANIFEST_NAME])
+    except OSError as e:
+        raise UserError(f"cannot write to {staging.out_dir}: {e.strerror or e}") from None
+
+
 def export_checkpoint(ckpt_path, out_dir, *, dtype="float32", opset=None, batch=None,
                       lengths=None, streaming=False, progress=silent) -> dict:
     """Export a cm-deploy checkpoint to `out_dir` and return the manifest (also written there).
@@ -408,13 +420,7 @@ def export_checkpoint(ckpt_path, out_dir, *, dtype="float32", opset=None, batch=
             graphs.update({STREAM_FILES["stream_tensorrt"]: stream, STREAM_FILES["stream_portable"]: stream_portable})
         progress(f"writing {out_dir}")
         manifest = _manifest(trt, model.config, dtype, info, checkpoint, stream=stream)
-        try:
-            for name, proto in graphs.items():
-                _save(proto, staging.path / name)
-            (staging.path / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
-            staging.commit([*graphs, MANIFEST_NAME])
-        except OSError as e:
-            raise UserError(f"cannot write to {out_dir}: {e.strerror or e}") from None
+        write_files(staging, graphs, manifest)
     except BaseException:
         staging.abort()
         raise

@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
-import json
 import sys
 from pathlib import Path
 
@@ -38,14 +37,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils import _pytree as pytree
 
-from ..contract import (BATCH_DIM, CHUNK_DIM, DOMAIN, DOMAIN_VERSION, FILES, MANIFEST_NAME, MAX_STATES,
+from ..contract import (BATCH_DIM, CHUNK_DIM, DOMAIN, DOMAIN_VERSION, FILES, MAX_STATES,
                         NEXT_STATE_PREFIX, OP_TYPE, OUTPUT_NAME, STATE_PREFIX, STREAM_FILES)
 from ..errors import UserError
 from ..foreign.mamba1 import (add_norm_functions, is_mamba1_mixer, is_mamba2_mixer, keeps_float32, mixer_forward,
                               state_shapes)
 from ..progress import silent
-from .exporter import (DTYPES, MIN_OPSET, DEFAULT_OPSET, _check, _manifest, _save, _sha256, _Staging,
-                       torch_onnx_export)
+from .exporter import (DEFAULT_OPSET, DTYPES, MIN_OPSET, _check, _manifest, _sha256, _Staging, torch_onnx_export,
+                       write_files)
 from .portable import make_portable
 
 # ------------------------------------------------------------------------------------ the mixers
@@ -95,13 +94,15 @@ def mixers_on_cm_deploy(model, mixers, impl, slots=None, calls=None):
         def forward(hidden_states, inference_params=None, **kwargs):
             if inference_params is not None or kwargs:
                 raise UserError(f"{type(m).__name__}: export runs the mixers on whole sequences; inference_params "
-                                f"and extra mixer arguments ({', '.join(kwargs) or 'inference_params'}) are not supported")
+                                f"and extra mixer arguments ({', '.join(kwargs) or 'inference_params'}) are not "
+                                "supported")
             if calls is not None:
                 calls.setdefault(m, []).append(int(hidden_states.shape[0]))
             if slots is None or m not in slots.inputs:
                 return mixer_forward(m, hidden_states, impl=impl)
             if m in slots.outputs:
-                raise UserError(f"{type(m).__name__} runs more than once per forward: streaming needs one call per mixer")
+                raise UserError(f"{type(m).__name__} runs more than once per forward: streaming needs one call "
+                                "per mixer")
             out, slots.outputs[m] = mixer_forward(m, hidden_states, impl=impl, state=slots.inputs[m])
             return out
         return forward
@@ -252,7 +253,8 @@ def _finish(proto, names_in, names_out, dims_in, n_nodes, stateful, dtype, props
     """Check the exported graph (names, CoupledScan nodes) and pin the inputs' symbolic dims."""
     g = proto.graph
     if [i.name for i in g.input] != names_in or [o.name for o in g.output] != names_out:
-        raise RuntimeError(f"exporter produced inputs {[i.name for i in g.input]} and outputs {[o.name for o in g.output]}")
+        raise RuntimeError(f"exporter produced inputs {[i.name for i in g.input]} and outputs "
+                           f"{[o.name for o in g.output]}")
     for vi, axes in zip(g.input, dims_in):
         for axis, dim in axes.items():
             vi.type.tensor_type.shape.dim[axis].dim_param = dim
@@ -392,13 +394,7 @@ def write_export(graphs, info, out_dir, config: dict, dtype, source) -> dict:
     try:
         manifest = _manifest(graphs[FILES["tensorrt"]], _Described(config), dtype, info, source, stream=info["stream"])
         manifest["mixers"] = info["mixers"]
-        try:
-            for name, proto in graphs.items():
-                _save(proto, staging.path / name)
-            (staging.path / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
-            staging.commit([*graphs, MANIFEST_NAME])
-        except OSError as e:
-            raise UserError(f"cannot write to {out_dir}: {e.strerror or e}") from None
+        write_files(staging, graphs, manifest)
     except BaseException:
         staging.abort()
         raise

@@ -94,7 +94,8 @@ def import_mamba_ssm(source, cache_dir=None, references: bool = True) -> types.M
     if not source.exists():
         raise UserError(f"mamba-ssm source not found: {source}")
     if source.is_file():
-        cache = Path(cache_dir) if cache_dir else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cm-deploy"
+        default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cm-deploy"
+        cache = Path(cache_dir) if cache_dir else default
         root = _extract(source, cache)
     else:
         root = source

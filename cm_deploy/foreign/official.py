@@ -137,7 +137,8 @@ class OfficialCoupledMamba(nn.Module):
         self.norm_f = _Norm(d, c.rms_norm, c.norm_eps)
         for name in FUSION_WEIGHTS:
             setattr(self, name, nn.Parameter(torch.ones(1)))
-        self.regressor = nn.Sequential(nn.Linear(d, c.head_hidden), nn.ReLU(), nn.Linear(c.head_hidden, 1), nn.Sigmoid())
+        self.regressor = nn.Sequential(nn.Linear(d, c.head_hidden), nn.ReLU(), nn.Linear(c.head_hidden, 1),
+                                       nn.Sigmoid())
 
     # the interface the runtime's PyTorch backend and export use (as CoupledMamba's)
     def set_scan_impl(self, impl: str) -> "OfficialCoupledMamba":
@@ -234,6 +235,8 @@ def _listing(keys, n=4) -> str:
 def infer_config(sd: dict, norm_eps: float = 1e-5, where: str = "state_dict") -> OfficialConfig:
     """The config a MutiMamba state_dict was trained with, from its shapes; then every key checked
     against a model of that config. UserError naming the missing, mis-shaped or foreign keys."""
+    if isinstance(norm_eps, bool) or not isinstance(norm_eps, (int, float)) or not norm_eps > 0:
+        raise UserError(f"norm eps must be a positive number, got {norm_eps!r}")
     missing = [k for k in ANCHORS if k not in sd]
     if missing:
         hint = ""
@@ -257,20 +260,24 @@ def infer_config(sd: dict, norm_eps: float = 1e-5, where: str = "state_dict") ->
     cfg = OfficialConfig(
         d_model=d_model, n_layer=n_layer, audio_dim=audio, rgb_dim=_shape(sd, "fc_v.0.weight", 2)[1],
         flow_dim=_shape(sd, "fc_f.0.weight", 2)[1], d_inner=d_inner, d_state=d_state,
-        d_conv=_shape(sd, "layers.0.mixer.conv1d.weight", 3)[-1], dt_rank=_shape(sd, "layers.0.mixer.dt_proj.weight", 2)[1],
+        d_conv=_shape(sd, "layers.0.mixer.conv1d.weight", 3)[-1],
+        dt_rank=_shape(sd, "layers.0.mixer.dt_proj.weight", 2)[1],
         conv_bias="layers.0.mixer.conv1d.bias" in sd, bias="layers.0.mixer.in_proj.bias" in sd,
         rms_norm="norm_f.bias" not in sd, norm_eps=float(norm_eps), head_hidden=_shape(sd, "regressor.0.weight", 2)[0])
     want = {k: tuple(v.shape) for k, v in OfficialCoupledMamba(cfg).state_dict().items()}
     missing = [k for k in want if k not in sd]
-    wrong = [f"{k} {tuple(sd[k].shape)} (expected {want[k]})" for k in want if k in sd and tuple(sd[k].shape) != want[k]]
+    wrong = [f"{k} {tuple(sd[k].shape)} (expected {want[k]})"
+             for k in want if k in sd and tuple(sd[k].shape) != want[k]]
     extra = [k for k in sd if k not in want]
     if missing or wrong or extra:
         parts = ([f"missing {_listing(missing)}"] if missing else []) + \
-                ([f"mis-shaped {_listing(wrong, 3)}"] if wrong else []) + ([f"unexpected {_listing(extra)}"] if extra else [])
+                ([f"mis-shaped {_listing(wrong, 3)}"] if wrong else []) + \
+                ([f"unexpected {_listing(extra)}"] if extra else [])
         raise UserError(f"{where}: does not match the {ARCH} architecture read from its shapes "
                         f"(d_model {d_model}, {n_layer} layers, d_state {d_state}): {'; '.join(parts)}")
     if not all(v.is_floating_point() for v in sd.values()):
-        raise UserError(f"{where}: holds non-floating-point tensors: {_listing(k for k, v in sd.items() if not v.is_floating_point())}")
+        ints = [k for k, v in sd.items() if not v.is_floating_point()]
+        raise UserError(f"{where}: holds non-floating-point tensors: {_listing(ints)}")
     return cfg
 
 

@@ -70,7 +70,8 @@ class TorchBackend(Backend):
                 raise UserError(f"chunk applies to cm-deploy checkpoints, not to {self.path.name}")
             self.inputs, self.outputs = self.model.tensor_specs(self.precision)
         else:
-            self.inputs = [TensorSpec(n, (BATCH_DIM, length_dim(n), f), self.precision) for n, f in cfg.modalities.items()]
+            self.inputs = [TensorSpec(n, (BATCH_DIM, length_dim(n), f), self.precision)
+                           for n, f in cfg.modalities.items()]
             # per-sample valid lengths, as the exported graphs take them (contract.input_names)
             self.inputs += [TensorSpec(n + LENGTHS_SUFFIX, (BATCH_DIM,), "int64") for n in cfg.modalities]
             self._names = list(cfg.modalities)
