@@ -114,6 +114,12 @@ def test_lm_token_by_token(lm, graph):
     _close(np.concatenate(steps, axis=1), ref, 1e-5)
 
 
+def test_lm_engines_build_with_the_plugin(lm, tmp_path):
+    from test_official_arch import build_engines_with_the_plugin
+    _, out, _ = lm
+    build_engines_with_the_plugin(tmp_path, out / "model.onnx", out / "model.stream.onnx")
+
+
 def test_lm_float16(lm, tmp_path):
     model, _, _ = lm
     ids = torch.randint(0, VOCAB, (2, 9))

@@ -3,6 +3,8 @@ state_dict, our forward against the official forward's structure run on mamba-ss
 `cm-deploy export --arch coupled-mamba-official` (ORT with the op library, the portable graph, the
 streaming graphs, parity, fp16) and the refusal of foreign or broken state_dicts (one line, exit 2)."""
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -200,6 +202,27 @@ def test_float16_export(exported, tmp_path):
                 xs = [x.half().float() for x in _inputs(batch, L)]
                 got = m.run({n: x.half().numpy() for n, x in zip(NAMES, xs)})["output"]
                 _close(got, model(*xs), 1e-2)
+
+
+def build_engines_with_the_plugin(tmp_path, *graphs):
+    """`cm-deploy build` of each graph with TensorRT-RTX and the CoupledScan plugin (a child process
+    each, as tests/test_tensorrt_rtx.py does); skips when RTX or the plugin library is missing."""
+    from test_tensorrt_rtx import _plugin_library, _rtx_importable
+    if not _rtx_importable() or _plugin_library() is None:
+        pytest.skip("TensorRT-RTX or the CoupledScan plugin library is missing (scripts/test.sh; the plugin "
+                    "needs nvcc)")
+    for i, graph in enumerate(graphs):
+        engine = tmp_path / f"{i}.engine"
+        r = subprocess.run([sys.executable, "-m", "cm_deploy.cli", "build", str(graph), "-o", str(engine),
+                            "--trt-module", "tensorrt_rtx_bindings", "--plugin", str(_plugin_library()),
+                            "--batch", "1:2:4", "--length", "1:16:64", "--quiet"],
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0 and engine.stat().st_size > 0, (graph, r.stdout[-2000:], r.stderr[-2000:])
+
+
+def test_engines_build_with_the_plugin(exported, tmp_path):
+    d, _ = exported
+    build_engines_with_the_plugin(tmp_path, d / "out" / "model.onnx", d / "out" / "model.stream.onnx")
 
 
 # ---------------------------------------------------------------------------------- refusals
