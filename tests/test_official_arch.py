@@ -113,6 +113,20 @@ def test_forward_matches_the_official_structure_on_mamba_ssm(tmp_path_factory, k
             _close(model(*xs), official_forward(sd, model.config, xs, Mamba), 1e-5)
 
 
+def test_mixer_on_the_triton_kernels():
+    """The GPU path of the mixer (Triton conv and scan at M = 1, kappa = 1; here under Triton's
+    interpreter) against the reference."""
+    from cm_deploy.ops import triton_available
+    if not triton_available(torch.device("cpu")):
+        pytest.skip("Triton is not installed, or TRITON_INTERPRET=1 is not set")
+    from cm_deploy.foreign.mamba1 import MambaMixer, mixer_forward
+    torch.manual_seed(0)
+    mixer = MambaMixer(8, 16, 4, 3, 2, bias=True)
+    h = torch.randn(2, 13, 8)
+    with torch.no_grad():
+        _close(mixer_forward(mixer, h, impl="triton"), mixer_forward(mixer, h, impl="reference"), 1e-5)
+
+
 def test_one_length_for_the_three_inputs():
     xs = _inputs(2, 5)
     xs[1] = xs[1][:, :4]
