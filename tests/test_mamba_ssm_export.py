@@ -134,6 +134,28 @@ def test_lm_float16(lm, tmp_path):
     assert model.lm_head.weight.dtype == torch.float32      # the caller's model is left as it was
 
 
+def test_bare_mixer_float16(mamba_ssm, tmp_path):
+    """A model that is one Mamba mixer, exported in float16: A, D and the dt bias reach the
+    CoupledScan node as float32 initializers, the activations as float16."""
+    from mamba_ssm.modules.mamba_simple import Mamba
+    torch.manual_seed(0)
+    mixer = Mamba(16, d_state=4, use_fast_path=False).eval()
+    manifest = export_module(mixer, (torch.randn(2, 6, 16),), tmp_path, dtype="float16",
+                             dynamic_axes={"hidden_states": {0: "batch", 1: "L"}})
+    assert manifest["inputs"][0]["name"] == "hidden_states" and manifest["mixers"] == ["mixer"]
+    g = onnx.load(str(tmp_path / "model.onnx")).graph
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in g.initializer}
+    node = next(n for n in g.node if n.op_type == "CoupledScan")
+    A, D, bias = (inits[node.input[i]] for i in (2, 5, 7))
+    with torch.no_grad():       # float32 values, not float16-rounded ones
+        np.testing.assert_allclose(A, -torch.exp(mixer.A_log)[None].numpy(), rtol=1e-6)
+        np.testing.assert_array_equal(D, mixer.D[None].numpy())
+        np.testing.assert_array_equal(bias, mixer.dt_proj.bias[None].numpy())
+    with load(tmp_path / "model.portable.onnx", device="cpu") as m, torch.no_grad():
+        h = torch.randn(3, 25, 16).half().float()
+        _close(m.run({"hidden_states": h.half().numpy()})["output"], mixer(h), 1e-2)
+
+
 # ---------------------------------------------------------------------------------- a vision backbone
 
 class TinyVisionMamba(nn.Module):

@@ -58,7 +58,7 @@ def find_mixers(model: nn.Module) -> list:
             raise UserError(f"{name or type(m).__name__}: a Mamba-2 (SSD) mixer ({type(m).__name__}); cm-deploy "
                             "exports Mamba-1 selective-scan mixers only")
         if is_mamba1_mixer(m):
-            found.append((name or "mixer", m))
+            found.append((name, m))       # "" when the model is a mixer itself
     return found
 
 
@@ -172,14 +172,14 @@ class _Streaming(nn.Module):
         nxt = []
         for (name, m), g in zip(self.mixers, self.groups):
             if m not in self.slots.outputs:
-                raise UserError(f"mixer {name} did not run on the chunk: cannot stream it")
+                raise UserError(f"mixer {name or 'mixer'} did not run on the chunk: cannot stream it")
             conv, ssm = self.slots.outputs[m]
             nxt += [_from_stack(conv, g), _from_stack(ssm, g)]
         return (*outs, *nxt)
 
 
 def state_names(mixers) -> list:
-    return [f"{name}.{part}" for name, _ in mixers for part in ("conv", "ssm")]
+    return [f"{name or 'mixer'}.{part}" for name, _ in mixers for part in ("conv", "ssm")]
 
 
 def _zero_states(mixers, groups, batch, dtype, device):
@@ -277,7 +277,7 @@ def _stream_groups(mixers, calls, batch) -> list:
     for name, m in mixers:
         seen = calls.get(m, [])
         if len(seen) != 1 or seen[0] % batch:
-            raise UserError(f"streaming: mixer {name} runs {len(seen)} time(s) per forward on batch {seen}; "
+            raise UserError(f"streaming: mixer {name or 'mixer'} runs {len(seen)} time(s) per forward on batch {seen}; "
                             f"streaming needs one call per mixer on a multiple of the input batch {batch}")
         groups.append(seen[0] // batch)
     return groups
@@ -327,7 +327,7 @@ def build_module_onnx(model, example_inputs, *, input_names=None, output_names=N
                         "as CoupledScan")
     for name, m in mixers:
         if m.A_log.shape[1] > MAX_STATES:
-            raise UserError(f"mixer {name}: d_state {m.A_log.shape[1]} exceeds the CoupledScan kernels' {MAX_STATES}")
+            raise UserError(f"mixer {name or 'mixer'}: d_state {m.A_log.shape[1]} exceeds the CoupledScan kernels' {MAX_STATES}")
     prepared, pmixers = _prepare(model, mixers, dtype)
     dt = DTYPES[dtype]
     given, args = args, tuple(a.to(dt) if a.is_floating_point() else a for a in args)
@@ -353,7 +353,7 @@ def build_module_onnx(model, example_inputs, *, input_names=None, output_names=N
     _finish(proto, input_names, output_names, dims_in, n_calls, False, dtype, props)
     graphs[FILES["tensorrt"]], graphs[FILES["portable"]] = proto, make_portable(proto)
     info = {"opset": next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), "count": n_calls,
-            "mixers": [name for name, _ in pmixers], "stream": None}
+            "mixers": [name or "mixer" for name, _ in pmixers], "stream": None}
     if streaming:
         slots = _Slots()
         snames = state_names(pmixers)
