@@ -203,6 +203,23 @@ def test_parity_and_run_take_the_official_state_dict(exported, capsys):
     assert out.strip().endswith("PASS") and out.count(" ok") == 4
 
 
+def test_parity_default_shapes_keep_one_length():
+    """Parity's default shapes: no case with a different length per input when the inputs share one
+    named length axis (the official model); still one where the axes are unnamed."""
+    from cm_deploy.runtime.parity import default_shapes
+    from cm_deploy.runtime.specs import TensorSpec
+
+    class Model:
+        def __init__(self, dims):
+            self.inputs = [TensorSpec(n, ("batch", d, f), "float32") for n, d, f in zip(NAMES, dims, (5, 4, 3))]
+
+        def input_ranges(self):
+            return None
+    for dims, ragged in (("LLL", False), ((None, None, None), True)):
+        shapes = default_shapes([Model(dims)])
+        assert any(len(set(c.lengths.values())) > 1 for c in shapes) == ragged
+
+
 def test_float16_export(exported, tmp_path):
     """float16 graphs (A, D and the dt bias float32) against the float32 forward: the parity tool's
     float16 tolerance."""
