@@ -214,6 +214,11 @@ def test_refusals(mamba_ssm, tmp_path):
     from mamba_ssm.modules.mamba2 import Mamba2
     with pytest.raises(UserError, match="Mamba-2 \\(SSD\\) mixer"):
         export_module(nn.Sequential(Mamba2(64, d_state=16, headdim=16)), (torch.randn(1, 4, 64),), tmp_path / "a")
+    from mamba_ssm.modules.mamba_simple import Mamba
+    bidirectional = Mamba(16, d_state=4)
+    bidirectional.A_b_log = nn.Parameter(bidirectional.A_log.detach().clone())     # Vim's backward branch
+    with pytest.raises(UserError, match="not a Mamba-1 mixer as mamba-ssm's Mamba \\(it also holds A_b_log\\)"):
+        export_module(nn.Sequential(bidirectional), (torch.randn(1, 4, 16),), tmp_path / "v")
     with pytest.raises(UserError, match="holds no Mamba-1 mixer"):
         export_module(nn.Linear(3, 3), (torch.randn(1, 3),), tmp_path / "b")
     with pytest.raises(UserError, match="input_names"):

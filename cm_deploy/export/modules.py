@@ -40,8 +40,8 @@ from torch.utils import _pytree as pytree
 from ..contract import (BATCH_DIM, CHUNK_DIM, DOMAIN, DOMAIN_VERSION, FILES, MAX_STATES,
                         NEXT_STATE_PREFIX, OP_TYPE, OUTPUT_NAME, STATE_PREFIX, STREAM_FILES)
 from ..errors import UserError
-from ..foreign.mamba1 import (add_norm_functions, is_mamba1_mixer, is_mamba2_mixer, keeps_float32, mixer_forward,
-                              state_shapes)
+from ..foreign.mamba1 import (add_norm_functions, is_mamba1_mixer, is_mamba2_mixer, is_other_ssm, keeps_float32,
+                              mixer_extras, mixer_forward, state_shapes)
 from ..progress import silent
 from .exporter import (DEFAULT_OPSET, DTYPES, MIN_OPSET, _check, _manifest, _sha256, _Staging, torch_onnx_export,
                        write_files)
@@ -57,6 +57,11 @@ def find_mixers(model: nn.Module) -> list:
         if is_mamba2_mixer(m):
             raise UserError(f"{name or type(m).__name__}: a Mamba-2 (SSD) mixer ({type(m).__name__}); cm-deploy "
                             "exports Mamba-1 selective-scan mixers only")
+        if is_other_ssm(m):
+            extra = mixer_extras(m)
+            raise UserError(f"{name or type(m).__name__}: {type(m).__name__} has an A_log but is not a Mamba-1 mixer "
+                            f"as mamba-ssm's Mamba{' (it also holds ' + ', '.join(extra) + ')' if extra else ''}; "
+                            "cm-deploy exports mamba-ssm's Mamba-1 mixer only")
         if is_mamba1_mixer(m):
             found.append((name, m))       # "" when the model is a mixer itself
     return found
@@ -327,7 +332,8 @@ def build_module_onnx(model, example_inputs, *, input_names=None, output_names=N
                         "as CoupledScan")
     for name, m in mixers:
         if m.A_log.shape[1] > MAX_STATES:
-            raise UserError(f"mixer {name or 'mixer'}: d_state {m.A_log.shape[1]} exceeds the CoupledScan kernels' {MAX_STATES}")
+            raise UserError(f"mixer {name or 'mixer'}: d_state {m.A_log.shape[1]} exceeds the CoupledScan kernels' "
+                            f"{MAX_STATES}")
     prepared, pmixers = _prepare(model, mixers, dtype)
     dt = DTYPES[dtype]
     given, args = args, tuple(a.to(dt) if a.is_floating_point() else a for a in args)

@@ -36,10 +36,31 @@ MIXER_PARAMS = ("in_proj", "conv1d", "x_proj", "dt_proj", "A_log", "D", "out_pro
 FLOAT32_SUFFIXES = ("A_log", ".D", "dt_proj.bias")
 
 
+# what a Mamba-1 mixer holds and nothing else: a module with more (Vim's backward branch A_b_log,
+# conv1d_b, ...) computes something else, and is refused rather than exported as plain Mamba
+MIXER_CHILDREN = {"in_proj", "conv1d", "act", "x_proj", "dt_proj", "out_proj"}
+MIXER_OWN_PARAMS = {"A_log", "D"}
+
+
+def mixer_extras(module) -> list:
+    """What `module` holds beyond a Mamba-1 mixer's parameters (empty for mamba-ssm's Mamba)."""
+    return sorted({n for n, _ in module.named_children()} - MIXER_CHILDREN) + \
+        sorted({n for n, _ in module.named_parameters(recurse=False)} - MIXER_OWN_PARAMS)
+
+
 def is_mamba1_mixer(module) -> bool:
-    """A Mamba-1 mixer by its parameters (mamba-ssm's Mamba, MambaMixer, forks that keep the names)."""
+    """A Mamba-1 mixer by its parameters (mamba-ssm's Mamba, MambaMixer, forks that keep the names):
+    an A_log (E, N), the projections and the conv, nothing else."""
     return (all(hasattr(module, p) for p in MIXER_PARAMS) and isinstance(getattr(module, "A_log"), torch.Tensor)
-            and getattr(module, "A_log").dim() == 2 and isinstance(module.x_proj, nn.Linear))
+            and getattr(module, "A_log").dim() == 2 and isinstance(module.x_proj, nn.Linear)
+            and isinstance(module.conv1d, nn.Conv1d) and not mixer_extras(module))
+
+
+def is_other_ssm(module) -> bool:
+    """A module with its own A_log that is neither a Mamba-1 nor a Mamba-2 mixer (a fork with more
+    parts, a bidirectional block, a mixer with its own scan call)."""
+    a = module._parameters.get("A_log") if isinstance(module, nn.Module) else None
+    return a is not None and not is_mamba1_mixer(module) and not is_mamba2_mixer(module)
 
 
 def is_mamba2_mixer(module) -> bool:

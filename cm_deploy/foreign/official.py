@@ -156,11 +156,11 @@ class OfficialCoupledMamba(nn.Module):
         return self          # nothing precomputed: the mixers are plain Mamba-1
 
     def tensor_specs(self, precision: str):
-        """(inputs, outputs) as runtime TensorSpecs: the three inputs share the length axis "L"."""
+        """(inputs, outputs) as (name, shape, dtype) triples, what the runtime's TensorSpec holds: the
+        three inputs share the length axis "L"."""
         from ..contract import BATCH_DIM
-        from ..runtime.specs import TensorSpec
-        ins = [TensorSpec(n, (BATCH_DIM, LENGTH_DIM, f), precision) for n, f in self.config.input_sizes.items()]
-        return ins, [TensorSpec(OUTPUT, (BATCH_DIM, LENGTH_DIM), precision)]
+        ins = [(n, (BATCH_DIM, LENGTH_DIM, f), precision) for n, f in self.config.input_sizes.items()]
+        return ins, [(OUTPUT, (BATCH_DIM, LENGTH_DIM), precision)]
 
     def forward(self, input_A, input_V, input_F):
         xs = (input_A, input_V, input_F)

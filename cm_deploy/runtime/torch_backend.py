@@ -68,7 +68,7 @@ class TorchBackend(Backend):
         if hasattr(self.model, "tensor_specs"):      # a foreign architecture describes its own inputs
             if chunk is not None:
                 raise UserError(f"chunk applies to cm-deploy checkpoints, not to {self.path.name}")
-            self.inputs, self.outputs = self.model.tensor_specs(self.precision)
+            self.inputs, self.outputs = ([TensorSpec(*t) for t in ts] for ts in self.model.tensor_specs(self.precision))
         else:
             self.inputs = [TensorSpec(n, (BATCH_DIM, length_dim(n), f), self.precision)
                            for n, f in cfg.modalities.items()]
