@@ -168,7 +168,13 @@ def cli():
 @click.option("--streaming", is_flag=True, help="Also write model.stream.onnx and model.stream.portable.onnx: one "
                                                 "chunk of a stream per call, the state carried by the caller.")
 @click.option("--quiet", is_flag=True, help="No progress lines (they go to stderr, on a terminal only).")
-def export(checkpoint, output, dtype, opset, batch, lengths, streaming, quiet):
+@click.option("--arch", type=click.Choice(["cm-deploy", "coupled-mamba-official"]), default="cm-deploy",
+              show_default=True, help="What CHECKPOINT holds: a cm-deploy checkpoint, or a state_dict of the official "
+                                      "Coupled Mamba code's MutiMamba (config read from its shapes; "
+                                      "docs/bring_your_own_model.md).")
+@click.option("--norm-eps", type=float, default=None, help="coupled-mamba-official: the norms' eps (not stored in a "
+                                                           "state_dict) [default 1e-5, the official default].")
+def export(checkpoint, output, dtype, opset, batch, lengths, streaming, quiet, arch, norm_eps):
     """Export CHECKPOINT to ONNX: model.onnx (CoupledScan nodes: TensorRT with the plugin, ONNX
     Runtime with the op library), model.portable.onnx (stock ONNX Runtime) and manifest.json."""
     try:
@@ -182,6 +188,10 @@ def export(checkpoint, output, dtype, opset, batch, lengths, streaming, quiet):
     from .runtime.specs import refuse_overwrite
     for name in [*FILES.values(), *STREAM_FILES.values(), MANIFEST_NAME]:
         refuse_overwrite(out / name, ckpt)
+    if arch == "cm-deploy" and norm_eps is not None:
+        raise UserError("--norm-eps applies to --arch coupled-mamba-official only")
+    if arch == "coupled-mamba-official" and lengths:
+        raise UserError("--length: the official architecture's three inputs share one dynamic length; it is not fixed")
     fixed = None
     if lengths:
         fixed = {}
@@ -202,8 +212,13 @@ def export(checkpoint, output, dtype, opset, batch, lengths, streaming, quiet):
             every = fixed.pop("*")
             fixed = {**{m: every for m in config.modalities}, **fixed}
     from .progress import Progress
-    manifest = export_checkpoint(ckpt, out, dtype=dtype, opset=opset, batch=batch, lengths=fixed,
-                                 streaming=streaming, progress=Progress(quiet))
+    if arch == "coupled-mamba-official":     # docs/bring_your_own_model.md
+        from .export.modules import export_official
+        manifest = export_official(ckpt, out, norm_eps=1e-5 if norm_eps is None else norm_eps, dtype=dtype,
+                                   opset=opset, batch=batch, streaming=streaming, progress=Progress(quiet))
+    else:
+        manifest = export_checkpoint(ckpt, out, dtype=dtype, opset=opset, batch=batch, lengths=fixed,
+                                     streaming=streaming, progress=Progress(quiet))
     files = (manifest or {}).get("files", {})
     click.echo(f"exported {ckpt} -> {out}/")
     for role, name in files.items():

@@ -14,6 +14,9 @@
 #            sm_90), the portable file, PyTorch eager / CUDA graph: parity and latency (bench_deploy.py).
 #            Needs onnxruntime-gpu: carry it with shared/tools/wheel-carry (onnxruntime-gpu==1.31.1) and
 #            set PYTHONPATH=/tmp/wheels/site before this script.
+#   mamba    (not in the default list) mamba-ssm models exported with export_module on ORT's CUDA provider with
+#            the op library vs mamba-ssm's own CUDA selective scan built from .carry/mamba_ssm-*.tar.gz: parity
+#            and latency (benchmarks/mamba_ssm_gpu.py; needs onnxruntime-gpu as for deploy, einops, nvcc)
 # Logs and JSON go to $WORK (default /tmp/cm-gpu-checks); with $OUT set, they are packed into
 # $OUT/gpu_checks.tar.gz (the device tool brings back at most 8 files). TensorRT headers: TensorRT_ROOT
 # (default .carry/trt). Exit status: the number of failed stages.
@@ -39,6 +42,8 @@ for s in $stages; do case $s in
              --ort-ops "$PWD/build/gpu-sm90/plugins/ort_coupled_scan/libcoupled_scan_ort.so" ;;
   runtime) stage runtime "$py" benchmarks/gpu_check_runtime.py --out "$work/runtime_check.json" \
              --trt-module tensorrt_rtx_bindings --plugin "$plugin_lib" --onnx "$work/export/float32/model.onnx" ;;
+  mamba)   stage mamba env CM_DEPLOY_ORT_OP_LIBRARY="$PWD/build/gpu-sm90/plugins/ort_coupled_scan/libcoupled_scan_ort.so" \
+             "$py" benchmarks/mamba_ssm_gpu.py --out "$work/mamba_ssm" --work "$work/mamba_build" ;;
   *) echo "unknown stage $s"; failed=$((failed+1)) ;;
 esac; done
 if [[ -n "${OUT:-}" ]]; then

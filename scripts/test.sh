@@ -17,6 +17,15 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
+# mamba-ssm's source distribution (never installed; its CUDA build is skipped): the tests that check
+# exports of mamba-ssm models against mamba-ssm's own forward import its Python modules from it
+if ! ls .carry/mamba_ssm-*.tar.gz >/dev/null 2>&1; then
+  mkdir -p .carry    # its setup.py runs (metadata) without build isolation: it imports torch, setuptools, wheel
+  python -m pip install -q setuptools wheel packaging
+  (cd .carry && MAMBA_SKIP_CUDA_BUILD=TRUE python -m pip download -q --no-deps --no-build-isolation \
+     --no-binary :all: "mamba-ssm==2.3.2.post1") \
+    || echo "NOTE: mamba-ssm's sdist not downloadable: the mamba-ssm export tests will skip" >&2
+fi
 python -m pip install -q "tensorrt-rtx-cu13-libs==1.7.1.116" "tensorrt-rtx-cu13-bindings==1.7.1.116" \
   || echo "NOTE: TensorRT-RTX wheels not installable: the engine-build tests will skip" >&2
 apt_install() {   # Debian packages, as root or with passwordless sudo; fails quietly otherwise

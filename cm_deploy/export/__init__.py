@@ -18,6 +18,12 @@ per modality (docs/lengths.md); the output "output", (batch, num_outputs); batch
 dynamic unless fixed. I/O and activations are in `dtype`; A, D and
 delta_bias stay float32, and the portable scan computes in float32 whatever the dtype.
 
+Models trained elsewhere (modules.py, docs/bring_your_own_model.md): `export_module(model,
+example_inputs, out_dir, ...)` exports any torch module built from Mamba-1 mixers (mamba-ssm's
+`Mamba`), every selective scan a CoupledScan node (M = 1, coupling_scale 1); `export_official`
+the official Coupled Mamba code's MutiMamba state_dicts (`cm-deploy export --arch
+coupled-mamba-official`).
+
 What runs where (checked here with ONNX Runtime 1.30 and 1.32, CPU provider):
     float32   model.portable.onnx runs on ORT CPU (and any ORT); model.onnx needs the plugin
               (TensorRT) or the op library (ONNX Runtime).
@@ -26,6 +32,8 @@ What runs where (checked here with ONNX Runtime 1.30 and 1.32, CPU provider):
               the portable file is for GPU providers or TensorRT; model.onnx needs the plugin.
 """
 from .exporter import DEFAULT_OPSET, DTYPES, build_onnx, export_checkpoint
+from .modules import export_module, export_official
 from .portable import coupled_scan_function, make_portable
 
-__all__ = ["export_checkpoint", "build_onnx", "make_portable", "coupled_scan_function", "DTYPES", "DEFAULT_OPSET"]
+__all__ = ["export_checkpoint", "export_module", "export_official", "build_onnx", "make_portable",
+           "coupled_scan_function", "DTYPES", "DEFAULT_OPSET"]

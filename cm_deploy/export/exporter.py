@@ -165,6 +165,11 @@ def _torch_export(model, config, dtype, opset, batch, lengths, streaming=False) 
         args = tuple(_example_inputs(config, dtype, batch, lambda i, name: lengths.get(name, 5 + 2 * i)))
         dynamic = _dynamic_shapes(config, batch, lengths)
         names_in, names_out = input_names(config.modalities), [OUTPUT_NAME]
+    return torch_onnx_export(wrapped, args, opset, names_in, names_out, dynamic)
+
+
+def torch_onnx_export(module, args, opset, names_in, names_out, dynamic) -> onnx.ModelProto:
+    """torch.onnx.export (dynamo) of module(*args), its chatter kept out of the terminal."""
     log = io.StringIO()
     # The exporter narrates every step and torch warns about its own internals: keep that out of
     # the user's terminal, but put it in the error when the export fails.
@@ -175,7 +180,7 @@ def _torch_export(model, config, dtype, opset, batch, lengths, streaming=False) 
             warnings.simplefilter("ignore")
             torch_log.setLevel(logging.ERROR)
             program = torch.onnx.export(
-                wrapped, args, dynamo=True, opset_version=opset,
+                module, args, dynamo=True, opset_version=opset,
                 input_names=names_in, output_names=names_out, dynamic_shapes=dynamic, verbose=False)
     except Exception as e:
         tail = "\n".join(log.getvalue().strip().splitlines()[-20:])
@@ -365,6 +370,18 @@ def _save(proto, path: Path):
     onnx.save_model(proto, str(path))
 
 
+def write_files(staging: _Staging, graphs: dict, manifest: dict) -> None:
+    """The graphs ({file name: ModelProto}) and manifest.json into the staging folder, then into
+    place (the manifest last); UserError when the folder cannot be written."""
+    try:
+        for name, proto in graphs.items():
+            _save(proto, staging.path / name)
+        (staging.path / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+        staging.commit([*graphs, MANIFEST_NAME])
+    except OSError as e:
+        raise UserError(f"cannot write to {staging.out_dir}: {e.strerror or e}") from None
+
+
 def export_checkpoint(ckpt_path, out_dir, *, dtype="float32", opset=None, batch=None,
                       lengths=None, streaming=False, progress=silent) -> dict:
     """Export a cm-deploy checkpoint to `out_dir` and return the manifest (also written there).
@@ -403,13 +420,7 @@ def export_checkpoint(ckpt_path, out_dir, *, dtype="float32", opset=None, batch=
             graphs.update({STREAM_FILES["stream_tensorrt"]: stream, STREAM_FILES["stream_portable"]: stream_portable})
         progress(f"writing {out_dir}")
         manifest = _manifest(trt, model.config, dtype, info, checkpoint, stream=stream)
-        try:
-            for name, proto in graphs.items():
-                _save(proto, staging.path / name)
-            (staging.path / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
-            staging.commit([*graphs, MANIFEST_NAME])
-        except OSError as e:
-            raise UserError(f"cannot write to {out_dir}: {e.strerror or e}") from None
+        write_files(staging, graphs, manifest)
     except BaseException:
         staging.abort()
         raise

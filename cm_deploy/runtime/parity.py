@@ -73,6 +73,13 @@ def _common_range(ranges: dict, names, axis):
     return lo, (opt if opt is not None else lo), hi
 
 
+def _ragged_ok(specs, lens) -> bool:
+    """A shape with a different length per input makes sense: several length inputs, not all on one
+    named axis (the official Coupled Mamba's three inputs share "L")."""
+    syms = [s.shape[1] for s in specs if s.name in lens]
+    return len(syms) > 1 and not (len(set(syms)) == 1 and isinstance(syms[0], str) and syms[0])
+
+
 def default_shapes(backends: Sequence[Backend], max_batch=DEFAULT_MAX_BATCH, max_length=DEFAULT_MAX_LENGTH,
                    ) -> list[ShapeChoice]:
     """A few shapes every backend accepts: the profile's min, its opt and a larger one (capped at
@@ -89,7 +96,7 @@ def default_shapes(backends: Sequence[Backend], max_batch=DEFAULT_MAX_BATCH, max
     names = [s.name for s in specs]
     if not ranges:
         out = [ShapeChoice(1, {n: 8 for n in lens}), ShapeChoice(2, {n: 33 for n in lens})]
-        if len(lens) > 1:
+        if _ragged_ok(specs, lens):
             out.append(ShapeChoice(3, {n: v for n, v in zip(lens, (24, 17, 9, 30, 12, 5))}))
         return out
     blo, bopt, bhi = _common_range(ranges, names, 0)
@@ -108,7 +115,7 @@ def default_shapes(backends: Sequence[Backend], max_batch=DEFAULT_MAX_BATCH, max
         ShapeChoice(clip(bopt, blo, bhi, max_batch), {n: clip(per[n][1], per[n][0], per[n][2], max_length) for n in lens}),
         ShapeChoice(clip(bhi, blo, bhi, max_batch), {n: clip(per[n][2], per[n][0], per[n][2], max_length) for n in lens}),
     ]
-    if len(lens) > 1:
+    if _ragged_ok(specs, lens):
         rag = {}
         for i, n in enumerate(lens):
             lo, _, hi = per[n]

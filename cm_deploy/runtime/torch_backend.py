@@ -37,7 +37,7 @@ class TorchBackend(Backend):
     def __init__(self, path, device=None, dtype="float32", scan_impl="auto", cuda_graph=False,
                  graph_max_batch: int = 64, chunk: int | None = None):
         torch = _import_torch()
-        from ..checkpoint import load_checkpoint
+        from ..foreign import load_model_file
         self._torch = torch
         self.path = Path(path)
         self.precision = normalize_precision(dtype) or "float32"
@@ -54,7 +54,7 @@ class TorchBackend(Backend):
         if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
             raise UserError(f"chunk must be a positive number of steps, not {chunk!r}")
         self.chunk = chunk
-        self.model = load_checkpoint(self.path, map_location=self.device)
+        self.model = load_model_file(self.path, map_location=self.device)   # ours, or a known foreign state_dict
         if scan_impl not in ("auto", "reference", "triton"):
             raise UserError(f"scan_impl must be auto, reference or triton, not {scan_impl!r}")
         self.model.set_scan_impl(scan_impl)
@@ -64,11 +64,18 @@ class TorchBackend(Backend):
         self.model.fold_for_inference()              # as export does: projections folded once
         cfg = self.model.config
         self.config = cfg.to_dict()
-        self.inputs = [TensorSpec(n, (BATCH_DIM, length_dim(n), f), self.precision) for n, f in cfg.modalities.items()]
-        # per-sample valid lengths, as the exported graphs take them (contract.input_names)
-        self.inputs += [TensorSpec(n + LENGTHS_SUFFIX, (BATCH_DIM,), "int64") for n in cfg.modalities]
-        self._names = list(cfg.modalities)
-        self.outputs = [TensorSpec(OUTPUT_NAME, (BATCH_DIM, cfg.num_outputs), self.precision)]
+        self._names = None
+        if hasattr(self.model, "tensor_specs"):      # a foreign architecture describes its own inputs
+            if chunk is not None:
+                raise UserError(f"chunk applies to cm-deploy checkpoints, not to {self.path.name}")
+            self.inputs, self.outputs = ([TensorSpec(*t) for t in ts] for ts in self.model.tensor_specs(self.precision))
+        else:
+            self.inputs = [TensorSpec(n, (BATCH_DIM, length_dim(n), f), self.precision)
+                           for n, f in cfg.modalities.items()]
+            # per-sample valid lengths, as the exported graphs take them (contract.input_names)
+            self.inputs += [TensorSpec(n + LENGTHS_SUFFIX, (BATCH_DIM,), "int64") for n in cfg.modalities]
+            self._names = list(cfg.modalities)
+            self.outputs = [TensorSpec(OUTPUT_NAME, (BATCH_DIM, cfg.num_outputs), self.precision)]
         self.cuda_graph = bool(cuda_graph) and self.device.type == "cuda"
         self.graph_max_batch = graph_max_batch
         self._graphs = {}
@@ -152,6 +159,8 @@ class TorchBackend(Backend):
 
     def _forward(self, xs):
         """The model on the modalities and their lengths, as the exported graphs compute it."""
+        if self._names is None:      # a foreign architecture: its forward's arguments, in order
+            return self.model(*(xs[s.name] for s in self.inputs))
         return self.model({n: xs[n] for n in self._names}, lengths=[xs[n + LENGTHS_SUFFIX] for n in self._names],
                           chunk=self.chunk)
 
