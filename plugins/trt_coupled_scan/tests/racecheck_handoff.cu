@@ -13,6 +13,7 @@
 //              epilogue skips channels >= E: lanes diverge); then stage(k + 1): write xf, ep, bc of the
 //              same stage. Between the two, variant `named` has `barrier.sync 1, np` among the producers
 //              (the kernel up to a115b47), `plain` only a __syncwarp() (the kernel now).
+// The consumers load bc 16 bytes at a time as the kernel does, or, with load width 8, as two float2.
 // Race-free in both variants:
 //   xf, bc  written in chunk k - 1 before its __syncthreads(), read in chunk k after it, rewritten in
 //           chunk k + 1, after chunk k's __syncthreads(), which follows every read;
@@ -21,7 +22,7 @@
 //           (i = ptid + j * np in both walks): one thread's program order, no barrier needed.
 // Every value read is checked against what its writer stored for that chunk; mismatches are counted.
 //
-//   racecheck_handoff <named|plain> <producer warps: 1|2>   -> prints e.g. "named 2: ok"
+//   racecheck_handoff <named|plain> <producer warps: 1|2> <bc load bytes: 16|8>  -> e.g. "named 2 16: ok"
 #include <cuda_runtime.h>
 
 #include <cstdio>
@@ -52,7 +53,18 @@ __device__ float val(int k, int buffer, int i)
     return static_cast<float>((k * 4 + buffer) * 65536 + i);
 }
 
-template <bool NAMED>
+// One 8-byte shared-memory load (volatile: ptxas merges two adjacent plain ones into one 16-byte load).
+__device__ float2 load8(float const* p)
+{
+    float2 v;
+    asm volatile("ld.volatile.shared.v2.f32 {%0, %1}, [%2];"
+                 : "=f"(v.x), "=f"(v.y)
+                 : "r"(static_cast<unsigned>(__cvta_generic_to_shared(p)))
+                 : "memory");
+    return v;
+}
+
+template <bool NAMED, bool LOAD16>
 __global__ void __launch_bounds__(192) handoff(int* mismatches)
 {
     extern __shared__ float4 smemRaw[];
@@ -99,7 +111,17 @@ __global__ void __launch_bounds__(192) handoff(int* mismatches)
                     for (int p = 0; p < kNpad / 2; ++p)
                     {
                         int const f = 2 * (row * kNpad + 2 * p); // first float of states 2p, 2p + 1
-                        float4 const q = *reinterpret_cast<float4 const*>(bc + f);
+                        float4 q;
+                        if (LOAD16)
+                        {
+                            q = *reinterpret_cast<float4 const*>(bc + f);
+                        }
+                        else
+                        {
+                            float2 const lo = load8(bc + f);
+                            float2 const hi = load8(bc + f + 2);
+                            q = make_float4(lo.x, lo.y, hi.x, hi.y);
+                        }
                         bad += (q.x != val(k, 2, f)) + (q.y != val(k, 2, f + 1)) + (q.z != val(k, 2, f + 2))
                             + (q.w != val(k, 2, f + 3));
                     }
@@ -141,16 +163,16 @@ __global__ void __launch_bounds__(192) handoff(int* mismatches)
     atomicAdd(mismatches, bad);
 }
 
-template <bool NAMED>
+template <bool NAMED, bool LOAD16>
 cudaError_t run(int threads, int* d)
 {
-    cudaError_t err = cudaFuncSetAttribute(handoff<NAMED>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+    cudaError_t err = cudaFuncSetAttribute(handoff<NAMED, LOAD16>, cudaFuncAttributeMaxDynamicSharedMemorySize,
         static_cast<int>(kSmemBytes));
     if (err != cudaSuccess)
     {
         return err;
     }
-    handoff<NAMED><<<2, threads, kSmemBytes>>>(d);
+    handoff<NAMED, LOAD16><<<2, threads, kSmemBytes>>>(d);
     return cudaDeviceSynchronize();
 }
 } // namespace
@@ -159,9 +181,11 @@ int main(int argc, char** argv)
 {
     bool const named = argc > 1 && std::strcmp(argv[1], "named") == 0;
     int const warps = argc > 2 ? std::atoi(argv[2]) : 2;
-    if ((argc > 1 && !named && std::strcmp(argv[1], "plain") != 0) || (warps != 1 && warps != 2))
+    int const bytes = argc > 3 ? std::atoi(argv[3]) : 16;
+    if ((argc > 1 && !named && std::strcmp(argv[1], "plain") != 0) || (warps != 1 && warps != 2)
+        || (bytes != 8 && bytes != 16))
     {
-        std::fprintf(stderr, "usage: racecheck_handoff <named|plain> <producer warps: 1|2>\n");
+        std::fprintf(stderr, "usage: racecheck_handoff <named|plain> <producer warps: 1|2> <bc load bytes: 16|8>\n");
         return 2;
     }
     int* d = nullptr;
@@ -171,7 +195,8 @@ int main(int argc, char** argv)
         return 2;
     }
     int const threads = kConsumers + 32 * warps;
-    cudaError_t const err = named ? run<true>(threads, d) : run<false>(threads, d);
+    cudaError_t const err = named ? (bytes == 16 ? run<true, true>(threads, d) : run<true, false>(threads, d))
+                                  : (bytes == 16 ? run<false, true>(threads, d) : run<false, false>(threads, d));
     int h = -1;
     cudaMemcpy(&h, d, sizeof h, cudaMemcpyDeviceToHost);
     cudaFree(d);
@@ -180,6 +205,7 @@ int main(int argc, char** argv)
         std::fprintf(stderr, "racecheck_handoff: %s\n", cudaGetErrorString(err));
         return 2;
     }
-    std::printf("%s %d: %s (%d mismatched values)\n", named ? "named" : "plain", warps, h == 0 ? "ok" : "WRONG", h);
+    std::printf("%s %d %d: %s (%d mismatched values)\n", named ? "named" : "plain", warps, bytes, h == 0 ? "ok" : "WRONG",
+        h);
     return h == 0 ? 0 : 1;
 }

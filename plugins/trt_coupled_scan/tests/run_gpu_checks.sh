@@ -166,17 +166,20 @@ else
   done
 fi
 
-# --- 5. racecheck on the hand-off alone (racecheck_handoff.cu): named barrier or not, 1 or 2 producer warps
+# --- 5. racecheck on the hand-off alone (racecheck_handoff.cu): named producer barrier or not, 1 or 2
+# producer warps, 16- or 8-byte loads of bc; the kernel now is "plain 2 16", up to a115b47 "named 2 16"
 if [[ -n "$san" && "${SKIP_SANITIZERS:-0}" != 1 && -x "$build/plugins/trt_coupled_scan/racecheck_handoff" ]]; then
   for v in plain named; do
     for w in 2 1; do
-      log="$sdir/racecheck_handoff_${v}_${w}.log"
-      timeout 60 "$san" --tool racecheck --racecheck-report all --print-limit "$limit" \
-        "$build/plugins/trt_coupled_scan/racecheck_handoff" "$v" "$w" > "$log" 2>&1
-      rc=$?
-      res=$(grep -E "^(named|plain) [12]: " "$log")
-      note "racecheck on the hand-off alone ($v, $w producer warps): exit $rc, ${res:-no result}, $(tail -n 1 "$log")"
-      [[ $res == *": ok "* ]] || status=1 # a hazard report is a finding to read; wrong values are a failure
+      for b in 16 8; do
+        log="$sdir/racecheck_handoff_${v}_${w}_${b}.log"
+        timeout 60 "$san" --tool racecheck --racecheck-report all --print-limit "$limit" \
+          "$build/plugins/trt_coupled_scan/racecheck_handoff" "$v" "$w" "$b" > "$log" 2>&1
+        rc=$?
+        res=$(grep -E "^(named|plain) [12] (8|16): " "$log")
+        note "racecheck on the hand-off alone ($v, $w producer warps, $b-byte loads): exit $rc, ${res:-no result}, $(tail -n 1 "$log")"
+        [[ $res == *": ok "* ]] || status=1 # a hazard report is a finding to read; wrong values are a failure
+      done
     done
   done
 fi
