@@ -1015,13 +1015,6 @@ struct WarpTile
 
 #if defined(__CUDACC__)
 
-// Named barrier 1 among the producer warps only; the non-.aligned form, so lanes that left the
-// epilogue's loops at different iterations need not be reconverged by the compiler first.
-__device__ __forceinline__ void producerBarrier(int32_t np)
-{
-    asm volatile("barrier.sync 1, %0;" ::"r"(np) : "memory");
-}
-
 // SUMMARY: the first pass of a segmented launch (g.segs > 1): each segment's {P, off} into a.work.
 template <typename T, int NPT, int MT, bool SUMMARY>
 __global__ void __launch_bounds__(kMaxBlockThreads, (MT <= 4 ? 3 : 1)) coupledScanKernel(ScanArgs a, ScanGeometry g)
@@ -1052,13 +1045,18 @@ __global__ void __launch_bounds__(kMaxBlockThreads, (MT <= 4 ? 3 : 1)) coupledSc
         }
         else
         {
+            // epilogue(chunk - 1) and stage(chunk + 1) use the same stage, with no barrier between them:
+            // a producer reads back only the ep rows it staged itself (both walk rows ptid, ptid + np, ...),
+            // and the part rows it reads are not written in this chunk (racecheck_handoff.cu).
             if constexpr (!SUMMARY)
             {
                 if (chunk >= 1)
                 {
                     Producer<T>::epilogue(a, g, k, chunk - 1, ptid);
                 }
-                producerBarrier(g.np); // the epilogue read ep[(chunk - 1) & 1], which stage(chunk + 1) overwrites
+                // reconverges the warp after the epilogue's divergent loop, as the former named barrier
+                // did: without it ptxas spills registers in the 8-states instances (sm_90)
+                __syncwarp();
             }
             if (chunk + 1 < k.nchunks)
             {
@@ -1199,21 +1197,25 @@ void emulatePass(ScanArgs const& a, ScanGeometry const& g)
                 poison(reinterpret_cast<float*>(k.xf(chunk)), 2 * rowsA);
                 poison(reinterpret_cast<float*>(k.bc(chunk)), 2 * rowsB * g.npad);
             }
-            if (!SUMMARY && chunk >= 1)
+            // The producers have no barrier between epilogue(chunk - 1) and stage(chunk + 1), which share a
+            // stage: thread by thread, upwards on even chunks and downwards on odd ones, so that an ep row
+            // one thread reads and another rewrites gets the next chunk's value in one of the two orders.
+            // (ep is not poisoned in between: a row that stage() misses holds an older chunk's value.)
+            for (int32_t q = 0; q < g.np; ++q)
             {
-                for (int32_t p = 0; p < g.np; ++p)
+                int32_t const p = (chunk & 1) ? g.np - 1 - q : q;
+                if (!SUMMARY && chunk >= 1)
                 {
                     Producer<T>::epilogue(a, g, k, chunk - 1, p);
                 }
-                poison(reinterpret_cast<float*>(k.ep(chunk - 1)), 2 * rowsA);
-                poison(k.part(chunk - 1), rowsA * g.S);
-            }
-            if (chunk + 1 < k.nchunks)
-            {
-                for (int32_t p = 0; p < g.np; ++p)
+                if (chunk + 1 < k.nchunks)
                 {
                     Producer<T>::template stage<SUMMARY>(a, g, k, chunk + 1, p);
                 }
+            }
+            if (!SUMMARY && chunk >= 1)
+            {
+                poison(k.part(chunk - 1), rowsA * g.S);
             }
         }
         for (int32_t tid = 0; tid < g.nc; ++tid)

@@ -9,14 +9,16 @@
 # 3. runs gpu_harness.py: every case and dtype against the PyTorch reference, plus timings (--bench);
 # 4. runs gpu_harness.py --sanitize under compute-sanitizer memcheck, racecheck, synccheck and initcheck
 #    (the block kernel is warp-specialized: producers and consumers share shared memory through
-#    barriers), for the block kernel and for the warp-tile kernel (CM_DEPLOY_SCAN_WARP_TILES=1);
+#    barriers), one run and one log per tool and block-kernel pass, in $OUT/sanitizer; then racecheck
+#    on racecheck_handoff (the kernel's hand-off alone, with and without a producer named barrier);
 #    step 3 also runs every harness case on the warp-tile kernel.
 #
 # TensorRT headers only are needed (no TensorRT library): TensorRT_ROOT/include/NvInfer.h. Without
 # network access, carry the folder that scripts/fetch_trt_headers.sh wrote here (e.g. .carry/trt).
 # Logs and JSON go to $OUT (or build/gpu-checks). Exit status: 0 all passed, 1 a check failed,
 # 2 setup problem. Environment: PYTHON (default python3), CUDA_ARCH (90), JOBS, SKIP_SANITIZERS=1,
-# TUNE=1 (also time every states-per-thread setting), CM_PLUGIN_LIB_DIR (skip the build).
+# SKIP_HARNESS=1 (no step 3), TUNE=1 (also time every states-per-thread setting), CM_PLUGIN_LIB_DIR
+# (skip the build), SANITIZER_PRINT_LIMIT (10), SANITIZER_TIMEOUT (100 s a run).
 set -uo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -97,49 +99,66 @@ cp "$libdir/libcoupled_scan_plugin.so" "$out/" 2>/dev/null || true
 harness=("$py" "$here/gpu_harness.py" --lib-dir "$libdir")
 bench_args=(--bench)
 [[ "${TUNE:-0}" == 1 ]] && bench_args+=(--tune)
-note "gpu_harness: correctness of every case and dtype, then timings"
-th=$(date +%s)
-"${harness[@]}" "${bench_args[@]}" --out "$out/gpu_harness.json" 2>&1 | tee "$out/gpu_harness.log"
-rc=${PIPESTATUS[0]}
-if [[ $rc -eq 0 ]]; then note "gpu_harness: PASS ($(( $(date +%s) - th )) s)"; else note "FAIL: gpu_harness exit $rc"; status=1; fi
-# the warp-tile kernel (CM_DEPLOY_SCAN_WARP_TILES=1, read once per process): the same cases and timings
-note "gpu_harness, warp-tile kernel: correctness of every case and dtype, then timings"
-th=$(date +%s)
-CM_DEPLOY_SCAN_WARP_TILES=1 "${harness[@]}" --bench --out "$out/gpu_harness_warp.json" 2>&1 | tee "$out/gpu_harness_warp.log"
-rc=${PIPESTATUS[0]}
-if [[ $rc -eq 0 ]]; then note "gpu_harness (warp tiles): PASS ($(( $(date +%s) - th )) s)"; else note "FAIL: gpu_harness (warp tiles) exit $rc"; status=1; fi
+if [[ "${SKIP_HARNESS:-0}" == 1 ]]; then
+  note "gpu_harness skipped (SKIP_HARNESS=1)"
+else
+  note "gpu_harness: correctness of every case and dtype, then timings"
+  th=$(date +%s)
+  "${harness[@]}" "${bench_args[@]}" --out "$out/gpu_harness.json" 2>&1 | tee "$out/gpu_harness.log"
+  rc=${PIPESTATUS[0]}
+  if [[ $rc -eq 0 ]]; then note "gpu_harness: PASS ($(( $(date +%s) - th )) s)"; else note "FAIL: gpu_harness exit $rc"; status=1; fi
+  # the warp-tile kernel (CM_DEPLOY_SCAN_WARP_TILES=1, read once per process): the same cases and timings
+  note "gpu_harness, warp-tile kernel: correctness of every case and dtype, then timings"
+  th=$(date +%s)
+  CM_DEPLOY_SCAN_WARP_TILES=1 "${harness[@]}" --bench --out "$out/gpu_harness_warp.json" 2>&1 | tee "$out/gpu_harness_warp.log"
+  rc=${PIPESTATUS[0]}
+  if [[ $rc -eq 0 ]]; then note "gpu_harness (warp tiles): PASS ($(( $(date +%s) - th )) s)"; else note "FAIL: gpu_harness (warp tiles) exit $rc"; status=1; fi
+fi
 
-# --- 4. compute-sanitizer ------------------------------------------------------------------------------
+# --- 4. compute-sanitizer: every tool on every pass of the block kernel the libraries launch ---------
+#   fwd      coupledScanKernel<T, NPT, MT, false>: the scan (every --sanitize case; in tiny_segmented it
+#            also combines: each segment starts from the state carried through the summaries)
+#   summary  coupledScanKernel<T, NPT, MT, true>: the segment summaries of a segmented launch
+# Kernel filters match the mangled name, where the bool template argument is Lb0E / Lb1E. With a print
+# limit a run takes seconds (printing every hazard with its backtrace takes minutes). One log per tool
+# and pass in $out/sanitizer, ending with the tool's summary line.
 san=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)
+sdir=$out/sanitizer
+limit=${SANITIZER_PRINT_LIMIT:-10}
 if [[ "${SKIP_SANITIZERS:-0}" == 1 ]]; then
   note "sanitizers skipped (SKIP_SANITIZERS=1)"
 elif [[ -z "$san" ]]; then
   note "sanitizers skipped: compute-sanitizer not found"
 else
-  for kind in block warp; do
-    filter=()
-    kname=coupledScanKernel; [[ $kind == warp ]] && kname=coupledScanWarpKernel
-    if "$san" --help 2>/dev/null | grep -q -- "--kernel-name"; then filter=(--kernel-name kns=$kname); fi
-    wt=0; [[ $kind == warp ]] && wt=1
-    for tool in memcheck racecheck synccheck initcheck; do
+  mkdir -p "$sdir"
+  help=$("$san" --help 2>&1)
+  note "$("$san" --version 2>&1 | grep -iE "version" | head -n 1)"
+  declare -A filter=([fwd]='regex=coupledScanKernelI.*Lb0EEEv' [summary]='regex=coupledScanKernelI.*Lb1EEEv')
+  passes=(fwd summary)
+  if ! grep -q "regex" <<< "$help"; then
+    note "this compute-sanitizer has no regex kernel filter: both passes in one log per tool ('block')"
+    filter=([block]='kns=coupledScanKernelI'); passes=(block)
+  fi
+  for tool in memcheck racecheck synccheck initcheck; do
+    extra=()
+    [[ $tool == memcheck ]] && extra=(--leak-check no)
+    [[ $tool == racecheck ]] && extra=(--racecheck-report all)
+    # initcheck: shared memory too (a read of a shared-memory word no thread wrote), where supported
+    [[ $tool == initcheck ]] && grep -q -- "--initcheck-address-space" <<< "$help" && extra=(--initcheck-address-space all)
+    for pass in "${passes[@]}"; do
       ts=$(date +%s)
-      extra=()
-      [[ $tool == memcheck ]] && extra=(--leak-check no)
-      [[ $tool == racecheck ]] && extra=(--racecheck-report all)
-      # memcheck and initcheck check every kernel (torch's too); the others only ours (they are slow).
-      f=(); [[ $tool != memcheck && $tool != initcheck ]] && f=("${filter[@]}")
-      log="$out/sanitize_${tool}$([[ $kind == warp ]] && echo _warp).log"
-      CM_DEPLOY_SCAN_WARP_TILES=$wt timeout "${SANITIZER_TIMEOUT:-100}" "$san" --tool "$tool" "${f[@]}" "${extra[@]}" \
-        --error-exitcode 9 "${harness[@]}" --sanitize --out "${log%.log}.json" > "$log" 2>&1
+      log="$sdir/${tool}_${pass}.log"
+      CM_DEPLOY_SCAN_WARP_TILES=0 timeout "${SANITIZER_TIMEOUT:-100}" "$san" --tool "$tool" --kernel-name "${filter[$pass]}" \
+        --print-limit "$limit" --error-exitcode 9 "${extra[@]}" "${harness[@]}" --sanitize > "$log" 2>&1
       rc=$?
-      errs=$(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$log" | tail -n 1)
-      if [[ $rc -eq 0 ]]; then
-        note "compute-sanitizer $tool ($kind kernel): PASS ${errs} ($(( $(date +%s) - ts )) s)"
+      last=$(tail -n 1 "$log")
+      what="compute-sanitizer $tool, block kernel $pass"
+      if [[ $rc -eq 0 && $last == *SUMMARY* ]]; then
+        note "$what: PASS ${last} ($(( $(date +%s) - ts )) s)"
       elif [[ $rc -eq 124 ]]; then
-        note "compute-sanitizer $tool ($kind kernel): TIMEOUT after ${SANITIZER_TIMEOUT:-100} s (log: $(basename "$log"))"
-        [[ $tool == memcheck ]] && status=1
+        note "FAIL: $what: TIMEOUT after ${SANITIZER_TIMEOUT:-100} s (log: sanitizer/$(basename "$log"))"; status=1
       else
-        note "FAIL: compute-sanitizer $tool ($kind kernel) exit $rc ${errs} (log: $(basename "$log"))"
+        note "FAIL: $what: exit $rc, last line: ${last} (log: sanitizer/$(basename "$log"))"
         grep -E "=========" "$log" | head -n 20
         status=1
       fi
@@ -147,12 +166,21 @@ else
   done
 fi
 
-# --- 5. racecheck on the hand-off alone: named barrier vs none (see racecheck_handoff.cu) -------------
+# --- 5. racecheck on the hand-off alone (racecheck_handoff.cu): named producer barrier or not, 1 or 2
+# producer warps, 16- or 8-byte loads of bc; the kernel now is "plain 2 16", up to a115b47 "named 2 16"
 if [[ -n "$san" && "${SKIP_SANITIZERS:-0}" != 1 && -x "$build/plugins/trt_coupled_scan/racecheck_handoff" ]]; then
-  for v in named plain; do
-    "$san" --tool racecheck --racecheck-report all "$build/plugins/trt_coupled_scan/racecheck_handoff" "$v" \
-      > "$out/racecheck_handoff_$v.log" 2>&1
-    note "racecheck on the minimal hand-off ($v): exit $? $(grep -E "RACECHECK SUMMARY|ERROR SUMMARY" "$out/racecheck_handoff_$v.log" | tail -n 1) $(grep -E "^(named|plain) " "$out/racecheck_handoff_$v.log")"
+  for v in plain named; do
+    for w in 2 1; do
+      for b in 16 8; do
+        log="$sdir/racecheck_handoff_${v}_${w}_${b}.log"
+        timeout 60 "$san" --tool racecheck --racecheck-report all --print-limit "$limit" \
+          "$build/plugins/trt_coupled_scan/racecheck_handoff" "$v" "$w" "$b" > "$log" 2>&1
+        rc=$?
+        res=$(grep -E "^(named|plain) [12] (8|16): " "$log")
+        note "racecheck on the hand-off alone ($v, $w producer warps, $b-byte loads): exit $rc, ${res:-no result}, $(tail -n 1 "$log")"
+        [[ $res == *": ok "* ]] || status=1 # a hazard report is a finding to read; wrong values are a failure
+      done
+    done
   done
 fi
 
