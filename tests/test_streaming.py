@@ -94,6 +94,14 @@ def test_export_streaming_writes_both_graphs_and_the_manifest(exported):
                for n in scans)
 
 
+def test_stream_graph_keeps_every_node_on_the_cuda_device(exported):
+    """model.stream.onnx on ONNX Runtime's CUDA provider (predicted: runtime/placement.py): nothing on
+    the host at all (one T for every modality: no Max), no copies, CUDA graphs possible."""
+    from cm_deploy.runtime.placement import predict_cuda_placement
+    p = predict_cuda_placement(exported["out"] / "model.stream.onnx")
+    assert p.host_nodes == [] and p.copies == [] and p.cuda_graph_ok, p.to_dict()
+
+
 def _stream_files():
     from cm_deploy.runtime.native import find_library
     files = ["model.stream.portable.onnx"]
