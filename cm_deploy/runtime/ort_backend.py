@@ -64,6 +64,26 @@ def _to_numpy(value) -> np.ndarray:
     return out
 
 
+_preloaded = False
+
+
+def preload_cuda_libraries(ort) -> None:
+    """Load the CUDA and cuDNN libraries that onnxruntime-gpu's CUDA provider links against, from
+    pip's nvidia-* packages or torch (onnxruntime.preload_dlls, ORT >= 1.21), once per process,
+    before the first CUDA session. A failure (or an older ORT) leaves ORT to find them itself."""
+    global _preloaded
+    if _preloaded or not hasattr(ort, "preload_dlls"):
+        return
+    _preloaded = True
+    import contextlib
+    import io
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):      # it prints what it could not find
+            ort.preload_dlls()
+    except Exception:
+        pass
+
+
 def _one_line(e: BaseException) -> str:
     text = " ".join(str(e).split())
     return text[:400] + ("..." if len(text) > 400 else "")
@@ -104,9 +124,11 @@ class OrtBackend(Backend):
                 if cuda_graph:
                     cuda_opts["enable_cuda_graph"] = "1"
                 providers[0] = ("CUDAExecutionProvider", cuda_opts)
-        if cuda_graph and not any((p[0] if isinstance(p, tuple) else p) == "CUDAExecutionProvider"
-                                  for p in providers):
+        wants_cuda = any((p[0] if isinstance(p, tuple) else p) == "CUDAExecutionProvider" for p in providers)
+        if cuda_graph and not wants_cuda:
             raise UserError("cuda_graph needs ONNX Runtime's CUDA provider (onnxruntime-gpu and a CUDA device)")
+        if wants_cuda:
+            preload_cuda_libraries(ort)
         self.cuda_graph = bool(cuda_graph)
         self.tf32 = bool(tf32)
         self.graph_max_shapes = int(graph_max_shapes)
@@ -355,6 +377,8 @@ def copy_into(value, src, info=None) -> bool:
             return False
         from .cuda import check, cudart
         rt = cudart()
+        if info.stream not in (None, 1, 2):      # a producer's own stream (CAI v3): its work first
+            check(rt.cudaStreamSynchronize(info.stream), "cudaStreamSynchronize")
         kind = rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice if info.on_device else rt.cudaMemcpyKind.cudaMemcpyHostToDevice
         if not on_gpu:
             kind = rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
