@@ -8,7 +8,8 @@ Paper config (text 768, audio 74, vision 35; d_model 128, 3 layers, d_state 64),
 (seed 0), exported at float32, float16 and bfloat16. At 64 x 500 and 1 x 500, per precision:
   * torch eager / torch CUDA graph : cm_deploy.runtime.TorchBackend (the Triton scan), inputs on the GPU
   * ort+op / ort+op graph          : model.onnx on ORT's CUDA provider with the CoupledScan op library,
-                                     without and with enable_cuda_graph
+                                     without and with enable_cuda_graph (float32 exact: no TF32)
+  * ort+op tf32 (float32)          : the same with TF32 allowed in float32 GEMMs, ORT's own default
   * ort portable                   : model.portable.onnx on ORT's CUDA provider (the ONNX Scan)
 Latency: median wall clock of one synchronous call (inputs already on the GPU, bound by pointer;
 the (batch, 1) output copied back), after warm-up. Parity: max abs and relative (to the reference's
@@ -114,6 +115,9 @@ def main():
                         ("ort+op graph", lambda: load(os.path.join(exports[dt], "model.onnx"), device=dev,
                                                       ort_ops=lib, cuda_graph=True)),
                         ("ort portable", lambda: load(os.path.join(exports[dt], "model.portable.onnx"), device=dev))]
+            if dt == "float32":     # ORT's own default: TF32 in float32 GEMMs (the runtime's default is exact)
+                variants.insert(4, ("ort+op tf32", lambda: load(os.path.join(exports[dt], "model.onnx"), device=dev,
+                                                                ort_ops=lib, tf32=True)))
             for name, make in variants:
                 if not cuda and "graph" in name:
                     continue

@@ -20,6 +20,8 @@
 #   ort      model.onnx / model.stream.onnx on ORT's CUDA provider with that op library: every node's provider
 #            vs the prediction (placement table), CUDA graphs vs uncaptured runs, exact float32, per-token
 #            streaming with the state on the device (tests/gpu/test_ort_cuda.py; needs onnxruntime-gpu)
+#   profile  GPU time by kernel group (scan, GEMM, conv, layer norm, rest) of model.onnx on ORT CUDA and of the
+#            PyTorch model, on the deploy stage's exports (benchmarks/ort_profile.py; run deploy first)
 #   stream   Stream.push at T = 1 and 16, batch 1 and 64: ORT CUDA with CUDA graphs vs PyTorch's step in a
 #            CUDA graph (benchmarks/bench_stream.py; needs onnxruntime-gpu)
 #   tests    every GPU test in one pytest run (what the stages above run, minus the sanitizers and benchmarks)
@@ -28,7 +30,7 @@
 # (default .carry/trt). Exit status: the number of failed stages.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-stages=${*:-ops kernels compile plugin export rtx runtime deploy ort stream}
+stages=${*:-ops kernels compile plugin export rtx runtime deploy profile ort stream}
 work=${WORK:-/tmp/cm-gpu-checks}; mkdir -p "$work"
 export PYTHONUNBUFFERED=1 TensorRT_ROOT=${TensorRT_ROOT:-$PWD/.carry/trt} CM_GPU_OUT=$work
 py=${PYTHON:-python3}
@@ -47,6 +49,9 @@ for s in $stages; do case $s in
   rtx)     stage rtx "$py" plugins/trt_coupled_scan/tests/trt_rtx_check.py --plugin "$plugin_lib" \
              --out "$work/rtx_check.json" --workdir "$work/rtx" "$work/export/float32/model.onnx" "$work/export/float16/model.onnx" ;;
   deploy)  stage deploy env TRITON_INTERPRET=0 "$py" benchmarks/bench_deploy.py --out "$work/deploy" --ort-ops "$ort_lib" ;;
+  profile) stage profile env TRITON_INTERPRET=0 "$py" benchmarks/ort_profile.py --ckpt "$work/deploy/ckpt.pt" \
+             --export "$work/deploy/export_float32" --export "$work/deploy/export_float16" \
+             --export "$work/deploy/export_bfloat16" --ort-ops "$ort_lib" --out "$work/profile" ;;
   ort)     stage ort env TRITON_INTERPRET=0 CM_DEPLOY_ORT_OP_LIBRARY="$ort_lib" "${pytest[@]}" -m gpu tests/gpu/test_ort_cuda.py ;;
   stream)  stage stream env TRITON_INTERPRET=0 "$py" benchmarks/bench_stream.py --out "$work/stream" --ort-ops "$ort_lib" ;;
   tests)   stage tests env TRITON_INTERPRET=0 CM_DEPLOY_ORT_OP_LIBRARY="$ort_lib" CM_DEPLOY_PLUGIN="$plugin_lib" \
