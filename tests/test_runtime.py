@@ -312,6 +312,17 @@ def test_ort_graph_captures_per_shape_on_the_cpu(art):
             m.run(feeds, out={"nope": outs["output"]})
 
 
+def test_ort_graph_output_shapes_from_input_symbols():
+    """A capture's output buffers are sized from the inputs' symbols when every output dim is one."""
+    from cm_deploy.runtime.ort_backend import output_shapes
+    ins = [S.TensorSpec("x", ("batch", "T", 5), "float32"), S.TensorSpec("state.a", ("batch", 4), "float32")]
+    infos = {"x": S.array_info(np.zeros((3, 7, 5), np.float32)), "state.a": S.array_info(np.zeros((3, 4), np.float32))}
+    outs = [S.TensorSpec("output", ("batch", 1), "float32"), S.TensorSpec("next_state.a", ("batch", 4), "float32")]
+    assert output_shapes(ins, outs, infos) == {"output": [3, 1], "next_state.a": [3, 4]}
+    assert output_shapes(ins, [S.TensorSpec("y", ("unk__1", 1), "float32")], infos) is None
+    assert output_shapes(ins, [S.TensorSpec("y", (None, 1), "float32")], infos) is None
+
+
 def test_torch_backend_precisions_and_errors(art):
     from cm_deploy.runtime.parity import run_parity, tolerance
     from cm_deploy.runtime.specs import ShapeChoice

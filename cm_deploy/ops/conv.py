@@ -23,7 +23,7 @@ def causal_conv_silu_reference(x, weight, bias=None, left=None):
     K = weight.shape[-1]
     # (b, M, K - 1 + L, E). Every slice below has constant bounds (counted from the end where they
     # depend on L), so that the exported graph computes nothing from L's value.
-    ext = F.pad(x, (0, 0, K - 1, 0)) if left is None else torch.cat([left.to(x.dtype), x], dim=2)
+    ext = torch.cat([_zero_steps(x, K - 1) if left is None else left.to(x.dtype), x], dim=2)
     # math in the wider of the two dtypes (float32 for bfloat16 activations and float32 weights)
     ct = torch.promote_types(x.dtype, weight.dtype)
     w = weight.to(ct)
@@ -35,6 +35,12 @@ def causal_conv_silu_reference(x, weight, bias=None, left=None):
     if bias is not None:
         acc = acc + bias.to(ct)[None, :, None, :]
     return F.silu(acc).to(x.dtype), _last(ext, K - 1)
+
+
+def _zero_steps(x, n):
+    """n zero steps shaped like x's (b, M, ., E). Exported as Shape -> Expand and a Concat (no shape
+    arithmetic, and kernels every ONNX Runtime CUDA type has, unlike Pad's)."""
+    return torch.cat([torch.zeros_like(x[:, :, :1])] * n, dim=2) if n > 0 else x[:, :, :0]
 
 
 def _last(x, n):
@@ -49,7 +55,8 @@ def conv_tail(left, x, K):
     # one expression for every length (exported graphs have a symbolic one): at most K - 1 steps
     # of x (a negative start clamps), after left (or zeros), then the last K - 1
     tail = x[:, :, -(K - 1):]
-    ext = F.pad(tail, (0, 0, K - 1, 0)) if left is None else torch.cat([left, tail.to(left.dtype)], dim=2)
+    head = _zero_steps(tail, K - 1) if left is None else left
+    ext = torch.cat([head, tail.to(head.dtype)], dim=2)
     return _last(ext, K - 1)
 
 

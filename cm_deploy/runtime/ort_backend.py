@@ -309,17 +309,22 @@ class OrtBackend(Backend):
 
 class _Capture:
     """One CUDA graph of a session: its gpu_graph_id, the device buffers its inputs are copied
-    into (all but OrtValue inputs, which are bound as they are), and its outputs (the out= values,
-    else buffers of the shapes a first, uncaptured run reports). ONNX Runtime runs the first calls
-    of an id normally, captures the next and replays it from then on, at the bound addresses."""
+    into (all but OrtValue inputs, which are bound as they are), and its outputs: the out= values,
+    else buffers of the output shapes (their symbolic dims read off the inputs', as "batch"; where
+    that does not settle them, a first, uncaptured run reports them). ONNX Runtime runs the first
+    calls of an id normally, captures the next and replays it from then on, at the bound addresses.
+    Every buffer is allocated apart from the session's arena, so no later run reuses its memory."""
 
     def __init__(self, graph_id, backend, infos, out):
         self.graph_id = graph_id
         self.out = dict(out)
-        self.inputs = {s.name: backend._ort.OrtValue.ortvalue_from_shape_and_type(
-            list(infos[s.name].shape), _elem(s.dtype), backend.device_type, backend.device_id)
-            for s in backend.inputs if not infos[s.name].ortvalue}
-        self.outputs = None           # filled by the first run
+        new = lambda shape, dtype: backend._ort.OrtValue.ortvalue_from_shape_and_type(  # noqa: E731
+            list(shape), _elem(dtype), backend.device_type, backend.device_id)
+        self.inputs = {s.name: new(infos[s.name].shape, s.dtype) for s in backend.inputs if not infos[s.name].ortvalue}
+        shapes = output_shapes(backend.inputs, backend.outputs, infos)
+        self.outputs = None if shapes is None else {
+            s.name: self.out[s.name] if s.name in self.out else new(shapes[s.name], s.dtype) for s in backend.outputs}
+        self.binding = None
         self.options = backend._ort.RunOptions()
         self.options.add_run_config_entry("gpu_graph_id", str(graph_id))
 
@@ -330,6 +335,8 @@ class _Capture:
             from .cuda import cudart, check
             check(cudart().cudaStreamSynchronize(0), "cudaStreamSynchronize")
         first = self.outputs is None
+        if self.binding is None and not first:
+            self.binding = self._bind(backend, feeds, self.outputs)
         binding = self._bind(backend, feeds) if first else self.binding
         try:
             backend.session.run_with_iobinding(binding, backend._run_uncaptured() if first else self.options)
@@ -359,6 +366,23 @@ class _Capture:
             else:
                 binding.bind_output(spec.name, backend.device_type, backend.device_id)
         return binding
+
+
+def output_shapes(inputs, outputs, infos) -> dict | None:
+    """{output name: concrete shape} where every symbolic output dim is one of the inputs' symbols
+    (the exported graphs' "batch"), for these input shapes; None when one is not."""
+    known = {}
+    for spec in inputs:
+        for dim, n in zip(spec.shape, infos[spec.name].shape):
+            if isinstance(dim, str):
+                known[dim] = int(n)
+    out = {}
+    for spec in outputs:
+        dims = [d if isinstance(d, int) else known.get(d) for d in spec.shape]
+        if any(d is None or d < 0 for d in dims):
+            return None
+        out[spec.name] = dims
+    return out
 
 
 def copy_into(value, src, info=None) -> bool:
