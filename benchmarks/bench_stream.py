@@ -23,14 +23,11 @@ Goal (issue 21): ort stream graph <= 1.2x torch step graph. Outputs: stream.json
 """
 from __future__ import annotations
 
-import argparse
 import os
-import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import Budget, env_info, err_str, log, md_table, write_json  # noqa: E402
+from common import Budget, err_str, log, md_table, ort_bench_args, ort_bench_record, synchronous_latency, write_json  # noqa: E402
 
 PAPER = dict(modalities={"text": 768, "audio": 74, "vision": 35}, d_model=128, n_layers=3, d_state=64)
 CASES = [(1, 1), (1, 16), (64, 1), (64, 16)]          # (batch, T)
@@ -38,17 +35,6 @@ SMOKE = dict(config=dict(modalities={"text": 12, "audio": 7, "vision": 5}, d_mod
              cases=[(1, 1), (2, 4)])
 GOAL = 1.2
 PARITY_PUSHES = 6
-
-
-def timed(push, warmup, iters, budget_s):
-    for _ in range(warmup):
-        push()
-    lat, t_end = [], time.perf_counter() + budget_s
-    while len(lat) < iters and (len(lat) < 5 or time.perf_counter() < t_end):
-        t0 = time.perf_counter()
-        push()
-        lat.append((time.perf_counter() - t0) * 1e3)
-    return {"p50_ms": statistics.median(lat), "min_ms": min(lat), "n": len(lat)}
 
 
 class TorchStepper:
@@ -88,24 +74,15 @@ class TorchStepper:
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", required=True)
-    p.add_argument("--smoke", action="store_true")
-    p.add_argument("--budget", type=float, default=240.0)
-    p.add_argument("--ort-ops", default=None, help="the CoupledScan op library (default: the runtime's search)")
-    p.add_argument("--iters", type=int, default=200)
-    a = p.parse_args()
-    os.makedirs(a.out, exist_ok=True)
+    a = ort_bench_args(__doc__, budget=240.0, iters=200)
     budget = Budget(a.budget)
 
     import numpy as np
-    import onnxruntime as ort
     import torch
 
     from cm_deploy import CoupledMamba, CoupledMambaConfig, save_checkpoint
     from cm_deploy.export import export_checkpoint
     from cm_deploy.runtime import open_stream
-    from cm_deploy.runtime.native import find_library
     from cm_deploy.runtime.placement import predict_cuda_placement
     from cm_deploy.runtime.torch_backend import TorchBackend
 
@@ -113,11 +90,7 @@ def main():
     dev = "cuda" if cuda else "cpu"
     cfg_kw = SMOKE["config"] if a.smoke else PAPER
     cases = SMOKE["cases"] if a.smoke else CASES
-    lib = find_library("ort", a.ort_ops, required=False)
-    res = {"kind": "stream", "smoke": a.smoke, "env": env_info(), "config": cfg_kw, "ort": ort.__version__,
-           "ort_providers": ort.get_available_providers(), "ort_ops": str(lib) if lib else None, "rows": [],
-           "goal": GOAL}
-    log(f"ORT {ort.__version__} providers {res['ort_providers']}; op library {lib}")
+    res, lib = ort_bench_record("stream", a, cfg_kw, goal=GOAL)
 
     torch.manual_seed(0)
     ckpt = save_checkpoint(CoupledMamba(CoupledMambaConfig(**cfg_kw)), os.path.join(a.out, "ckpt.pt"))
@@ -159,8 +132,8 @@ def main():
                         row["state_device"] = s.state_device
                         row["name"] = s.backend.name
                     k = iter(range(1 << 30))
-                    row.update(timed(lambda: push(chunks[next(k) % len(chunks)]), warmup=10 if cuda else 1,
-                                     iters=a.iters if cuda else 3, budget_s=min(15.0, budget.left() / 8)))
+                    row.update(synchronous_latency(lambda: push(chunks[next(k) % len(chunks)]), warmup=10 if cuda else 1,
+                                     iters=a.iters if cuda else 3, budget_s=min(15.0, budget.left() / 8), min_iters=5))
                     if hasattr(s, "backend") and getattr(s.backend, "cuda_graph", False):
                         row["captured_shapes"] = s.backend.captured_shapes
                 finally:
