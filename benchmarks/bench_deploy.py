@@ -8,7 +8,8 @@ Paper config (text 768, audio 74, vision 35; d_model 128, 3 layers, d_state 64),
 (seed 0), exported at float32, float16 and bfloat16. At 64 x 500 and 1 x 500, per precision:
   * torch eager / torch CUDA graph : cm_deploy.runtime.TorchBackend (the Triton scan), inputs on the GPU
   * ort+op / ort+op graph          : model.onnx on ORT's CUDA provider with the CoupledScan op library,
-                                     without and with enable_cuda_graph
+                                     without and with enable_cuda_graph (float32 exact: no TF32)
+  * ort+op tf32 (float32)          : the same with TF32 allowed in float32 GEMMs, ORT's own default
   * ort portable                   : model.portable.onnx on ORT's CUDA provider (the ONNX Scan)
 Latency: median wall clock of one synchronous call (inputs already on the GPU, bound by pointer;
 the (batch, 1) output copied back), after warm-up. Parity: max abs and relative (to the reference's
@@ -18,14 +19,11 @@ latency. Outputs: deploy.json, DEPLOY.md.
 """
 from __future__ import annotations
 
-import argparse
 import os
-import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import Budget, env_info, err_str, log, write_json  # noqa: E402
+from common import Budget, err_str, log, ort_bench_args, ort_bench_record, synchronous_latency, write_json  # noqa: E402
 
 PAPER = dict(modalities={"text": 768, "audio": 74, "vision": 35}, d_model=128, n_layers=3, d_state=64)
 SHAPES = [(64, 500), (1, 500)]
@@ -35,36 +33,16 @@ SMOKE = dict(config=dict(modalities={"text": 12, "audio": 7, "vision": 5}, d_mod
 GOAL = 1.2
 
 
-def timed(fn, warmup, iters, budget_s):
-    for _ in range(warmup):
-        fn()
-    lat, t_end = [], time.perf_counter() + budget_s
-    while len(lat) < iters and (len(lat) < 3 or time.perf_counter() < t_end):
-        t0 = time.perf_counter()
-        fn()
-        lat.append((time.perf_counter() - t0) * 1e3)
-    return {"p50_ms": statistics.median(lat), "min_ms": min(lat), "n": len(lat)}
-
-
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", required=True)
-    p.add_argument("--smoke", action="store_true")
-    p.add_argument("--budget", type=float, default=600.0)
-    p.add_argument("--ort-ops", default=None, help="the CoupledScan op library (default: the runtime's search)")
-    p.add_argument("--iters", type=int, default=50)
-    a = p.parse_args()
-    os.makedirs(a.out, exist_ok=True)
+    a = ort_bench_args(__doc__, budget=600.0, iters=50)
     budget = Budget(a.budget)
 
     import numpy as np
-    import onnxruntime as ort
     import torch
 
     from cm_deploy import CoupledMamba, CoupledMambaConfig, save_checkpoint
     from cm_deploy.export import export_checkpoint
     from cm_deploy.runtime import load
-    from cm_deploy.runtime.native import find_library
     from cm_deploy.runtime.torch_backend import TorchBackend
 
     cuda = torch.cuda.is_available() and not a.smoke
@@ -72,11 +50,7 @@ def main():
     cfg_kw = SMOKE["config"] if a.smoke else PAPER
     shapes = SMOKE["shapes"] if a.smoke else SHAPES
     dtypes = SMOKE["dtypes"] if a.smoke else DTYPES
-    lib = find_library("ort", a.ort_ops, required=False)
-    res = {"kind": "deploy", "smoke": a.smoke, "env": env_info(), "config": cfg_kw, "ort": ort.__version__,
-           "ort_providers": ort.get_available_providers(), "ort_ops": str(lib) if lib else None, "rows": [],
-           "parity": [], "nodes": {}, "goal": GOAL}
-    log(f"ORT {ort.__version__} providers {res['ort_providers']}; op library {lib}")
+    res, lib = ort_bench_record("deploy", a, cfg_kw, parity=[], nodes={}, goal=GOAL)
 
     torch.manual_seed(0)
     ckpt = save_checkpoint(CoupledMamba(CoupledMambaConfig(**cfg_kw)), os.path.join(a.out, "ckpt.pt"))
@@ -114,6 +88,9 @@ def main():
                         ("ort+op graph", lambda: load(os.path.join(exports[dt], "model.onnx"), device=dev,
                                                       ort_ops=lib, cuda_graph=True)),
                         ("ort portable", lambda: load(os.path.join(exports[dt], "model.portable.onnx"), device=dev))]
+            if dt == "float32":     # ORT's own default: TF32 in float32 GEMMs (the runtime's default is exact)
+                variants.insert(4, ("ort+op tf32", lambda: load(os.path.join(exports[dt], "model.onnx"), device=dev,
+                                                                ort_ops=lib, tf32=True)))
             for name, make in variants:
                 if not cuda and "graph" in name:
                     continue
@@ -125,7 +102,7 @@ def main():
                         err = np.abs(np.asarray(out, dtype=np.float64) - want)
                         row.update(max_abs=float(err.max()), max_rel=float(err.max() / scale),
                                    finite=bool(np.isfinite(np.asarray(out, dtype=np.float64)).all()), name=b.name)
-                        row.update(timed(lambda: b.run(feeds), warmup=5 if cuda else 1,
+                        row.update(synchronous_latency(lambda: b.run(feeds), warmup=5 if cuda else 1,
                                          iters=a.iters if cuda else 3, budget_s=min(20.0, budget.left() / 8)))
                     finally:
                         b.close()

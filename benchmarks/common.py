@@ -295,3 +295,42 @@ def status_of(entry):
         if "skipped" in entry:
             return "skipped"
     return "ok"
+
+
+def synchronous_latency(fn, warmup, iters, budget_s, min_iters=3):
+    """Median and min wall clock (ms) of synchronous calls of fn, after `warmup` untimed ones: up to
+    `iters` calls, fewer past `budget_s` seconds (never fewer than min_iters)."""
+    for _ in range(warmup):
+        fn()
+    lat, t_end = [], time.perf_counter() + budget_s
+    while len(lat) < iters and (len(lat) < min_iters or time.perf_counter() < t_end):
+        t0 = time.perf_counter()
+        fn()
+        lat.append((time.perf_counter() - t0) * 1e3)
+    return {"p50_ms": statistics.median(lat), "min_ms": min(lat), "n": len(lat)}
+
+
+def ort_bench_args(doc, budget, iters):
+    """The command line of the ONNX Runtime benchmarks (bench_deploy, bench_stream), parsed; --out created."""
+    import argparse
+    p = argparse.ArgumentParser(description=doc.split("\n")[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--smoke", action="store_true")
+    p.add_argument("--budget", type=float, default=budget)
+    p.add_argument("--ort-ops", default=None, help="the CoupledScan op library (default: the runtime's search)")
+    p.add_argument("--iters", type=int, default=iters)
+    a = p.parse_args()
+    os.makedirs(a.out, exist_ok=True)
+    return a
+
+
+def ort_bench_record(kind, args, config, **extra):
+    """(result record, op library path or None) of an ONNX Runtime benchmark: environment, versions,
+    providers, the op library the runtime found."""
+    import onnxruntime as ort
+    from cm_deploy.runtime.native import find_library
+    lib = find_library("ort", args.ort_ops, required=False)
+    res = {"kind": kind, "smoke": args.smoke, "env": env_info(), "config": config, "ort": ort.__version__,
+           "ort_providers": ort.get_available_providers(), "ort_ops": str(lib) if lib else None, "rows": [], **extra}
+    log(f"ORT {ort.__version__} providers {res['ort_providers']}; op library {lib}")
+    return res, lib

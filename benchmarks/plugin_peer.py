@@ -79,7 +79,7 @@ class HarnessRunner:
     def __init__(self, path):
         self.path = path
         plugin = os.path.join(os.path.dirname(path), "libcoupled_scan_plugin.so")
-        if os.path.exists(plugin):   # as gpu_harness.py does: the plugin first, global
+        if os.path.exists(plugin):   # as tests/gpu/plugin_harness.py does: the plugin first, global
             self._plugin = ctypes.CDLL(plugin, mode=ctypes.RTLD_GLOBAL)
         lib = ctypes.CDLL(path)
         i64p = ctypes.POINTER(ctypes.c_int64)

@@ -33,7 +33,7 @@ DEV = torch.device("cpu" if SMOKE else "cuda")
 
 
 def inputs(b, M, L, E, N, dtype, seed=0):
-    # Mamba-like magnitudes (as gpu_check_ops.py): dt = softplus(delta + bias) in ~[1e-3, 0.1]
+    # Mamba-like magnitudes (as tests/gpu/check_ops.py): dt = softplus(delta + bias) in ~[1e-3, 0.1]
     g = torch.Generator().manual_seed(seed)
     dt0 = torch.exp(torch.rand(M, E, generator=g) * (math.log(0.1) - math.log(1e-3))
                     + math.log(1e-3))

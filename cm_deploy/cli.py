@@ -55,6 +55,9 @@ def _model_options(f):
     f = click.option("--chunk", type=click.IntRange(min=1), default=None, expose_value=False, callback=_remember,
                      metavar="T", help="Checkpoints: run the layers over time chunks of T steps with the state "
                                        "carried (same outputs, activation memory bounded by T instead of L).")(f)
+    f = click.option("--tf32", is_flag=True, default=False, expose_value=False, callback=_remember,
+                     help="ONNX Runtime on CUDA: allow TF32 in float32 MatMul/Gemm (faster, ~1e-4 relative error "
+                          "and batch-dependent results; default exact float32, as engines built without --tf32).")(f)
     f = click.option("--backend", type=click.Choice(["ort", "trt", "torch"]), default=None, expose_value=False,
                      callback=_remember, help="Override the backend the file type picks (.engine: trt, .onnx: "
                                               "ort, .pt: torch); trt on an .onnx builds an engine first.")(f)
@@ -71,7 +74,8 @@ def _open(path, plugin=None, device=None, trt_module=None, dtype=None, cuda_grap
     meta = click.get_current_context().meta
     b = load(path, plugin=plugin, device=device, trt_module=trt_module, dtype=dtype,
              cuda_graph=cuda_graph, scan_impl=scan_impl, backend=meta.get("cm_deploy.backend"),
-             ort_ops=meta.get("cm_deploy.ort_ops"), chunk=meta.get("cm_deploy.chunk"))
+             ort_ops=meta.get("cm_deploy.ort_ops"), chunk=meta.get("cm_deploy.chunk"),
+             tf32=meta.get("cm_deploy.tf32", False))
     b.check_finite = meta.get("cm_deploy.check_finite", True)
     return b
 
@@ -362,7 +366,7 @@ def parity(checkpoint, model, inputs_path, batch, lengths, atol, rtol, seed, dty
 @click.option("--iters", type=click.IntRange(min=1), default=50, show_default=True, help="Timed runs.")
 @click.option("--timer", type=click.Choice(["auto", "builtin", "trtexec"]), default="auto", show_default=True,
               help="auto: trtexec for engines when it is on PATH ($CM_DEPLOY_TRTEXEC), else the built-in timer.")
-@click.option("--cuda-graph", is_flag=True, help="CUDA graph replay (engines, checkpoints on CUDA, trtexec).")
+@click.option("--cuda-graph", is_flag=True, help="CUDA graph replay (engines, checkpoints and ONNX on CUDA, trtexec).")
 @click.option("--dtype", default=None, help="Precision of checkpoint models (default float32).")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
               help="Write latency vs batch size (or vs length when one batch is given) to this PNG.")

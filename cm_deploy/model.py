@@ -37,31 +37,61 @@ def resample_linear(h, L):
     return resample_valid(h, full, torch.full_like(full, L), L)
 
 
-def resample_valid(h, length, target, L):
+def _steps(*xs, axis=1):
+    """0 .. n - 1 as int64 (n,) on xs' device, n the longest of xs' sizes along `axis`. Exported
+    graphs compute it on the device from the inputs' shapes alone (ops.onnx_node.onnx_steps): no
+    int64 arithmetic on shape values, which ONNX Runtime's CUDA provider runs on the host with a
+    copy to the device after it (and then cannot capture the graph in a CUDA graph)."""
+    if torch.onnx.is_in_onnx_export():
+        from .ops.onnx_node import onnx_steps
+        return onnx_steps(xs, axis)
+    n = functools.reduce(torch.sym_max, (x.shape[axis] for x in xs))
+    return torch.arange(n, device=xs[0].device)
+
+
+class _StepCache:
+    """_steps, computed once per distinct size within one forward (exported graphs would otherwise
+    repeat the same few device nodes at every use). Call it as _steps."""
+
+    def __init__(self):
+        self._memo = {}
+
+    def __call__(self, *xs, axis=1):
+        key = (axis, tuple(sorted({str(x.shape[axis]) for x in xs})))
+        if key not in self._memo:
+            self._memo[key] = _steps(*xs, axis=axis)
+        return self._memo[key]
+
+
+def _pick_rows(h, idx, steps=_steps):
+    """out[i, t] = h[i, idx[i, t]]: h (b, L_m, d), idx int64 (b, L) (indices past L_m - 1 read
+    row L_m - 1). One Gather of rows of h's (b * L_m, d) view, with the row offsets computed on the
+    device (the view's shape has one computed dim, -1; the result needs no reshape). steps: _steps
+    or a _StepCache."""
+    last = steps(h)[-1:]                                                 # L_m - 1, as a (1,) tensor
+    base = steps(h, axis=0)[:, None] * (last + 1)                       # (b, 1): i * L_m
+    return F.embedding(base + torch.minimum(idx, last), h.reshape(-1, h.shape[2]))
+
+
+def resample_valid(h, length, target, L, steps=_steps):
     """Per sample i: h[i, :length[i]] resampled linearly (aligned end points) to target[i] steps,
     written to out[i, :target[i]]; out[i, target[i]:] = 0. h (b, L_m, d), length and target int64
-    (b,), L >= max(target). Only valid steps are read (indices stay below length[i]), so padding
-    never reaches the output; a sample with length 0 gives zeros. Index arithmetic only, so that it
-    exports with symbolic lengths (L = 1 included)."""
-    Lm = h.shape[1]
+    (b,), L >= max(target): the output length, or its steps 0 .. L - 1 as an int64 (L,) tensor
+    (_steps). Only valid steps are read (indices stay below length[i]), so padding never reaches
+    the output; a sample with length 0 gives zeros. Index arithmetic on the device only, so that it
+    exports with symbolic lengths (L = 1 included) and no shape arithmetic. steps: as _pick_rows."""
+    out_steps = L if torch.is_tensor(L) else torch.arange(L, device=h.device)
     last = (length - 1).clamp(min=0)                                     # (b,)
     # float32 scale times the step index, as PyTorch's own kernel computes the source position
     scale = last.float() / (target - 1).clamp(min=1).float()             # (b,)
-    pos = torch.arange(L, device=h.device, dtype=torch.float32)[None, :] * scale[:, None]   # (b, L)
+    pos = out_steps.float()[None, :] * scale[:, None]                    # (b, L)
     hi = last.float()[:, None]
     i0 = torch.minimum(pos.floor(), hi)                                  # float clamps: no integer Clip
     w = (pos - i0).unsqueeze(-1)                                         # weight of the right neighbour
     i1 = torch.minimum(i0 + 1, hi)
-    # rows of h flattened to (b * L_m, d), picked by one index per (sample, step): a Gather of b * L
-    # rows, not of b * L * d elements
-    b, d = h.shape[0], h.shape[2]
-    rows = h.reshape(b * Lm, d)
-    base = (torch.arange(b, device=h.device) * Lm)[:, None]
-    pick = lambda i: rows.index_select(0, (base + i.long().clamp(max=Lm - 1)).reshape(-1)).reshape(b, L, d)  # noqa: E731
-    left, right = pick(i0).float(), pick(i1).float()
+    left, right = _pick_rows(h, i0.long(), steps).float(), _pick_rows(h, i1.long(), steps).float()
     out = (1 - w) * left + w * right
-    steps = torch.arange(L, device=h.device)[None, :]
-    keep = (steps < target[:, None]) & (length[:, None] > 0)
+    keep = (out_steps[None, :] < target[:, None]) & (length[:, None] > 0)
     return torch.where(keep.unsqueeze(-1), out, torch.zeros((), device=h.device)).to(h.dtype)
 
 
@@ -430,9 +460,10 @@ class CoupledMamba(nn.Module):
         else:
             lens = [self._lengths(ln, x, batch, n) for ln, x, n in zip(self._ordered(lengths, "lengths"), xs, self.names)]
             common = functools.reduce(torch.maximum, lens)                  # each sample's common length
-            hs = [self._align(self.embed[n](self._zero_padding(x, ln)), ln, common, L)
+            st = _StepCache()
+            hs = [self._align(self.embed[n](self._zero_padding(x, ln, st)), ln, common, st(*xs), st)
                   for n, x, ln in zip(self.names, xs, lens)]
-            valid = torch.arange(L, device=xs[0].device)[None, :] < common[:, None]    # (batch, L)
+            valid = st(*xs)[None, :] < common[:, None]                     # (batch, L)
         ax = self._modality_axis()
         h = torch.stack(hs, dim=ax)       # the one copy that brings the modalities together
         del hs
@@ -467,7 +498,7 @@ class CoupledMamba(nn.Module):
                 whole = [self._to_length(self.embed[n](x), L) for n, x in zip(self.names, xs)]
             else:
                 common = functools.reduce(torch.maximum, lens)
-                whole = [self._align(self.embed[n](self._zero_padding(x, ln)), ln, common, L)
+                whole = [self._align(self.embed[n](self._zero_padding(x, ln)), ln, common, _steps(*xs))
                          for n, x, ln in zip(self.names, xs, lens)]
         if lens is None:
             valid, count = None, None
@@ -528,7 +559,8 @@ class CoupledMamba(nn.Module):
     def _head(self, pooled, ax):
         # pooled (M, b, d) or (b, M, d) -> the head's (b, M * d), modalities in config order
         pooled = pooled.transpose(0, 1) if ax == 0 else pooled
-        return self.head(pooled.reshape(pooled.shape[0], -1).to(self.head.weight.dtype))
+        # -1 for the batch: the exported Reshape's shape is a constant, not computed from the input's
+        return self.head(pooled.reshape(-1, pooled.shape[1] * pooled.shape[2]).to(self.head.weight.dtype))
 
     # ---------------------------------------------------------------- streaming (docs/streaming.md)
 
@@ -578,7 +610,8 @@ class CoupledMamba(nn.Module):
         else:
             lens = [self._lengths(ln, x, batch, n) for ln, x, n in zip(self._ordered(lengths, "lengths"), xs, self.names)]
         common = functools.reduce(torch.maximum, lens)
-        hs = [self._zero_padding(self.embed[n](self._zero_padding(x, ln)), ln)
+        st = _StepCache()       # T: one size for every modality
+        hs = [self._zero_padding(self.embed[n](self._zero_padding(x, ln, st)), ln, st)
               for n, x, ln in zip(self.names, xs, lens)]
         ax = self._modality_axis()
         h = torch.stack(hs, dim=ax)
@@ -592,7 +625,7 @@ class CoupledMamba(nn.Module):
                 new[f"scan.{i}"] = scan[0]
             else:
                 new.update({f"scan.{i}.{n}": c for n, c in zip(self.names, scan)})
-        valid = (torch.arange(T, device=xs[0].device)[None, :] < common[:, None]).unsqueeze(-1)
+        valid = (st(xs[0])[None, :] < common[:, None]).unsqueeze(-1)
         valid = valid[None] if ax == 0 else valid[:, None]
         count = state["count"] + common.float()
         h = torch.where(valid, self._final_norm(h, ax), torch.zeros((), device=h.device)).sum(2)
@@ -615,18 +648,23 @@ class CoupledMamba(nn.Module):
             return F.pad(h, (0, 0, 0, L - h.shape[1]))
         return resample_linear(h, L)
 
-    def _align(self, h, length, common, L):
-        """Padded sequences with per-sample valid lengths to the common axis L (see the module doc)."""
-        if self.config.length_rule == "pad":
-            h = self._zero_padding(h, length)
-            return h if statically_known_true(h.shape[1] == L) else F.pad(h, (0, 0, 0, L - h.shape[1]))
-        return resample_valid(h, length, common, L)
+    def _align(self, h, length, common, out_steps, steps=_steps):
+        """Padded sequences with per-sample valid lengths to the common axis, whose steps 0 .. L - 1
+        are `out_steps` (see the module doc). steps: _steps or the forward's _StepCache."""
+        if self.config.length_rule != "pad":
+            return resample_valid(h, length, common, out_steps, steps)
+        if statically_known_true(h.shape[1] == out_steps.shape[0]):
+            return self._zero_padding(h, length, steps)
+        # step t of h where t < length, else 0: a Gather of valid rows (the exported graph pads to a
+        # computed length without shape arithmetic)
+        idx = torch.minimum(out_steps[None, :], (length[:, None] - 1).clamp(min=0))
+        keep = (out_steps[None, :] < length[:, None]).unsqueeze(-1)
+        return torch.where(keep, _pick_rows(h, idx, steps), torch.zeros((), device=h.device, dtype=h.dtype))
 
     @staticmethod
-    def _zero_padding(x, length):
+    def _zero_padding(x, length, steps=_steps):
         """x with every step at or past the sample's valid length set to 0 (NaN and Inf too)."""
-        steps = torch.arange(x.shape[1], device=x.device)[None, :]
-        keep = (steps < length[:, None]).unsqueeze(-1)
+        keep = (steps(x)[None, :] < length[:, None]).unsqueeze(-1)
         return torch.where(keep, x, torch.zeros((), device=x.device, dtype=x.dtype))
 
     def _lengths(self, length, x, batch, name):

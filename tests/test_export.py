@@ -28,6 +28,7 @@ from cm_deploy.export import exporter as exporter_mod  # noqa: E402
 from cm_deploy.export.portable import coupled_scan_function  # noqa: E402
 from cm_deploy.model import resample_linear  # noqa: E402
 from cm_deploy.ops import coupled_scan  # noqa: E402
+from cm_deploy.runtime.placement import predict_cuda_placement  # noqa: E402
 
 MODS = {"text": 6, "audio": 5}
 MODS3 = {"text": 6, "audio": 5, "vision": 3}
@@ -137,6 +138,7 @@ def test_fixed_shapes_and_existing_folder(fp32, tmp_path):
     assert manifest["dynamic_axes"] == {"text": {"1": "L_text"}, "audio": {}, "text_lengths": {}, "audio_lengths": {}, "output": {}}
     g = onnx.load(str(out / "model.onnx")).graph
     assert [d.dim_value or d.dim_param for d in g.input[1].type.tensor_type.shape.dim] == [1, 4, 5]
+    assert predict_cuda_placement(out / "model.onnx").copies == []
     for lens in ((9, 4), (1, 4), (3, 4)):
         xs = _inputs(fp32.config, 1, lens)
         with torch.no_grad():
@@ -207,6 +209,24 @@ def test_tensorrt_graph_structure(fp32):
             got = inits[node.input[pos]]
             assert got.dtype == np.float32
             np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("which", ["fp32", "fp16", "uncoupled"])
+def test_tensorrt_graph_keeps_every_node_on_the_cuda_device(which, request):
+    """ONNX Runtime's CUDA provider, as its CPU-preferred pass places model.onnx (predicted from the
+    graph: runtime/placement.py; checked against ORT itself in tests/gpu): no host<->device copy,
+    so that enable_cuda_graph accepts the graph, and on the host only the Max of the modalities'
+    lengths (the common length: shape values, read on the host by ConstantOfShape)."""
+    e = request.getfixturevalue(which)
+    p = predict_cuda_placement(e.out / "model.onnx")
+    assert p.copies == [] and p.cuda_graph_ok, p.copies
+    assert [n["op_type"] for n in p.host_nodes] == ["Max"]
+    m = onnx.load(str(e.out / "model.onnx"))
+    ops = {n.op_type for n in m.graph.node}
+    assert not ops & {"Range", "Squeeze"}, "steps and lengths come from Shape -> ConstantOfShape -> CumSum"
+    # every Reshape's shape is a constant (-1 for the one computed dim)
+    consts = {t.name for t in m.graph.initializer} | {o for n in m.graph.node if n.op_type == "Constant" for o in n.output}
+    assert all(n.input[1] in consts for n in m.graph.node if n.op_type == "Reshape")
 
 
 def test_uncoupled_graph_has_one_node_per_modality(uncoupled):

@@ -281,6 +281,48 @@ def test_ort_backend_specs_run_and_parity(art):
         assert len(rep["cases"]) == 3 and max(o["max_abs"] for c in rep["cases"] for o in c["outputs"]) < 1e-5
 
 
+def test_ort_graph_captures_per_shape_on_the_cpu(art):
+    """The CUDA-graph bookkeeping of the ORT backend (one gpu_graph_id per input shape and bound
+    OrtValue set, buffers the inputs are copied into, outputs at fixed addresses, at most
+    graph_max_shapes captures and uncaptured runs past them), run on the CPU provider, where ORT
+    ignores the graph id: every result equals the plain run's. tests/gpu checks the capture."""
+    from cm_deploy.runtime import load
+    with load(art["portable"], device="cpu") as plain, load(art["portable"], device="cpu") as m:
+        m.cuda_graph, m.graph_max_shapes = True, 2      # what cuda_graph=True selects, minus the provider option
+        shapes = [(2, (6, 4, 3)), (1, (5, 5, 5)), (2, (6, 4, 3)), (3, (2, 7, 1)), (1, (5, 5, 5)), (2, (6, 4, 3))]
+        seen, addresses = set(), {}
+        for i, (b, lens) in enumerate(shapes):
+            feeds = feeds_for(b, lens, seed=i)
+            want = plain.run(feeds)["output"]
+            got = m.run(feeds, device_outputs=True)["output"]
+            np.testing.assert_array_equal(got.numpy(), want)
+            # after a shape's first run (which tells the output shapes), its capture writes the
+            # output in one place
+            if (b, lens) in seen and (b, lens) != (3, (2, 7, 1)):
+                assert addresses.setdefault((b, lens), got.data_ptr()) == got.data_ptr()
+            seen.add((b, lens))
+        assert len(addresses) == 2
+        assert m.captured_shapes == 2               # (3, ...) came third: run uncaptured
+        # out=: the output goes where the caller says, and that address is part of the capture's key
+        outs = m.device_values({"output": np.zeros((2, 1), np.float32)})
+        feeds = feeds_for(2, (6, 4, 3), seed=9)
+        assert m.run(feeds, out=outs)["output"] == pytest.approx(plain.run(feeds)["output"])
+        np.testing.assert_array_equal(outs["output"].numpy(), plain.run(feeds)["output"])
+        with pytest.raises(UserError, match="unknown output"):
+            m.run(feeds, out={"nope": outs["output"]})
+
+
+def test_ort_graph_output_shapes_from_input_symbols():
+    """A capture's output buffers are sized from the inputs' symbols when every output dim is one."""
+    from cm_deploy.runtime.ort_backend import output_shapes
+    ins = [S.TensorSpec("x", ("batch", "T", 5), "float32"), S.TensorSpec("state.a", ("batch", 4), "float32")]
+    infos = {"x": S.array_info(np.zeros((3, 7, 5), np.float32)), "state.a": S.array_info(np.zeros((3, 4), np.float32))}
+    outs = [S.TensorSpec("output", ("batch", 1), "float32"), S.TensorSpec("next_state.a", ("batch", 4), "float32")]
+    assert output_shapes(ins, outs, infos) == {"output": [3, 1], "next_state.a": [3, 4]}
+    assert output_shapes(ins, [S.TensorSpec("y", ("unk__1", 1), "float32")], infos) is None
+    assert output_shapes(ins, [S.TensorSpec("y", (None, 1), "float32")], infos) is None
+
+
 def test_torch_backend_precisions_and_errors(art):
     from cm_deploy.runtime.parity import run_parity, tolerance
     from cm_deploy.runtime.specs import ShapeChoice

@@ -94,6 +94,14 @@ def test_export_streaming_writes_both_graphs_and_the_manifest(exported):
                for n in scans)
 
 
+def test_stream_graph_keeps_every_node_on_the_cuda_device(exported):
+    """model.stream.onnx on ONNX Runtime's CUDA provider (predicted: runtime/placement.py): nothing on
+    the host at all (one T for every modality: no Max), no copies, CUDA graphs possible."""
+    from cm_deploy.runtime.placement import predict_cuda_placement
+    p = predict_cuda_placement(exported["out"] / "model.stream.onnx")
+    assert p.host_nodes == [] and p.copies == [] and p.cuda_graph_ok, p.to_dict()
+
+
 def _stream_files():
     from cm_deploy.runtime.native import find_library
     files = ["model.stream.portable.onnx"]
@@ -167,8 +175,18 @@ def test_stream_state_stays_in_ort_values_and_run_fills_zero_state(exported, tmp
     xs, lens = _data(L=7, seed=9)
     chunk = {n: x.numpy() for n, x in zip(MODS, xs)}
     with open_stream(exported["out"] / "model.stream.portable.onnx", batch=2) as s:
+        first = s.state_addresses()
         y1 = s.push(chunk)
         assert s.device_state and all(type(v).__name__ == "OrtValue" for v in s.state.values())
+        assert s.state_device == ("cpu" if s.backend.device_type == "cpu" else "cuda:0")
+        # two state sets used in turn: the next state is written where the one after next is read
+        second = s.state_addresses()
+        assert set(second.values()).isdisjoint(first.values())
+        s.push(chunk)
+        assert s.state_addresses() == first
+        s.reset()                                    # zeroed in place: the same addresses
+        assert s.state_addresses() == first and float(s.state["state.count"].numpy().max()) == 0.0
+        np.testing.assert_array_equal(s.push(chunk), y1)
     np.savez(tmp_path / "x.npz", **chunk)
     rc = main(["run", str(exported["out"] / "model.stream.portable.onnx"), "--inputs", str(tmp_path / "x.npz"),
                "-o", str(tmp_path / "y.npz")])

@@ -21,32 +21,43 @@ def causal_conv_silu_reference(x, weight, bias=None, left=None):
     """Reference: x (b, M, L, E), weight (M, E, K), bias (M, E) or None, left (b, M, K - 1, E) or
     None. Returns (out, new_left) where new_left = the last K - 1 steps of [left, x]."""
     K = weight.shape[-1]
-    L = x.shape[2]
-    if left is None:
-        left = x.new_zeros(x.shape[0], x.shape[1], K - 1, x.shape[3])
-    ext = torch.cat([left.to(x.dtype), x], dim=2)                   # (b, M, K - 1 + L, E)
+    # (b, M, K - 1 + L, E). Every slice below has constant bounds (counted from the end where they
+    # depend on L), so that the exported graph computes nothing from L's value.
+    ext = torch.cat([_zero_steps(x, K - 1) if left is None else left.to(x.dtype), x], dim=2)
     # math in the wider of the two dtypes (float32 for bfloat16 activations and float32 weights)
     ct = torch.promote_types(x.dtype, weight.dtype)
     w = weight.to(ct)
     acc = None
     for k in range(K):
-        term = ext[:, :, k:k + L].to(ct) * w[None, :, None, :, k]
+        window = ext[:, :, k:k - (K - 1)] if k < K - 1 else ext[:, :, K - 1:]     # steps k .. k + L - 1
+        term = window.to(ct) * w[None, :, None, :, k]
         acc = term if acc is None else acc + term
     if bias is not None:
         acc = acc + bias.to(ct)[None, :, None, :]
-    return F.silu(acc).to(x.dtype), ext[:, :, ext.shape[2] - (K - 1):]
+    return F.silu(acc).to(x.dtype), _last(ext, K - 1)
+
+
+def _zero_steps(x, n):
+    """n zero steps shaped like x's (b, M, ., E). Exported as Shape -> Expand and a Concat (no shape
+    arithmetic, and kernels every ONNX Runtime CUDA type has, unlike Pad's)."""
+    return torch.cat([torch.zeros_like(x[:, :, :1])] * n, dim=2) if n > 0 else x[:, :, :0]
+
+
+def _last(x, n):
+    """The last n steps of x along axis 2 (none for n = 0), with constant slice bounds."""
+    return x[:, :, -n:] if n > 0 else x[:, :, :0]
 
 
 def conv_tail(left, x, K):
     """The last K - 1 steps of [left, x] along axis 2: the conv state after x (left None: zeros)."""
-    if left is None:
-        left = x.new_zeros(x.shape[0], x.shape[1], K - 1, x.shape[3])
     if K == 1:
-        return left
+        return x[:, :, :0] if left is None else left
     # one expression for every length (exported graphs have a symbolic one): at most K - 1 steps
-    # of x (a negative start clamps), after left, then the last K - 1
-    ext = torch.cat([left, x[:, :, -(K - 1):].to(left.dtype)], dim=2)
-    return ext[:, :, ext.shape[2] - (K - 1):]
+    # of x (a negative start clamps), after left (or zeros), then the last K - 1
+    tail = x[:, :, -(K - 1):]
+    head = _zero_steps(tail, K - 1) if left is None else left
+    ext = torch.cat([head, tail.to(head.dtype)], dim=2)
+    return _last(ext, K - 1)
 
 
 def causal_conv_silu(x, weight, bias=None, left=None, *, impl="auto"):

@@ -37,3 +37,25 @@ def coupled_scan_onnx(u, delta, A, B, C, D=None, z=None, delta_bias=None, *, del
         f"{DOMAIN}::{OP_TYPE}", inputs + [initial_state], attrs, dtypes=[u.dtype, torch.float32],
         shapes=[u.shape, initial_state.shape], version=DOMAIN_VERSION)
     return y, final
+
+
+def onnx_steps(xs, axis):
+    """Inside torch.onnx.export: 0 .. n - 1 as int64 (n,), n the longest of xs' sizes along `axis`,
+    emitted as Shape(x, start=axis, end=axis + 1) per input, one Max of those 1-element tensors when
+    there are several, ConstantOfShape, and a CumSum on the device. The Shape values flow straight
+    into ConstantOfShape's shape input (which ONNX Runtime's CUDA kernel reads on the host), so that
+    no int64 shape arithmetic lands on the host with a copy back to the device (docs/design.md,
+    "Every node on the device"); the Max of several lengths is the one host node left."""
+    import functools
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+    from torch.onnx.ops import symbolic
+    sizes, seen = [], []
+    for x in xs:      # one Shape per distinct size
+        n = x.shape[axis]
+        if not any(statically_known_true(n == m) for m in seen):
+            seen.append(n)
+            sizes.append(symbolic("Shape", [x], {"start": axis, "end": axis + 1}, dtype=torch.int64, shape=(1,)))
+    n = functools.reduce(torch.sym_max, seen)
+    size = sizes[0] if len(sizes) == 1 else symbolic("Max", sizes, dtype=torch.int64, shape=(1,))
+    zeros = symbolic("ConstantOfShape", [size], dtype=torch.float32, shape=(n,))     # float 0: the op's default
+    return (zeros.long() + 1).cumsum(0) - 1

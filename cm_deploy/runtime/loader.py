@@ -16,9 +16,10 @@ BACKENDS = {"tensorrt": "trt", "onnx": "ort", "torch": "torch"}     # file kind 
 
 
 def load(path, plugin=None, device=None, *, backend=None, trt_module=None, cuda_graph=False, dtype=None,
-         scan_impl=None, providers=None, ort_ops=None, verbose=False, chunk=None) -> Backend:
+         scan_impl=None, providers=None, ort_ops=None, verbose=False, chunk=None, tf32=False) -> Backend:
     """Open a model by file type: .engine/.plan/.trt -> TensorRT (Engine; plugin, trt_module,
-    cuda_graph), .onnx -> ONNX Runtime (providers, ort_ops: the CoupledScan op library, cuda_graph),
+    cuda_graph), .onnx -> ONNX Runtime (providers, ort_ops: the CoupledScan op library, cuda_graph,
+    tf32: allow TF32 in float32 GEMMs on the CUDA provider; default exact float32),
     .pt/.pth/.ckpt -> PyTorch (dtype, scan_impl, cuda_graph, chunk). `backend` ("ort", "trt", "torch")
     overrides the default; "trt" on an .onnx file builds an engine first (in a temporary folder).
     `device`: None (the backend's default), "cpu", "cuda" or "cuda:N"."""
@@ -45,7 +46,7 @@ def load(path, plugin=None, device=None, *, backend=None, trt_module=None, cuda_
                       verbose=verbose)
     if backend == "ort":
         from .ort_backend import OrtBackend
-        return OrtBackend(p, device=device, providers=providers, ort_ops=ort_ops, cuda_graph=cuda_graph)
+        return OrtBackend(p, device=device, providers=providers, ort_ops=ort_ops, cuda_graph=cuda_graph, tf32=tf32)
     from .torch_backend import TorchBackend
     return TorchBackend(p, device=device, dtype=dtype or "float32", scan_impl=scan_impl or "auto",
                         cuda_graph=cuda_graph, chunk=chunk)

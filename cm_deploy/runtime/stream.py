@@ -23,11 +23,13 @@ class Stream:
 
     def __init__(self, backend, batch: int = 1):
         self.backend = backend
-        # Where the state lives between chunks, without a round trip through the host:
-        #   "ort": the OrtValues the session returned (GPU memory on the CUDA provider), bound back as inputs;
-        #   "trt": two sets of stream-owned device buffers, ping-pong: the engine reads the state from one
-        #          and writes the next state into the other (its own output buffers are reused by every run,
-        #          so they cannot hold a state that the next run reads)
+        # Where the state lives between chunks, without a round trip through the host: two sets of
+        # stream-owned buffers used in turn (ping-pong): each chunk reads the state from one set and
+        # writes the next state into the other, so the addresses repeat every other chunk (what a
+        # captured CUDA graph needs: ONNX Runtime and TensorRT then replay two graphs per chunk shape)
+        #   "ort": OrtValues on the session's device (GPU memory on the CUDA provider), bound through IOBinding;
+        #   "trt": device buffers (the engine's own output buffers are reused by every run, so they
+        #          cannot hold a state that the next run reads)
         #   None: host arrays (the PyTorch backend and engines without a device)
         self.device_state = ("ort" if backend.kind == "onnxruntime" else
                              "trt" if backend.kind == "tensorrt" and hasattr(backend, "context") else None)
@@ -51,14 +53,27 @@ class Stream:
             if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
                 raise UserError(f"stream batch must be a positive int, got {batch!r}")
             self.batch = batch
-        self.state = zero_state(self.states, self.batch)
-        dynamic = [s for s in self.states if s.name not in self.state]
+        zeros = zero_state(self.states, self.batch)
+        dynamic = [s for s in self.states if s.name not in zeros]
         if dynamic:
             raise UserError(f"{self.backend.name}: state {dynamic[0].name!r} has a dynamic shape {dynamic[0].shape}")
         if self.device_state == "trt":
             from . import cuda as cu
-            self._spare = {k: cu.DeviceArray.empty(v.shape, v.dtype) for k, v in self.state.items()}
-            self.state = {k: cu.DeviceArray.from_host(v) for k, v in self.state.items()}
+            self._spare = {k: cu.DeviceArray.empty(v.shape, v.dtype) for k, v in zeros.items()}
+            self.state = {k: cu.DeviceArray.from_host(v) for k, v in zeros.items()}
+        elif self.device_state == "ort":
+            old = getattr(self, "state", None) or {}
+            if all(k in old and tuple(old[k].shape()) == v.shape for k, v in zeros.items()):
+                # the same shapes: zero the set the next push reads, in place (its address, and the
+                # CUDA graphs captured on it, stay)
+                from .ort_backend import copy_into
+                for k, v in zeros.items():
+                    copy_into(old[k], v)
+            else:
+                self._spare = self.backend.device_values(zeros)
+                self.state = self.backend.device_values(zeros)
+        else:
+            self.state = zeros
         self.steps = 0
 
     def push(self, chunk: Mapping, lengths: Mapping | None = None) -> np.ndarray:
@@ -84,8 +99,9 @@ class Stream:
             self.state, self._spare = self._spare, self.state        # the next state is in the spare set
             y = out[OUTPUT_NAME].to_host()
         elif self.device_state == "ort":      # bfloat16 outputs too: ORT's numpy bridge has no bfloat16
-            out = self.backend.run(feeds, device_outputs=True)
-            self.state = {k: out[n] for k, n in nxt_name.items()}
+            out = self.backend.run(feeds, device_outputs=True,
+                                   out={nxt_name[k]: self._spare[k] for k in self.state})
+            self.state, self._spare = self._spare, self.state
             from .ort_backend import _to_numpy
             y = _to_numpy(out[OUTPUT_NAME])
         else:
@@ -94,6 +110,26 @@ class Stream:
             y = out[OUTPUT_NAME]
         self.steps += int(np.shape(next(iter(chunk.values())))[1]) if chunk else 0
         return y
+
+    @property
+    def state_device(self) -> str:
+        """Where the state lives between pushes: "cuda:N" (device memory: ONNX Runtime's CUDA
+        provider, TensorRT), "cpu" (ONNX Runtime's CPU provider) or "host" (numpy arrays)."""
+        if self.device_state == "trt":
+            return f"cuda:{getattr(self.backend, 'device_index', 0)}"
+        if self.device_state == "ort":
+            v = next(iter(self.state.values()))
+            dev = v.device_name().lower()
+            return "cpu" if dev == "cpu" else f"cuda:{self.backend.device_id}"
+        return "host"
+
+    def state_addresses(self) -> dict:
+        """{state name: device address} of the state the next push reads (device_state only)."""
+        if self.device_state == "trt":
+            return {k: v.ptr for k, v in self.state.items()}
+        if self.device_state == "ort":
+            return {k: v.data_ptr() for k, v in self.state.items()}
+        return {}
 
     def close(self):
         self.backend.close()

@@ -1,5 +1,5 @@
 // cmh_emulate: the kernel's code run on the CPU (emulateCoupledScan) on host buffers, so that
-// gpu_harness.py --self-test can hold the kernel's math against cm_deploy's PyTorch reference on a
+// tests/gpu/plugin_harness.py --self-test can hold the kernel's math against cm_deploy's PyTorch reference on a
 // machine without a GPU.
 #include "scan_kernel.cuh"
 

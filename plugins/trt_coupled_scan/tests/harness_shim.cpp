@@ -1,4 +1,4 @@
-// libcoupled_scan_harness.so: a C API over the plugin library for gpu_harness.py (ctypes). It drives
+// libcoupled_scan_harness.so: a C API over the plugin library for tests/gpu/plugin_harness.py (ctypes). It drives
 // the plugin the way TensorRT does, through the exported getCreators only:
 //   build:   createPlugin(kBUILD, parser-typed fields) -> getNbOutputs -> getOutputDataTypes ->
 //            supportsFormatCombination(every position) -> configurePlugin(dynamic batch and L) ->

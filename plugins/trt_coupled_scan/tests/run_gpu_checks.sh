@@ -6,8 +6,8 @@
 # 1. builds the plugin and the harness library with CMake for one architecture (sm_90 unless
 #    CUDA_ARCH says otherwise), unless CM_PLUGIN_LIB_DIR names a folder with both prebuilt libraries;
 # 2. runs the CPU unit tests (ctest) when GoogleTest was found;
-# 3. runs gpu_harness.py: every case and dtype against the PyTorch reference, plus timings (--bench);
-# 4. runs gpu_harness.py --sanitize under compute-sanitizer memcheck, racecheck, synccheck and initcheck
+# 3. runs tests/gpu/plugin_harness.py: every case and dtype against the PyTorch reference, plus timings (--bench);
+# 4. runs plugin_harness.py --sanitize under compute-sanitizer memcheck, racecheck, synccheck and initcheck
 #    (the block kernel is warp-specialized: producers and consumers share shared memory through
 #    barriers), one run and one log per tool and block-kernel pass, in $OUT/sanitizer; then racecheck
 #    on racecheck_handoff (the kernel's hand-off alone, with and without a producer named barrier);
@@ -96,7 +96,7 @@ done
 cp "$libdir/libcoupled_scan_plugin.so" "$out/" 2>/dev/null || true
 
 # --- 3. harness ------------------------------------------------------------------------------------
-harness=("$py" "$here/gpu_harness.py" --lib-dir "$libdir")
+harness=("$py" "$repo/tests/gpu/plugin_harness.py" --lib-dir "$libdir")
 bench_args=(--bench)
 [[ "${TUNE:-0}" == 1 ]] && bench_args+=(--tune)
 if [[ "${SKIP_HARNESS:-0}" == 1 ]]; then

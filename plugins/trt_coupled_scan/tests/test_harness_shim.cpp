@@ -1,5 +1,5 @@
 // The GPU harness's C API on the CPU: the whole build -> serialize -> deserialize -> shape path runs
-// without a GPU; only enqueue of a non-empty batch needs one (gpu_harness.py).
+// without a GPU; only enqueue of a non-empty batch needs one (tests/gpu/plugin_harness.py).
 #include <gtest/gtest.h>
 
 #include <cstdint>

@@ -1,7 +1,7 @@
 // The kernel's per-thread code run on the CPU under a serial emulation of its block schedule
 // (emulateCoupledScan), against a direct double-precision evaluation of DESIGN.md section 2. This
 // checks the indexing, chunking, padding and pipelining logic without a GPU; the GPU harness
-// (gpu_harness.py) checks the real launches.
+// (tests/gpu/plugin_harness.py) checks the real launches.
 #include "scan_kernel.cuh"
 
 #include <gtest/gtest.h>

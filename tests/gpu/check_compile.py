@@ -4,11 +4,13 @@ fullgraph=True (a graph break is an error: the conv and scan are custom ops), pa
 gradients (compiled vs eager). Exit status 1 on an error or a mismatch."""
 import json
 import sys
+from pathlib import Path
 
 import torch
 from triton.testing import do_bench
 
-from cm_deploy import CoupledMamba, CoupledMambaConfig
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))   # run from a checkout, installed or not
+from cm_deploy import CoupledMamba, CoupledMambaConfig  # noqa: E402
 
 torch.manual_seed(0)
 cfg = CoupledMambaConfig(modalities={"text": 768, "audio": 74, "vision": 35}, d_model=128, n_layers=3, d_state=64)

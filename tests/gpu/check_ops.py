@@ -1,8 +1,8 @@
 """First GPU check of the CoupledScan Triton kernels: correctness against the PyTorch reference at
 the paper's shape and a long one, in float32 / float16 / bfloat16, plus first timings.
 
-    python3 benchmarks/gpu_check_ops.py --out $OUT/ops_check.json        # on the GPU (~3 min)
-    python3 benchmarks/gpu_check_ops.py --smoke --out /tmp/ops_smoke.json  # CPU, TRITON_INTERPRET=1
+    python3 tests/gpu/check_ops.py --out $OUT/ops_check.json        # on the GPU (~3 min)
+    python3 tests/gpu/check_ops.py --smoke --out /tmp/ops_smoke.json  # CPU, TRITON_INTERPRET=1
 
 Every measurement is caught and recorded: one failure never stops the rest. The reference is a
 Python loop over time (one set of small kernels per step), so it is timed once, and for the long
@@ -47,7 +47,7 @@ if ARGS.smoke:
         # must be set before triton is imported (it decides interpretation at @jit time)
         os.environ["TRITON_INTERPRET"] = "1"
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
 import torch  # noqa: E402
 import triton  # noqa: E402

@@ -7,10 +7,10 @@ configurePlugin with dynamic batch and L, serialization, createPlugin(kRUNTIME) 
 fields, attachToContext, onShapeChange and enqueue with PluginTensorDesc and device pointers on the
 current torch stream. Outputs start as NaN so that anything the kernel fails to write shows up.
 
-    python gpu_harness.py --lib-dir build/gpu/plugins/trt_coupled_scan --out results.json
-    python gpu_harness.py --lib-dir ... --sanitize          # a few tiny cases, for compute-sanitizer
-    python gpu_harness.py --lib-dir ... --bench [--tune]    # timings of the target shapes
-    python gpu_harness.py --lib-dir ... --self-test         # CPU only: the kernel's code, emulated, vs the reference
+    python tests/gpu/plugin_harness.py --lib-dir build/gpu/plugins/trt_coupled_scan --out results.json
+    python tests/gpu/plugin_harness.py --lib-dir ... --sanitize          # a few tiny cases, for compute-sanitizer
+    python tests/gpu/plugin_harness.py --lib-dir ... --bench [--tune]    # timings of the target shapes
+    python tests/gpu/plugin_harness.py --lib-dir ... --self-test         # CPU only: the kernel's code, emulated, vs the reference
 
 Exit status: 0 when every case passes, 1 when one fails, 2 on a setup error.
 """
@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[3]
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
@@ -361,7 +361,7 @@ def tune(args):
         if warp:
             env["CM_DEPLOY_SCAN_WARP_TILES"] = warp
         label = ("warp" if warp else "") + (npt or "auto")
-        tmp = Path(args.out or "gpu_harness.json").with_suffix(f".tune{label}.json")
+        tmp = Path(args.out or "plugin_harness.json").with_suffix(f".tune{label}.json")
         cmd = [sys.executable, __file__, "--lib-dir", str(args.lib_dir), "--bench-only", "--out", str(tmp)]
         print(f"tune: CM_DEPLOY_SCAN_WARP_TILES={warp or 0} CM_DEPLOY_SCAN_NPT={npt or 'auto'}", flush=True)
         r = subprocess.run(cmd, env=env)
@@ -440,7 +440,7 @@ def main():
     try:
         h = Harness(args.lib_dir)
     except (OSError, FileNotFoundError) as exc:
-        print(f"gpu_harness: {exc}", file=sys.stderr)
+        print(f"plugin_harness: {exc}", file=sys.stderr)
         return 2
     report = dict(host=platform.node(), torch=torch.__version__, started=time.strftime("%Y-%m-%d %H:%M:%S"),
                   env={k: v for k, v in os.environ.items() if k.startswith("CM_DEPLOY_")})
@@ -453,7 +453,7 @@ def main():
         return 0 if report["passed"] else 1
 
     if not torch.cuda.is_available():
-        print("gpu_harness: no CUDA device (use --self-test on a CPU machine)", file=sys.stderr)
+        print("plugin_harness: no CUDA device (use --self-test on a CPU machine)", file=sys.stderr)
         return 2
     device = torch.device("cuda")
     report["device"] = torch.cuda.get_device_name(0)

@@ -12,7 +12,7 @@ several shapes (different lengths per modality, batch 1, L 1), and writes
                                          to compare a TensorRT engine against
     OUT/results.json                     versions, timings, parity per shape, pass/fail
 
-Usage: python benchmarks/gpu_check_export.py --out /tmp/cm_export_check [--dtypes float32,float16]
+Usage: python tests/gpu/check_export.py --out /tmp/cm_export_check [--dtypes float32,float16]
 Exit status 0 when every parity check passes, 1 otherwise.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a checkout, installed or not
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))   # run from a checkout, installed or not
 
 # Loose for float16: 10-bit mantissa through every layer of the graph (the scan itself is float32).
 TOL = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 6e-2}

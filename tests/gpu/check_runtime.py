@@ -4,10 +4,10 @@ TensorRT flavour when one is given. Every step is recorded pass/fail/skip in a J
 step never stops the others, and the steps that can abort the process (TensorRT building or loading
 a plugin) run in child processes.
 
-    python3 benchmarks/gpu_check_runtime.py --out $OUT/runtime_check.json \
+    python3 tests/gpu/check_runtime.py --out $OUT/runtime_check.json \
         [--trt-module tensorrt_rtx_bindings --plugin build/.../plugins/trt_coupled_scan/libcoupled_scan_plugin.so \
          --onnx path/model.onnx [--ckpt path/ckpt.pt]]
-    python3 benchmarks/gpu_check_runtime.py --smoke --out /tmp/runtime_check.json    # CPU dry run
+    python3 tests/gpu/check_runtime.py --smoke --out /tmp/runtime_check.json    # CPU dry run
 
 Steps (GPU):
   cuda-python allocations and copies (DeviceBuffer/DeviceArray), __cuda_array_interface__ views of
@@ -34,7 +34,7 @@ import time
 import traceback
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests" / "fixtures"))
 
@@ -635,7 +635,7 @@ def main(argv=None):
     if args.child:
         return child_main(args)
 
-    meta = {"script": "benchmarks/gpu_check_runtime.py", "args": vars(args),
+    meta = {"script": "tests/gpu/check_runtime.py", "args": vars(args),
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     rec = Recorder(Path(args.out), meta)
     state: dict = {}
