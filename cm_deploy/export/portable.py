@@ -2,17 +2,22 @@
 runs with no custom library.
 
 The function body casts every activation to float32 (state math is float32 whatever the I/O dtype,
-DESIGN.md section 2, and the scan of a float16/bfloat16 file runs on ORT's float32 kernels), computes
-dt = softplus(delta + delta_bias) for the whole sequence, then runs an ONNX `Scan` over the time
-axis carrying the coupled state c (batch, E, N):
+docs/design.md "Precision"; the scan of a float16/bfloat16 file runs on float32 kernels) and computes
+dt = softplus(delta + delta_bias) for the whole sequence. The coupled state is one first-order
+linear recurrence per (batch, e, n):
 
-    h   = exp(dt_t * A) * c + (dt_t * u_t) * B_t          # (batch, M, E, N)
-    c   = coupling_scale * sum_m h
-    y_t = sum_n h * C_t                                    # (batch, M, E)
+    c[t] = a[t] * c[t-1] + b[t]      a[t] = kappa * sum_m exp(dt[m,t] * A[m])
+                                     b[t] = kappa * sum_m dt[m,t] * u[m,t] * B[m,t]
+    y[m,t] = sum_n C[m,t] * exp(dt[m,t] * A[m]) * c[t-1]  +  (sum_n C[m,t] * B[m,t]) * dt[m,t] * u[m,t]
 
-and finishes with the D skip and the SiLU(z) gate, cast back to u's dtype (CastLike). batch and L
-are read from the tensors at run time, so the function is fully dynamic. Memory is O(batch*M*E*N)
-per step, never O(L*E*N).
+The second part of y needs no state and is computed for the whole sequence at once. The rest runs
+in an ONNX `Scan` over chunks of CHUNK time steps (not one Scan iteration per step): inside a chunk
+the decays exp(dt * A), a, b and the y contraction are single batched ops over the chunk's steps,
+and only c[t] = a[t] * c[t-1] + b[t] itself is sequential (two elementwise ops per step, unrolled
+in the body). L not a multiple of CHUNK is padded with identity steps (a = 1, b = 0: the carried
+state, and so final_state, passes through them unchanged) and y is sliced back to L. batch, L, M,
+E and N are read from the tensors at run time, so the function is fully dynamic. Memory is
+O(batch * M * CHUNK * E * N) per chunk, never O(L * E * N).
 """
 from __future__ import annotations
 
@@ -22,6 +27,9 @@ from onnx import AttributeProto, TensorProto, helper
 from ..contract import DOMAIN, INPUT_NAMES, OP_TYPE, OUTPUT_NAMES, STATE_INPUT
 
 FLOAT = TensorProto.FLOAT
+# Time steps per Scan iteration, chosen by measurement on ONNX Runtime's CPU provider
+# (benchmarks/bench_portable.py, benchmarks/results/cpu/portable_scan.md).
+CHUNK = 32
 
 
 def _ref_attr(name: str, ref: str, attr_type) -> AttributeProto:
@@ -36,42 +44,98 @@ def _const_ints(name: str, values) -> onnx.NodeProto:
                             value=helper.make_tensor(name, TensorProto.INT64, [len(values)], values))
 
 
-def _scan_body() -> onnx.GraphProto:
-    """One time step. A32 and kappa come from the enclosing function body (outer scope); every
-    name here starts with "st_" because names must be unique across the nested scopes (SSA)."""
+def _chunk_body(chunk: int, intra: str = "loop") -> onnx.GraphProto:
+    """One chunk of `chunk` steps. A5 (M, 1, E, N) comes from the enclosing function body (outer
+    scope); every name here starts with "ck_" because names must be unique across the nested
+    scopes (SSA). Scan inputs: ck_dt (b, M, T, E), ck_kdtu = kappa * dt * u as (b, T, E, M),
+    ck_B (b, T, M, N), ck_C (b, M, T, N), ck_kv and ck_pv (T, 1, 1): kappa and 0 on real steps,
+    0 and 1 on padding, so that a = kv * sum_m exp(dt A) + pv is exactly 1 on padding."""
     mk = helper.make_node
+    T = chunk
     nodes = [
-        _const_ints("st_ax_last", [-1]), _const_ints("st_ax1", [1]), _const_ints("st_ax2", [2]),
-        mk("Unsqueeze", ["st_dt", "st_ax_last"], ["st_dt_e"]),          # (b, M, E, 1)
-        mk("Mul", ["st_dt_e", "A32"], ["st_dtA"]),                      # (b, M, E, N)
-        mk("Exp", ["st_dtA"], ["st_dA"]),
-        mk("Unsqueeze", ["st_c_prev", "st_ax1"], ["st_c_b"]),           # (b, 1, E, N)
-        mk("Mul", ["st_dA", "st_c_b"], ["st_decay"]),
-        mk("Unsqueeze", ["st_dtu", "st_ax_last"], ["st_dtu_e"]),        # (b, M, E, 1)
-        mk("Unsqueeze", ["st_B", "st_ax2"], ["st_B_e"]),                # (b, M, 1, N)
-        mk("Mul", ["st_dtu_e", "st_B_e"], ["st_dBu"]),
-        mk("Add", ["st_decay", "st_dBu"], ["st_h"]),
-        mk("ReduceSum", ["st_h", "st_ax1"], ["st_h_sum"], keepdims=0),  # (b, E, N)
-        mk("Mul", ["st_h_sum", "kappa"], ["st_c_next"]),
-        mk("Unsqueeze", ["st_C", "st_ax2"], ["st_C_e"]),                # (b, M, 1, N)
-        mk("Mul", ["st_h", "st_C_e"], ["st_hC"]),
-        mk("ReduceSum", ["st_hC", "st_ax_last"], ["st_y"], keepdims=0),  # (b, M, E)
+        _const_ints("ck_ax1", [1]), _const_ints("ck_ax_last", [-1]),
+        mk("Unsqueeze", ["ck_dt", "ck_ax_last"], ["ck_dt_e"]),              # (b, M, T, E, 1)
+        mk("Mul", ["ck_dt_e", "A5"], ["ck_dtA"]),                            # (b, M, T, E, N)
+        mk("Exp", ["ck_dtA"], ["ck_dA"]),
+        mk("ReduceSum", ["ck_dA", "ck_ax1"], ["ck_dA_sum"], keepdims=0),     # (b, T, E, N)
+        mk("Mul", ["ck_dA_sum", "ck_kv"], ["ck_a_k"]),
+        mk("Add", ["ck_a_k", "ck_pv"], ["ck_a"]),                            # a[t]
+        mk("MatMul", ["ck_kdtu", "ck_B"], ["ck_b"]),                         # b[t] = sum_m (b, T, E, M) @ (b, T, M, N)
+        mk("Unsqueeze", ["ck_c_in", "ck_ax1"], ["ck_c0"]),                   # (b, 1, E, N)
+    ]
+    if intra == "loop":
+        # c[t] = a[t] * c[t-1] + b[t], step by step; c[t-1] of every step kept for y
+        if T == 1:
+            nodes += [mk("Mul", ["ck_a", "ck_c0"], ["ck_ac1"]), mk("Add", ["ck_ac1", "ck_b"], ["ck_c1"]),
+                      mk("Identity", ["ck_c0"], ["ck_cprev"])]
+        else:
+            nodes += [_const_ints("ck_ones", [1] * T),
+                      mk("Split", ["ck_a", "ck_ones"], [f"ck_a{t}" for t in range(1, T + 1)], axis=1),
+                      mk("Split", ["ck_b", "ck_ones"], [f"ck_b{t}" for t in range(1, T + 1)], axis=1)]
+            for t in range(1, T + 1):
+                nodes += [mk("Mul", [f"ck_a{t}", f"ck_c{t - 1}"], [f"ck_ac{t}"]),
+                          mk("Add", [f"ck_ac{t}", f"ck_b{t}"], [f"ck_c{t}"])]
+            nodes.append(mk("Concat", [f"ck_c{t}" for t in range(T)], ["ck_cprev"], axis=1))   # (b, T, E, N)
+        nodes.append(mk("Squeeze", [f"ck_c{T}", "ck_ax1"], ["ck_c_out"]))
+    else:
+        # closed form: c[t] = exp(cum[t]) c0 + sum_{s<=t} exp(cum[t] - cum[s]) b[s], cum = cumsum log a
+        mask = [[1 if s <= t else 0 for s in range(T)] for t in range(T)]
+        nodes += [
+            mk("Log", ["ck_a"], ["ck_la"]),
+            mk("CumSum", ["ck_la", "ck_ax1_s"], ["ck_cum"]),                  # (b, T, E, N)
+            _const_ints("ck_ax2", [2]),
+            mk("Unsqueeze", ["ck_cum", "ck_ax2"], ["ck_cum_t"]),             # (b, T, 1, E, N)
+            mk("Unsqueeze", ["ck_cum", "ck_ax1"], ["ck_cum_s"]),             # (b, 1, T, E, N)
+            mk("Sub", ["ck_cum_t", "ck_cum_s"], ["ck_seg"]),                 # (b, T, T, E, N)
+            mk("Constant", [], ["ck_mask"], value=helper.make_tensor("ck_mask", TensorProto.BOOL, [T, T, 1, 1],
+                                                                      [m for row in mask for m in row])),
+            mk("Constant", [], ["ck_ninf"], value=helper.make_tensor("ck_ninf", FLOAT, [], [float("-inf")])),
+            mk("Where", ["ck_mask", "ck_seg", "ck_ninf"], ["ck_segm"]),
+            mk("Exp", ["ck_segm"], ["ck_W"]),
+            mk("Unsqueeze", ["ck_b", "ck_ax1"], ["ck_b_s"]),                 # (b, 1, T, E, N)
+            mk("Mul", ["ck_W", "ck_b_s"], ["ck_Wb"]),
+            mk("ReduceSum", ["ck_Wb", "ck_ax2"], ["ck_cb"], keepdims=0),    # (b, T, E, N)
+            mk("Exp", ["ck_cum"], ["ck_ecum"]),
+            mk("Mul", ["ck_ecum", "ck_c0"], ["ck_cc0"]),
+            mk("Add", ["ck_cb", "ck_cc0"], ["ck_call"]),                     # c[1..T]
+            _const_ints("ck_s0", [0]), _const_ints("ck_sT1", [T - 1]), _const_ints("ck_sT", [T]),
+            mk("Slice", ["ck_call", "ck_s0", "ck_sT1", "ck_ax1"], ["ck_chead"]),
+            mk("Concat", ["ck_c0", "ck_chead"], ["ck_cprev"], axis=1),
+            mk("Slice", ["ck_call", "ck_sT1", "ck_sT", "ck_ax1"], ["ck_clast"]),
+            mk("Squeeze", ["ck_clast", "ck_ax1"], ["ck_c_out"]),
+            mk("Constant", [], ["ck_ax1_s"], value=helper.make_tensor("ck_ax1_s", TensorProto.INT64, [], [1])),
+        ]
+    nodes += [
+        # y[m,t] (state part) = sum_n exp(dt A) * c[t-1] * C: the product, then one batched mat-vec
+        mk("Unsqueeze", ["ck_cprev", "ck_ax1"], ["ck_cprev_m"]),            # (b, 1, T, E, N)
+        mk("Mul", ["ck_dA", "ck_cprev_m"], ["ck_P"]),                        # (b, M, T, E, N)
+        mk("Unsqueeze", ["ck_C", "ck_ax_last"], ["ck_C_v"]),                 # (b, M, T, N, 1)
+        mk("MatMul", ["ck_P", "ck_C_v"], ["ck_y_v"]),                        # (b, M, T, E, 1)
+        mk("Squeeze", ["ck_y_v", "ck_ax_last"], ["ck_y"]),
     ]
     vi = helper.make_tensor_value_info
-    inputs = [vi(n, FLOAT, [None] * 3) for n in ("st_c_prev", "st_dt", "st_dtu", "st_B", "st_C")]
-    outputs = [vi("st_c_next", FLOAT, [None] * 3), vi("st_y", FLOAT, [None] * 3)]
-    return helper.make_graph(nodes, "CoupledScan_step", inputs, outputs)
+    inputs = [vi("ck_c_in", FLOAT, [None] * 3), vi("ck_dt", FLOAT, [None] * 4), vi("ck_kdtu", FLOAT, [None] * 4),
+              vi("ck_B", FLOAT, [None] * 4), vi("ck_C", FLOAT, [None] * 4),
+              vi("ck_kv", FLOAT, [T, 1, 1]), vi("ck_pv", FLOAT, [T, 1, 1])]
+    outputs = [vi("ck_c_out", FLOAT, [None] * 3), vi("ck_y", FLOAT, [None] * 4)]
+    # topological order: constants the closed form uses are appended last above
+    consts = [n for n in nodes if n.op_type == "Constant"]
+    return helper.make_graph(consts + [n for n in nodes if n.op_type != "Constant"], "CoupledScan_chunk",
+                             inputs, outputs)
 
 
-def coupled_scan_function(opset: int, stateful: bool = False) -> onnx.FunctionProto:
+def coupled_scan_function(opset: int, stateful: bool = False, chunk: int = CHUNK,
+                          intra: str = "loop") -> onnx.FunctionProto:
     """FunctionProto cm_deploy.CoupledScan(u, delta, A, B, C, D, z, delta_bias) -> y with the
     attributes delta_softplus (int), coupling_scale (float) and has_final_state (int); body in ONNX
-    opset `opset`. stateful: the streaming form, (..., delta_bias, initial_state) -> (y, final_state)."""
+    opset `opset`. stateful: the streaming form, (..., delta_bias, initial_state) -> (y, final_state).
+    chunk: time steps per Scan iteration."""
     mk = helper.make_node
+    T = int(chunk)
     nodes = [
         *(mk("Cast", [x], [f"{x}32"], to=FLOAT) for x in ("u", "delta", "A", "B", "C", "D", "z")),
         mk("Cast", ["delta_bias"], ["bias32"], to=FLOAT),
-        _const_ints("ax1", [1]),
+        _const_ints("ax1", [1]), _const_ints("ax2", [2]), _const_ints("ax_last", [-1]),
         # dt = delta + bias (bias (M, E) -> (M, 1, E) broadcasts over (b, M, L, E))
         mk("Unsqueeze", ["bias32", "ax1"], ["bias_b"]),
         mk("Add", ["delta32", "bias_b"], ["dt_raw"]),
@@ -89,18 +153,61 @@ def coupled_scan_function(opset: int, stateful: bool = False) -> onnx.FunctionPr
         mk("Where", ["softplus_b", "dt_sp", "dt_raw"], ["dt"]),
         mk("Mul", ["dt", "u32"], ["dtu"]),
         mk("Constant", [], ["kappa"]),
+        mk("Mul", ["dtu", "kappa"], ["kdtu"]),
+        # the stateless part of y: (sum_n C * B) * dt * u, for the whole sequence
+        mk("Mul", ["C32", "B32"], ["CB"]),
+        mk("ReduceSum", ["CB", "ax_last"], ["CB_sum"], keepdims=1),          # (b, M, L, 1)
+        mk("Mul", ["CB_sum", "dtu"], ["y_direct"]),
+        mk("Unsqueeze", ["A32", "ax1"], ["A5"]),                              # (M, 1, E, N)
         # c[0]: the initial state (streaming), else zeros of shape (batch, E, N) read at run time
+        mk("Shape", ["u"], ["s_b"], start=0, end=1),
+        mk("Shape", ["u"], ["s_L"], start=2, end=3),
+        mk("Shape", ["u"], ["s_e"], start=3, end=4),
+        mk("Shape", ["A"], ["s_n"], start=2, end=3),
         *([mk("Cast", ["initial_state"], ["c0"], to=FLOAT)] if stateful else [
-            mk("Shape", ["u"], ["s_b"], start=0, end=1),
-            mk("Shape", ["u"], ["s_e"], start=3, end=4),
-            mk("Shape", ["A"], ["s_n"], start=2, end=3),
             mk("Concat", ["s_b", "s_e", "s_n"], ["c0_shape"], axis=0),
             mk("ConstantOfShape", ["c0_shape"], ["c0"], value=helper.make_tensor("zero", FLOAT, [1], [0.0]))]),
-        # time first: Scan over axis 0, the axis every conforming runtime implements
-        *(mk("Transpose", [x], [f"{x}_t"], perm=[2, 0, 1, 3]) for x in ("dt", "dtu", "B32", "C32")),
-        mk("Scan", ["c0", "dt_t", "dtu_t", "B32_t", "C32_t"], ["final_state" if stateful else "c_last", "y_scan_t"],
-           num_scan_inputs=4, body=_scan_body()),
-        mk("Transpose", ["y_scan_t"], ["y_scan"], perm=[1, 2, 0, 3]),
+        # L padded up to a multiple of T: nc = ceil(L / T) chunks
+        _const_ints("T", [T]), _const_ints("T1", [T - 1]), _const_ints("zero1", [0]),
+        _const_ints("zeros6", [0] * 6), _const_ints("chunk_shape", [0, 0, -1, T]),
+        mk("Add", ["s_L", "T1"], ["L_up"]),
+        mk("Div", ["L_up", "T"], ["nc"]),
+        mk("Mul", ["nc", "T"], ["Lp"]),
+        mk("Sub", ["Lp", "s_L"], ["n_pad"]),
+        mk("Concat", ["zeros6", "n_pad", "zero1"], ["pads"], axis=0),        # (b, M, L, .): pad L at the end
+        *(mk("Pad", [x, "pads"], [f"{x}_p"]) for x in ("dt", "kdtu", "B32", "C32")),
+        # per step: kv = kappa and pv = 0 on real steps, kv = 0 and pv = 1 on padding
+        mk("Constant", [], ["zero_s"], value=helper.make_tensor("zero_s", TensorProto.INT64, [], [0])),
+        mk("Constant", [], ["one_s"], value=helper.make_tensor("one_s", TensorProto.INT64, [], [1])),
+        mk("Squeeze", ["Lp"], ["Lp_s"]),
+        mk("Range", ["zero_s", "Lp_s", "one_s"], ["steps"]),
+        mk("Less", ["steps", "s_L"], ["valid_b"]),
+        mk("Cast", ["valid_b"], ["valid"], to=FLOAT),
+        mk("Mul", ["valid", "kappa"], ["kv_l"]),
+        mk("Sub", ["one", "valid"], ["pv_l"]),
+        _const_ints("kv_shape", [-1, T, 1, 1]),
+        mk("Reshape", ["kv_l", "kv_shape"], ["kv_s"]),                        # (nc, T, 1, 1)
+        mk("Reshape", ["pv_l", "kv_shape"], ["pv_s"]),
+        # (b, M, Lp, X) -> (b, M, nc, T, X) -> chunk first, each in the layout the body uses
+        mk("Concat", ["chunk_shape", "s_e"], ["shape_e"], axis=0),
+        mk("Concat", ["chunk_shape", "s_n"], ["shape_n"], axis=0),
+        mk("Reshape", ["dt_p", "shape_e"], ["dt_c"]),
+        mk("Reshape", ["kdtu_p", "shape_e"], ["kdtu_c"]),
+        mk("Reshape", ["B32_p", "shape_n"], ["B_c"]),
+        mk("Reshape", ["C32_p", "shape_n"], ["C_c"]),
+        mk("Transpose", ["dt_c"], ["dt_s"], perm=[2, 0, 1, 3, 4]),            # (nc, b, M, T, E)
+        mk("Transpose", ["kdtu_c"], ["kdtu_s"], perm=[2, 0, 3, 4, 1]),        # (nc, b, T, E, M)
+        mk("Transpose", ["B_c"], ["B_s"], perm=[2, 0, 3, 1, 4]),              # (nc, b, T, M, N)
+        mk("Transpose", ["C_c"], ["C_s"], perm=[2, 0, 1, 3, 4]),              # (nc, b, M, T, N)
+        # Scan over axis 0, the axis every conforming runtime implements
+        mk("Scan", ["c0", "dt_s", "kdtu_s", "B_s", "C_s", "kv_s", "pv_s"],
+           ["final_state" if stateful else "c_last", "y_s"], num_scan_inputs=6, body=_chunk_body(T, intra)),
+        mk("Transpose", ["y_s"], ["y_c"], perm=[1, 2, 0, 3, 4]),              # (b, M, nc, T, E)
+        _const_ints("flat_shape", [0, 0, -1]),
+        mk("Concat", ["flat_shape", "s_e"], ["shape_l"], axis=0),
+        mk("Reshape", ["y_c", "shape_l"], ["y_p"]),                           # (b, M, Lp, E)
+        mk("Slice", ["y_p", "zero1", "s_L", "ax2"], ["y_state"]),
+        mk("Add", ["y_state", "y_direct"], ["y_scan"]),
         # y += D * u ; y *= z * sigmoid(z)
         mk("Unsqueeze", ["D32", "ax1"], ["D_b"]),
         mk("Mul", ["D_b", "u32"], ["Du"]),
@@ -122,7 +229,8 @@ def coupled_scan_function(opset: int, stateful: bool = False) -> onnx.FunctionPr
         opset_imports=[helper.make_opsetid("", opset)],
         # has_final_state is declared for the TensorRT plugin's sake; the body's outputs are fixed
         attributes=["delta_softplus", "coupling_scale", "has_final_state"],
-        doc_string="Coupled Mamba selective scan (cm-deploy DESIGN.md section 2) in standard ONNX.")
+        doc_string="Coupled Mamba selective scan (cm-deploy docs/design.md) in standard ONNX, "
+                   f"{T} time steps per Scan iteration.")
 
 
 def make_portable(model: onnx.ModelProto) -> onnx.ModelProto:
