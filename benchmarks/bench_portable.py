@@ -9,8 +9,6 @@ One CoupledScan node (M = 3, E = 256, N = 64, softplus, kappa = 1/M: the paper m
 graph of its own, with the portable function of each variant:
   * step       : the function as of --old-rev (default a115b47), one Scan iteration per time step
   * loop T     : this tree's function, Scan over chunks of T steps, c[t] = a c + b unrolled in the body
-  * segsum T   : (with --segsum) the chunk's recurrence in closed form, exp(cum[t] - cum[s]) as a
-                 (T, T, E, N) tensor per batch item
 --model: the paper model exported once (model.onnx), made portable with the old and the new function,
 timed as whole graphs. Every run is checked against the first variant's output (max relative error).
 Latency: median wall clock of `--iters` synchronous session.run calls after one warm-up, variants
@@ -76,7 +74,6 @@ def main():
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--shapes", default="1x64,1x500,8x500", help="batch x L, comma separated")
     p.add_argument("--chunks", default="8,16,32,64", help="chunk sizes T of the new function")
-    p.add_argument("--segsum", default="", help="chunk sizes of the closed-form variant (needs a tree that has it)")
     p.add_argument("--old-rev", default="a115b47", help="commit whose portable.py is the 'step' variant")
     p.add_argument("--no-old", action="store_true", help="time the new function only")
     p.add_argument("--model", action="store_true", help="the whole paper model instead of one CoupledScan node")
@@ -96,9 +93,6 @@ def main():
         fn["step"] = lambda stateful: old.coupled_scan_function(18, stateful=stateful)
     for t in filter(None, a.chunks.split(",")):
         fn[f"loop {t}"] = lambda stateful, t=int(t): portable.coupled_scan_function(18, stateful, chunk=t)
-    for t in filter(None, a.segsum.split(",")):
-        fn[f"segsum {t}"] = lambda stateful, t=int(t): portable.coupled_scan_function(18, stateful, chunk=t,
-                                                                                     intra="segsum")
     shapes = [tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")]
     res = {"kind": "portable", "device": a.device, "ort": ort.__version__, "env": env_info(), "model": a.model,
            "scan": {"M": M, "E": E, "N": N}, "old_rev": a.old_rev, "rows": []}

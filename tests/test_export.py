@@ -25,7 +25,7 @@ from cm_deploy import CoupledMamba, CoupledMambaConfig, save_checkpoint  # noqa:
 from cm_deploy.errors import UserError  # noqa: E402
 from cm_deploy.export import export_checkpoint  # noqa: E402
 from cm_deploy.export import exporter as exporter_mod  # noqa: E402
-from cm_deploy.export.portable import coupled_scan_function  # noqa: E402
+from cm_deploy.export.portable import CHUNK, coupled_scan_function  # noqa: E402
 from cm_deploy.model import resample_linear  # noqa: E402
 from cm_deploy.ops import coupled_scan  # noqa: E402
 
@@ -225,7 +225,11 @@ def test_portable_graph_is_the_same_graph_plus_the_function(fp32):
     assert fn.domain == "cm_deploy" and list(fn.input) == ["u", "delta", "A", "B", "C", "D", "z",
                                                            "delta_bias"]
     assert set(fn.attribute) == {"delta_softplus", "coupling_scale", "has_final_state"}
-    assert "Scan" in {n.op_type for n in fn.node}
+    # a Scan over chunks of time, and one step per iteration for sequences shorter than a chunk
+    (branch,) = [n for n in fn.node if n.op_type == "If"]
+    for g in (a.g for a in branch.attribute):
+        (scan,) = [n for n in g.node if n.op_type == "Scan"]
+        assert scan.attribute[0].g.name in ("CoupledScan_1_steps", f"CoupledScan_{CHUNK}_steps")
 
 
 @pytest.mark.parametrize("name", ["model.onnx", "model.portable.onnx"])

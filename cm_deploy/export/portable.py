@@ -4,20 +4,25 @@ runs with no custom library.
 The function body casts every activation to float32 (state math is float32 whatever the I/O dtype,
 docs/design.md "Precision"; the scan of a float16/bfloat16 file runs on float32 kernels) and computes
 dt = softplus(delta + delta_bias) for the whole sequence. The coupled state is one first-order
-linear recurrence per (batch, e, n):
+linear recurrence per (batch, e, n) (docs/design.md "CoupledScan, the math", rearranged):
 
     c[t] = a[t] * c[t-1] + b[t]      a[t] = kappa * sum_m exp(dt[m,t] * A[m])
                                      b[t] = kappa * sum_m dt[m,t] * u[m,t] * B[m,t]
     y[m,t] = sum_n C[m,t] * exp(dt[m,t] * A[m]) * c[t-1]  +  (sum_n C[m,t] * B[m,t]) * dt[m,t] * u[m,t]
 
 The second part of y needs no state and is computed for the whole sequence at once. The rest runs
-in an ONNX `Scan` over chunks of CHUNK time steps (not one Scan iteration per step): inside a chunk
-the decays exp(dt * A), a, b and the y contraction are single batched ops over the chunk's steps,
-and only c[t] = a[t] * c[t-1] + b[t] itself is sequential (two elementwise ops per step, unrolled
-in the body). L not a multiple of CHUNK is padded with identity steps (a = 1, b = 0: the carried
-state, and so final_state, passes through them unchanged) and y is sliced back to L. batch, L, M,
-E and N are read from the tensors at run time, so the function is fully dynamic. Memory is
+in an ONNX `Scan` over chunks of CHUNK time steps, not one Scan iteration per step: inside a chunk
+exp(dt * A), a, b and the y contraction are each one batched op over the chunk's steps, and only
+c[t] = a[t] * c[t-1] + b[t] itself is sequential (two elementwise ops per step, unrolled in the
+body). L not a multiple of CHUNK is padded with identity steps (a = 1, b = 0: the carried state,
+and so final_state, passes through them unchanged) and y is sliced back to L. A sequence shorter
+than CHUNK (a streaming push) takes the same body with one step per iteration instead (an If), so
+that it does no padded work. batch, L, M, E and N are read from the tensors at run time. Memory is
 O(batch * M * CHUNK * E * N) per chunk, never O(L * E * N).
+
+(Solving the chunk in closed form instead, with cumulative log-decays and the (T, T, E, N) decay
+matrix of Mamba-2's chunked form, was measured slower on every shape: a decay per (e, n) makes that
+matrix T times the chunk's state, where Mamba-2's scalar decay makes it T x T.)
 """
 from __future__ import annotations
 
@@ -27,8 +32,8 @@ from onnx import AttributeProto, TensorProto, helper
 from ..contract import DOMAIN, INPUT_NAMES, OP_TYPE, OUTPUT_NAMES, STATE_INPUT
 
 FLOAT = TensorProto.FLOAT
-# Time steps per Scan iteration, chosen by measurement on ONNX Runtime's CPU provider
-# (benchmarks/bench_portable.py, benchmarks/results/cpu/portable_scan.md).
+# Time steps per Scan iteration, chosen by measurement (benchmarks/bench_portable.py,
+# benchmarks/results/cpu/portable_scan.md).
 CHUNK = 32
 
 
@@ -44,98 +49,145 @@ def _const_ints(name: str, values) -> onnx.NodeProto:
                             value=helper.make_tensor(name, TensorProto.INT64, [len(values)], values))
 
 
-def _chunk_body(chunk: int, intra: str = "loop") -> onnx.GraphProto:
-    """One chunk of `chunk` steps. A5 (M, 1, E, N) comes from the enclosing function body (outer
-    scope); every name here starts with "ck_" because names must be unique across the nested
-    scopes (SSA). Scan inputs: ck_dt (b, M, T, E), ck_kdtu = kappa * dt * u as (b, T, E, M),
-    ck_B (b, T, M, N), ck_C (b, M, T, N), ck_kv and ck_pv (T, 1, 1): kappa and 0 on real steps,
-    0 and 1 on padding, so that a = kv * sum_m exp(dt A) + pv is exactly 1 on padding."""
+def _chunk_body(T: int, p: str) -> onnx.GraphProto:
+    """One Scan iteration: T steps. A32 comes from the function body (outer scope); every name
+    here starts with `p` because names must be unique across the nested scopes (SSA). Scan
+    inputs, time before modality so that each product below is one batched op: dt (b, T, M, E),
+    kdtu = kappa * dt * u as (b, T, E, M), B and C (b, T, M, N), and w (T, 1, M), the weights of
+    a[t] = sum_m w[t, m] exp(dt[m, t] A[m]): kappa for every modality on a real step, (1, 0, ..., 0)
+    on a padding step (whose dt is 0: a = exp(0) = 1 exactly)."""
     mk = helper.make_node
-    T = chunk
     nodes = [
-        _const_ints("ck_ax1", [1]), _const_ints("ck_ax_last", [-1]),
-        mk("Unsqueeze", ["ck_dt", "ck_ax_last"], ["ck_dt_e"]),              # (b, M, T, E, 1)
-        mk("Mul", ["ck_dt_e", "A5"], ["ck_dtA"]),                            # (b, M, T, E, N)
-        mk("Exp", ["ck_dtA"], ["ck_dA"]),
-        mk("ReduceSum", ["ck_dA", "ck_ax1"], ["ck_dA_sum"], keepdims=0),     # (b, T, E, N)
-        mk("Mul", ["ck_dA_sum", "ck_kv"], ["ck_a_k"]),
-        mk("Add", ["ck_a_k", "ck_pv"], ["ck_a"]),                            # a[t]
-        mk("MatMul", ["ck_kdtu", "ck_B"], ["ck_b"]),                         # b[t] = sum_m (b, T, E, M) @ (b, T, M, N)
-        mk("Unsqueeze", ["ck_c_in", "ck_ax1"], ["ck_c0"]),                   # (b, 1, E, N)
+        _const_ints(f"{p}ax1", [1]), _const_ints(f"{p}ax2", [2]), _const_ints(f"{p}ax_last", [-1]),
+        _const_ints(f"{p}flat", [0, 0, 0, -1]), _const_ints(f"{p}bt", [0, 0]),
+        mk("Unsqueeze", [f"{p}dt", f"{p}ax_last"], [f"{p}dt_e"]),          # (b, T, M, E, 1)
+        mk("Mul", [f"{p}dt_e", "A32"], [f"{p}dtA"]),                        # (b, T, M, E, N)
+        mk("Exp", [f"{p}dtA"], [f"{p}dA"]),
+        # a: one MatMul (T, 1, M) @ (b, T, M, E*N) sums over M and scales at once
+        mk("Reshape", [f"{p}dA", f"{p}flat"], [f"{p}dA_f"]),
+        mk("MatMul", [f"{p}w", f"{p}dA_f"], [f"{p}a_f"]),                   # (b, T, 1, E*N)
+        mk("Shape", [f"{p}dA"], [f"{p}s_en"], start=3),
+        mk("Concat", [f"{p}bt", f"{p}s_en"], [f"{p}shape_a"], axis=0),
+        mk("Reshape", [f"{p}a_f", f"{p}shape_a"], [f"{p}a"]),              # (b, T, E, N)
+        mk("MatMul", [f"{p}kdtu", f"{p}B"], [f"{p}b"]),                     # b: (b, T, E, M) @ (b, T, M, N)
+        mk("Unsqueeze", [f"{p}c_in", f"{p}ax1"], [f"{p}c0"]),               # (b, 1, E, N)
     ]
-    if intra == "loop":
-        # c[t] = a[t] * c[t-1] + b[t], step by step; c[t-1] of every step kept for y
-        if T == 1:
-            nodes += [mk("Mul", ["ck_a", "ck_c0"], ["ck_ac1"]), mk("Add", ["ck_ac1", "ck_b"], ["ck_c1"]),
-                      mk("Identity", ["ck_c0"], ["ck_cprev"])]
-        else:
-            nodes += [_const_ints("ck_ones", [1] * T),
-                      mk("Split", ["ck_a", "ck_ones"], [f"ck_a{t}" for t in range(1, T + 1)], axis=1),
-                      mk("Split", ["ck_b", "ck_ones"], [f"ck_b{t}" for t in range(1, T + 1)], axis=1)]
-            for t in range(1, T + 1):
-                nodes += [mk("Mul", [f"ck_a{t}", f"ck_c{t - 1}"], [f"ck_ac{t}"]),
-                          mk("Add", [f"ck_ac{t}", f"ck_b{t}"], [f"ck_c{t}"])]
-            nodes.append(mk("Concat", [f"ck_c{t}" for t in range(T)], ["ck_cprev"], axis=1))   # (b, T, E, N)
-        nodes.append(mk("Squeeze", [f"ck_c{T}", "ck_ax1"], ["ck_c_out"]))
+    # c[t] = a[t] * c[t-1] + b[t], step by step; every step's c[t-1] is kept for y
+    if T == 1:
+        nodes += [mk("Mul", [f"{p}a", f"{p}c0"], [f"{p}ac1"]), mk("Add", [f"{p}ac1", f"{p}b"], [f"{p}c1"]),
+                  mk("Identity", [f"{p}c0"], [f"{p}cprev"])]
     else:
-        # closed form: c[t] = exp(cum[t]) c0 + sum_{s<=t} exp(cum[t] - cum[s]) b[s], cum = cumsum log a
-        mask = [[1 if s <= t else 0 for s in range(T)] for t in range(T)]
-        nodes += [
-            mk("Log", ["ck_a"], ["ck_la"]),
-            mk("CumSum", ["ck_la", "ck_ax1_s"], ["ck_cum"]),                  # (b, T, E, N)
-            _const_ints("ck_ax2", [2]),
-            mk("Unsqueeze", ["ck_cum", "ck_ax2"], ["ck_cum_t"]),             # (b, T, 1, E, N)
-            mk("Unsqueeze", ["ck_cum", "ck_ax1"], ["ck_cum_s"]),             # (b, 1, T, E, N)
-            mk("Sub", ["ck_cum_t", "ck_cum_s"], ["ck_seg"]),                 # (b, T, T, E, N)
-            mk("Constant", [], ["ck_mask"], value=helper.make_tensor("ck_mask", TensorProto.BOOL, [T, T, 1, 1],
-                                                                      [m for row in mask for m in row])),
-            mk("Constant", [], ["ck_ninf"], value=helper.make_tensor("ck_ninf", FLOAT, [], [float("-inf")])),
-            mk("Where", ["ck_mask", "ck_seg", "ck_ninf"], ["ck_segm"]),
-            mk("Exp", ["ck_segm"], ["ck_W"]),
-            mk("Unsqueeze", ["ck_b", "ck_ax1"], ["ck_b_s"]),                 # (b, 1, T, E, N)
-            mk("Mul", ["ck_W", "ck_b_s"], ["ck_Wb"]),
-            mk("ReduceSum", ["ck_Wb", "ck_ax2"], ["ck_cb"], keepdims=0),    # (b, T, E, N)
-            mk("Exp", ["ck_cum"], ["ck_ecum"]),
-            mk("Mul", ["ck_ecum", "ck_c0"], ["ck_cc0"]),
-            mk("Add", ["ck_cb", "ck_cc0"], ["ck_call"]),                     # c[1..T]
-            _const_ints("ck_s0", [0]), _const_ints("ck_sT1", [T - 1]), _const_ints("ck_sT", [T]),
-            mk("Slice", ["ck_call", "ck_s0", "ck_sT1", "ck_ax1"], ["ck_chead"]),
-            mk("Concat", ["ck_c0", "ck_chead"], ["ck_cprev"], axis=1),
-            mk("Slice", ["ck_call", "ck_sT1", "ck_sT", "ck_ax1"], ["ck_clast"]),
-            mk("Squeeze", ["ck_clast", "ck_ax1"], ["ck_c_out"]),
-            mk("Constant", [], ["ck_ax1_s"], value=helper.make_tensor("ck_ax1_s", TensorProto.INT64, [], [1])),
-        ]
+        nodes += [_const_ints(f"{p}ones", [1] * T),
+                  mk("Split", [f"{p}a", f"{p}ones"], [f"{p}a{t}" for t in range(1, T + 1)], axis=1),
+                  mk("Split", [f"{p}b", f"{p}ones"], [f"{p}b{t}" for t in range(1, T + 1)], axis=1)]
+        for t in range(1, T + 1):
+            nodes += [mk("Mul", [f"{p}a{t}", f"{p}c{t - 1}"], [f"{p}ac{t}"]),
+                      mk("Add", [f"{p}ac{t}", f"{p}b{t}"], [f"{p}c{t}"])]
+        nodes.append(mk("Concat", [f"{p}c{t}" for t in range(T)], [f"{p}cprev"], axis=1))    # (b, T, E, N)
     nodes += [
-        # y[m,t] (state part) = sum_n exp(dt A) * c[t-1] * C: the product, then one batched mat-vec
-        mk("Unsqueeze", ["ck_cprev", "ck_ax1"], ["ck_cprev_m"]),            # (b, 1, T, E, N)
-        mk("Mul", ["ck_dA", "ck_cprev_m"], ["ck_P"]),                        # (b, M, T, E, N)
-        mk("Unsqueeze", ["ck_C", "ck_ax_last"], ["ck_C_v"]),                 # (b, M, T, N, 1)
-        mk("MatMul", ["ck_P", "ck_C_v"], ["ck_y_v"]),                        # (b, M, T, E, 1)
-        mk("Squeeze", ["ck_y_v", "ck_ax_last"], ["ck_y"]),
+        mk("Squeeze", [f"{p}c{T}", f"{p}ax1"], [f"{p}c_out"]),
+        # y[m, t] (the state's part) = sum_n exp(dt A) * c[t-1] * C: the product, then a batched mat-vec
+        mk("Unsqueeze", [f"{p}cprev", f"{p}ax2"], [f"{p}cprev_m"]),        # (b, T, 1, E, N)
+        mk("Mul", [f"{p}dA", f"{p}cprev_m"], [f"{p}P"]),                    # (b, T, M, E, N)
+        mk("Unsqueeze", [f"{p}C", f"{p}ax_last"], [f"{p}C_v"]),             # (b, T, M, N, 1)
+        mk("MatMul", [f"{p}P", f"{p}C_v"], [f"{p}y_v"]),                    # (b, T, M, E, 1)
+        mk("Squeeze", [f"{p}y_v", f"{p}ax_last"], [f"{p}y"]),
     ]
     vi = helper.make_tensor_value_info
-    inputs = [vi("ck_c_in", FLOAT, [None] * 3), vi("ck_dt", FLOAT, [None] * 4), vi("ck_kdtu", FLOAT, [None] * 4),
-              vi("ck_B", FLOAT, [None] * 4), vi("ck_C", FLOAT, [None] * 4),
-              vi("ck_kv", FLOAT, [T, 1, 1]), vi("ck_pv", FLOAT, [T, 1, 1])]
-    outputs = [vi("ck_c_out", FLOAT, [None] * 3), vi("ck_y", FLOAT, [None] * 4)]
-    # topological order: constants the closed form uses are appended last above
-    consts = [n for n in nodes if n.op_type == "Constant"]
-    return helper.make_graph(consts + [n for n in nodes if n.op_type != "Constant"], "CoupledScan_chunk",
-                             inputs, outputs)
+    inputs = [vi(f"{p}c_in", FLOAT, [None] * 3), *(vi(f"{p}{x}", FLOAT, [None] * 4) for x in ("dt", "kdtu", "B", "C")),
+              vi(f"{p}w", FLOAT, [T, 1, None])]
+    outputs = [vi(f"{p}c_out", FLOAT, [None] * 3), vi(f"{p}y", FLOAT, [None] * 4)]
+    return helper.make_graph(nodes, f"CoupledScan_{T}_steps", inputs, outputs)
 
 
-def coupled_scan_function(opset: int, stateful: bool = False, chunk: int = CHUNK,
-                          intra: str = "loop") -> onnx.FunctionProto:
+def _chunked_scan(T: int, p: str) -> onnx.GraphProto:
+    """The Scan over chunks of T steps as a graph of its own (an If branch): from dt, kdtu, B32,
+    C32 (b, M, L, .), c0 and kappa of the function body to (c at L, the state's part of y)."""
+    mk = helper.make_node
+    nodes = []
+    if T > 1:
+        # L padded up to a multiple of T (dt = 0, kappa * dt * u = 0, B = C = 0)
+        nodes += [
+            _const_ints(f"{p}T", [T]), _const_ints(f"{p}T1", [T - 1]), _const_ints(f"{p}zeros6", [0] * 6),
+            mk("Add", ["s_L", f"{p}T1"], [f"{p}L_up"]),
+            mk("Div", [f"{p}L_up", f"{p}T"], [f"{p}nc"]),
+            mk("Mul", [f"{p}nc", f"{p}T"], [f"{p}Lp"]),
+            mk("Sub", [f"{p}Lp", "s_L"], [f"{p}n_pad"]),
+            mk("Concat", [f"{p}zeros6", f"{p}n_pad", "zero1"], [f"{p}pads"], axis=0),   # pad axis 2 at the end
+            *(mk("Pad", [x, f"{p}pads"], [f"{p}{x}_p"]) for x in ("dt", "kdtu", "B32", "C32")),
+            mk("Squeeze", [f"{p}Lp"], [f"{p}Lp_s"]),
+            mk("Range", ["zero_s", f"{p}Lp_s", "one_s"], [f"{p}steps"]),
+            mk("Less", [f"{p}steps", "s_L"], [f"{p}valid_b"]),
+            mk("Cast", [f"{p}valid_b"], [f"{p}valid"], to=FLOAT),
+            mk("Sub", ["one", f"{p}valid"], [f"{p}pad_f"]),
+            _const_ints(f"{p}step_shape", [-1, 1, 1]),
+            mk("Reshape", [f"{p}valid", f"{p}step_shape"], [f"{p}valid3"]),   # (Lp, 1, 1)
+            mk("Reshape", [f"{p}pad_f", f"{p}step_shape"], [f"{p}pad3"]),
+            mk("Mul", [f"{p}valid3", "kappa_m"], [f"{p}w_real"]),
+            mk("Mul", [f"{p}pad3", "first_m"], [f"{p}w_pad"]),
+            mk("Add", [f"{p}w_real", f"{p}w_pad"], [f"{p}w_l"]),              # (Lp, 1, M)
+        ]
+        padded = {x: f"{p}{x}_p" for x in ("dt", "kdtu", "B32", "C32")}
+    else:   # one step per iteration: no padding, every step real
+        nodes += [_const_ints(f"{p}one_l", [1, 1]), mk("Concat", ["s_L", f"{p}one_l"], [f"{p}shape_l1"], axis=0),
+                  mk("Expand", ["kappa_m", f"{p}shape_l1"], [f"{p}w_l"])]    # (L, 1, M)
+        padded = {x: x for x in ("dt", "kdtu", "B32", "C32")}
+    nodes += [
+        _const_ints(f"{p}w_head", [-1, T, 1]),
+        mk("Concat", [f"{p}w_head", "s_m"], [f"{p}w_shape"], axis=0),
+        mk("Reshape", [f"{p}w_l", f"{p}w_shape"], [f"{p}w_s"]),               # (nc, T, 1, M)
+        # (b, M, Lp, .) -> (b, M, nc, T, .) -> chunk first, each in the layout the body uses
+        _const_ints(f"{p}chunk_shape", [0, 0, -1, T]),
+        mk("Concat", [f"{p}chunk_shape", "s_e"], [f"{p}shape_e"], axis=0),
+        mk("Concat", [f"{p}chunk_shape", "s_n"], [f"{p}shape_n"], axis=0),
+        mk("Reshape", [padded["dt"], f"{p}shape_e"], [f"{p}dt_c"]),
+        mk("Reshape", [padded["kdtu"], f"{p}shape_e"], [f"{p}kdtu_c"]),
+        mk("Reshape", [padded["B32"], f"{p}shape_n"], [f"{p}B_c"]),
+        mk("Reshape", [padded["C32"], f"{p}shape_n"], [f"{p}C_c"]),
+        mk("Transpose", [f"{p}dt_c"], [f"{p}dt_s"], perm=[2, 0, 3, 1, 4]),      # (nc, b, T, M, E)
+        mk("Transpose", [f"{p}kdtu_c"], [f"{p}kdtu_s"], perm=[2, 0, 3, 4, 1]),  # (nc, b, T, E, M)
+        mk("Transpose", [f"{p}B_c"], [f"{p}B_s"], perm=[2, 0, 3, 1, 4]),        # (nc, b, T, M, N)
+        mk("Transpose", [f"{p}C_c"], [f"{p}C_s"], perm=[2, 0, 3, 1, 4]),        # (nc, b, T, M, N)
+        # Scan over axis 0, the axis every conforming runtime implements
+        mk("Scan", ["c0", f"{p}dt_s", f"{p}kdtu_s", f"{p}B_s", f"{p}C_s", f"{p}w_s"],
+           [f"{p}c_last", f"{p}y_s"], num_scan_inputs=5, body=_chunk_body(T, f"{p}b_")),
+        mk("Transpose", [f"{p}y_s"], [f"{p}y_c"], perm=[1, 3, 0, 2, 4]),        # (b, M, nc, T, E)
+        _const_ints(f"{p}flat_shape", [0, 0, -1]),
+        mk("Concat", [f"{p}flat_shape", "s_e"], [f"{p}shape_l"], axis=0),
+        mk("Reshape", [f"{p}y_c", f"{p}shape_l"], [f"{p}y_p"]),                 # (b, M, Lp, E)
+        mk("Slice", [f"{p}y_p", "zero1", "s_L", "ax2"], [f"{p}y_state"]),
+    ]
+    vi = helper.make_tensor_value_info
+    return helper.make_graph(nodes, f"CoupledScan_chunks_of_{T}", [],
+                             [vi(f"{p}c_last", FLOAT, [None] * 3), vi(f"{p}y_state", FLOAT, [None] * 4)])
+
+
+def coupled_scan_function(opset: int, stateful: bool = False, chunk: int = CHUNK) -> onnx.FunctionProto:
     """FunctionProto cm_deploy.CoupledScan(u, delta, A, B, C, D, z, delta_bias) -> y with the
     attributes delta_softplus (int), coupling_scale (float) and has_final_state (int); body in ONNX
     opset `opset`. stateful: the streaming form, (..., delta_bias, initial_state) -> (y, final_state).
-    chunk: time steps per Scan iteration."""
+    chunk: time steps per Scan iteration (1: one step per iteration, no If)."""
     mk = helper.make_node
     T = int(chunk)
+    if T < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    c_last = "final_state" if stateful else "c_last"
+    if T == 1:
+        scan = [mk("Identity", [x], [y]) for x, y in (("c1_c_last", c_last), ("c1_y_state", "y_state"))]
+        scan = list(_chunked_scan(1, "c1_").node) + scan
+    else:
+        # a sequence shorter than T runs one step per iteration (no padded steps), a longer one in chunks
+        scan = [_const_ints("T_max", [T]),
+                mk("Less", ["s_L", "T_max"], ["short"]),
+                mk("If", ["short"], [c_last, "y_state"], then_branch=_chunked_scan(1, "c1_"),
+                   else_branch=_chunked_scan(T, f"c{T}_"))]
     nodes = [
         *(mk("Cast", [x], [f"{x}32"], to=FLOAT) for x in ("u", "delta", "A", "B", "C", "D", "z")),
         mk("Cast", ["delta_bias"], ["bias32"], to=FLOAT),
-        _const_ints("ax1", [1]), _const_ints("ax2", [2]), _const_ints("ax_last", [-1]),
+        _const_ints("ax1", [1]), _const_ints("ax2", [2]), _const_ints("ax_last", [-1]), _const_ints("zero1", [0]),
+        mk("Constant", [], ["zero_s"], value=helper.make_tensor("zero_s", TensorProto.INT64, [], [0])),
+        mk("Constant", [], ["one_s"], value=helper.make_tensor("one_s", TensorProto.INT64, [], [1])),
+        mk("Constant", [], ["one"], value=helper.make_tensor("one", FLOAT, [], [1.0])),
         # dt = delta + bias (bias (M, E) -> (M, 1, E) broadcasts over (b, M, L, E))
         mk("Unsqueeze", ["bias32", "ax1"], ["bias_b"]),
         mk("Add", ["delta32", "bias_b"], ["dt_raw"]),
@@ -143,7 +195,6 @@ def coupled_scan_function(opset: int, stateful: bool = False, chunk: int = CHUNK
         mk("Abs", ["dt_raw"], ["dt_abs"]),
         mk("Neg", ["dt_abs"], ["dt_nabs"]),
         mk("Exp", ["dt_nabs"], ["dt_e"]),
-        mk("Constant", [], ["one"], value=helper.make_tensor("one", FLOAT, [], [1.0])),
         mk("Add", ["dt_e", "one"], ["dt_1p"]),
         mk("Log", ["dt_1p"], ["dt_log"]),
         mk("Relu", ["dt_raw"], ["dt_pos"]),
@@ -156,57 +207,26 @@ def coupled_scan_function(opset: int, stateful: bool = False, chunk: int = CHUNK
         mk("Mul", ["dtu", "kappa"], ["kdtu"]),
         # the stateless part of y: (sum_n C * B) * dt * u, for the whole sequence
         mk("Mul", ["C32", "B32"], ["CB"]),
-        mk("ReduceSum", ["CB", "ax_last"], ["CB_sum"], keepdims=1),          # (b, M, L, 1)
+        mk("ReduceSum", ["CB", "ax_last"], ["CB_sum"], keepdims=1),            # (b, M, L, 1)
         mk("Mul", ["CB_sum", "dtu"], ["y_direct"]),
-        mk("Unsqueeze", ["A32", "ax1"], ["A5"]),                              # (M, 1, E, N)
-        # c[0]: the initial state (streaming), else zeros of shape (batch, E, N) read at run time
+        # the sizes, read at run time
         mk("Shape", ["u"], ["s_b"], start=0, end=1),
         mk("Shape", ["u"], ["s_L"], start=2, end=3),
         mk("Shape", ["u"], ["s_e"], start=3, end=4),
+        mk("Shape", ["A"], ["s_m"], start=0, end=1),
         mk("Shape", ["A"], ["s_n"], start=2, end=3),
+        # the weights of a[t] over the modalities: (kappa, ..., kappa) and, for padding, (1, 0, ..., 0)
+        mk("ConstantOfShape", ["s_m"], ["ones_m"], value=helper.make_tensor("one1", FLOAT, [1], [1.0])),
+        mk("Mul", ["ones_m", "kappa"], ["kappa_m"]),
+        mk("Squeeze", ["s_m"], ["M_s"]),
+        mk("Range", ["zero_s", "M_s", "one_s"], ["m_idx"]),
+        mk("Equal", ["m_idx", "zero_s"], ["first_b"]),
+        mk("Cast", ["first_b"], ["first_m"], to=FLOAT),
+        # c[0]: the initial state (streaming), else zeros of shape (batch, E, N)
         *([mk("Cast", ["initial_state"], ["c0"], to=FLOAT)] if stateful else [
             mk("Concat", ["s_b", "s_e", "s_n"], ["c0_shape"], axis=0),
             mk("ConstantOfShape", ["c0_shape"], ["c0"], value=helper.make_tensor("zero", FLOAT, [1], [0.0]))]),
-        # L padded up to a multiple of T: nc = ceil(L / T) chunks
-        _const_ints("T", [T]), _const_ints("T1", [T - 1]), _const_ints("zero1", [0]),
-        _const_ints("zeros6", [0] * 6), _const_ints("chunk_shape", [0, 0, -1, T]),
-        mk("Add", ["s_L", "T1"], ["L_up"]),
-        mk("Div", ["L_up", "T"], ["nc"]),
-        mk("Mul", ["nc", "T"], ["Lp"]),
-        mk("Sub", ["Lp", "s_L"], ["n_pad"]),
-        mk("Concat", ["zeros6", "n_pad", "zero1"], ["pads"], axis=0),        # (b, M, L, .): pad L at the end
-        *(mk("Pad", [x, "pads"], [f"{x}_p"]) for x in ("dt", "kdtu", "B32", "C32")),
-        # per step: kv = kappa and pv = 0 on real steps, kv = 0 and pv = 1 on padding
-        mk("Constant", [], ["zero_s"], value=helper.make_tensor("zero_s", TensorProto.INT64, [], [0])),
-        mk("Constant", [], ["one_s"], value=helper.make_tensor("one_s", TensorProto.INT64, [], [1])),
-        mk("Squeeze", ["Lp"], ["Lp_s"]),
-        mk("Range", ["zero_s", "Lp_s", "one_s"], ["steps"]),
-        mk("Less", ["steps", "s_L"], ["valid_b"]),
-        mk("Cast", ["valid_b"], ["valid"], to=FLOAT),
-        mk("Mul", ["valid", "kappa"], ["kv_l"]),
-        mk("Sub", ["one", "valid"], ["pv_l"]),
-        _const_ints("kv_shape", [-1, T, 1, 1]),
-        mk("Reshape", ["kv_l", "kv_shape"], ["kv_s"]),                        # (nc, T, 1, 1)
-        mk("Reshape", ["pv_l", "kv_shape"], ["pv_s"]),
-        # (b, M, Lp, X) -> (b, M, nc, T, X) -> chunk first, each in the layout the body uses
-        mk("Concat", ["chunk_shape", "s_e"], ["shape_e"], axis=0),
-        mk("Concat", ["chunk_shape", "s_n"], ["shape_n"], axis=0),
-        mk("Reshape", ["dt_p", "shape_e"], ["dt_c"]),
-        mk("Reshape", ["kdtu_p", "shape_e"], ["kdtu_c"]),
-        mk("Reshape", ["B32_p", "shape_n"], ["B_c"]),
-        mk("Reshape", ["C32_p", "shape_n"], ["C_c"]),
-        mk("Transpose", ["dt_c"], ["dt_s"], perm=[2, 0, 1, 3, 4]),            # (nc, b, M, T, E)
-        mk("Transpose", ["kdtu_c"], ["kdtu_s"], perm=[2, 0, 3, 4, 1]),        # (nc, b, T, E, M)
-        mk("Transpose", ["B_c"], ["B_s"], perm=[2, 0, 3, 1, 4]),              # (nc, b, T, M, N)
-        mk("Transpose", ["C_c"], ["C_s"], perm=[2, 0, 1, 3, 4]),              # (nc, b, M, T, N)
-        # Scan over axis 0, the axis every conforming runtime implements
-        mk("Scan", ["c0", "dt_s", "kdtu_s", "B_s", "C_s", "kv_s", "pv_s"],
-           ["final_state" if stateful else "c_last", "y_s"], num_scan_inputs=6, body=_chunk_body(T, intra)),
-        mk("Transpose", ["y_s"], ["y_c"], perm=[1, 2, 0, 3, 4]),              # (b, M, nc, T, E)
-        _const_ints("flat_shape", [0, 0, -1]),
-        mk("Concat", ["flat_shape", "s_e"], ["shape_l"], axis=0),
-        mk("Reshape", ["y_c", "shape_l"], ["y_p"]),                           # (b, M, Lp, E)
-        mk("Slice", ["y_p", "zero1", "s_L", "ax2"], ["y_state"]),
+        *scan,
         mk("Add", ["y_state", "y_direct"], ["y_scan"]),
         # y += D * u ; y *= z * sigmoid(z)
         mk("Unsqueeze", ["D32", "ax1"], ["D_b"]),
@@ -229,8 +249,8 @@ def coupled_scan_function(opset: int, stateful: bool = False, chunk: int = CHUNK
         opset_imports=[helper.make_opsetid("", opset)],
         # has_final_state is declared for the TensorRT plugin's sake; the body's outputs are fixed
         attributes=["delta_softplus", "coupling_scale", "has_final_state"],
-        doc_string="Coupled Mamba selective scan (cm-deploy docs/design.md) in standard ONNX, "
-                   f"{T} time steps per Scan iteration.")
+        doc_string=f"Coupled Mamba selective scan (cm-deploy docs/design.md) in standard ONNX, {T} time steps "
+                   "per Scan iteration.")
 
 
 def make_portable(model: onnx.ModelProto) -> onnx.ModelProto:
