@@ -50,27 +50,28 @@ def _const_ints(name: str, values) -> onnx.NodeProto:
 
 
 def _chunk_body(T: int, p: str) -> onnx.GraphProto:
-    """One Scan iteration: T steps. A32 comes from the function body (outer scope); every name
-    here starts with `p` because names must be unique across the nested scopes (SSA). Scan
-    inputs, time before modality so that each product below is one batched op: dt (b, T, M, E),
-    kdtu = kappa * dt * u as (b, T, E, M), B and C (b, T, M, N), and w (T, 1, M), the weights of
-    a[t] = sum_m w[t, m] exp(dt[m, t] A[m]): kappa for every modality on a real step, (1, 0, ..., 0)
-    on a padding step (whose dt is 0: a = exp(0) = 1 exactly)."""
+    """One Scan iteration: T steps. A_ne, A as (M, N, E), comes from the function body (outer
+    scope); every name here starts with `p` because names must be unique across the nested scopes
+    (SSA). The state is c (b, N, E): E innermost, so that every broadcast below runs along
+    contiguous rows of E. Scan inputs, time before modality so that each product is one batched op:
+    dt and kdtu = kappa * dt * u (b, T, M, E), B (b, T, N, M), C (b, T, M, N), and w (T, 1, M), the
+    weights of a[t] = sum_m w[t, m] exp(dt[m, t] A[m]): kappa for every modality on a real step,
+    (1, 0, ..., 0) on a padding step (whose dt is 0: a = exp(0) = 1 exactly)."""
     mk = helper.make_node
     nodes = [
-        _const_ints(f"{p}ax1", [1]), _const_ints(f"{p}ax2", [2]), _const_ints(f"{p}ax_last", [-1]),
+        _const_ints(f"{p}ax1", [1]), _const_ints(f"{p}ax2", [2]), _const_ints(f"{p}ax3", [3]),
         _const_ints(f"{p}flat", [0, 0, 0, -1]), _const_ints(f"{p}bt", [0, 0]),
-        mk("Unsqueeze", [f"{p}dt", f"{p}ax_last"], [f"{p}dt_e"]),          # (b, T, M, E, 1)
-        mk("Mul", [f"{p}dt_e", "A32"], [f"{p}dtA"]),                        # (b, T, M, E, N)
+        mk("Unsqueeze", [f"{p}dt", f"{p}ax3"], [f"{p}dt_e"]),              # (b, T, M, 1, E)
+        mk("Mul", [f"{p}dt_e", "A_ne"], [f"{p}dtA"]),                       # (b, T, M, N, E)
         mk("Exp", [f"{p}dtA"], [f"{p}dA"]),
         # a: one MatMul (T, 1, M) @ (b, T, M, E*N) sums over M and scales at once
         mk("Reshape", [f"{p}dA", f"{p}flat"], [f"{p}dA_f"]),
-        mk("MatMul", [f"{p}w", f"{p}dA_f"], [f"{p}a_f"]),                   # (b, T, 1, E*N)
+        mk("MatMul", [f"{p}w", f"{p}dA_f"], [f"{p}a_f"]),                   # (b, T, 1, N*E)
         mk("Shape", [f"{p}dA"], [f"{p}s_en"], start=3),
         mk("Concat", [f"{p}bt", f"{p}s_en"], [f"{p}shape_a"], axis=0),
-        mk("Reshape", [f"{p}a_f", f"{p}shape_a"], [f"{p}a"]),              # (b, T, E, N)
-        mk("MatMul", [f"{p}kdtu", f"{p}B"], [f"{p}b"]),                     # b: (b, T, E, M) @ (b, T, M, N)
-        mk("Unsqueeze", [f"{p}c_in", f"{p}ax1"], [f"{p}c0"]),               # (b, 1, E, N)
+        mk("Reshape", [f"{p}a_f", f"{p}shape_a"], [f"{p}a"]),              # (b, T, N, E)
+        mk("MatMul", [f"{p}B", f"{p}kdtu"], [f"{p}b"]),                     # b: (b, T, N, M) @ (b, T, M, E)
+        mk("Unsqueeze", [f"{p}c_in", f"{p}ax1"], [f"{p}c0"]),               # (b, 1, N, E)
     ]
     # c[t] = a[t] * c[t-1] + b[t], step by step; every step's c[t-1] is kept for y
     if T == 1:
@@ -83,15 +84,15 @@ def _chunk_body(T: int, p: str) -> onnx.GraphProto:
         for t in range(1, T + 1):
             nodes += [mk("Mul", [f"{p}a{t}", f"{p}c{t - 1}"], [f"{p}ac{t}"]),
                       mk("Add", [f"{p}ac{t}", f"{p}b{t}"], [f"{p}c{t}"])]
-        nodes.append(mk("Concat", [f"{p}c{t}" for t in range(T)], [f"{p}cprev"], axis=1))    # (b, T, E, N)
+        nodes.append(mk("Concat", [f"{p}c{t}" for t in range(T)], [f"{p}cprev"], axis=1))    # (b, T, N, E)
     nodes += [
         mk("Squeeze", [f"{p}c{T}", f"{p}ax1"], [f"{p}c_out"]),
-        # y[m, t] (the state's part) = sum_n exp(dt A) * c[t-1] * C: the product, then a batched mat-vec
-        mk("Unsqueeze", [f"{p}cprev", f"{p}ax2"], [f"{p}cprev_m"]),        # (b, T, 1, E, N)
-        mk("Mul", [f"{p}dA", f"{p}cprev_m"], [f"{p}P"]),                    # (b, T, M, E, N)
-        mk("Unsqueeze", [f"{p}C", f"{p}ax_last"], [f"{p}C_v"]),             # (b, T, M, N, 1)
-        mk("MatMul", [f"{p}P", f"{p}C_v"], [f"{p}y_v"]),                    # (b, T, M, E, 1)
-        mk("Squeeze", [f"{p}y_v", f"{p}ax_last"], [f"{p}y"]),
+        # y[m, t] (the state's part) = sum_n C * exp(dt A) * c[t-1]: the product, then a batched MatMul
+        mk("Unsqueeze", [f"{p}cprev", f"{p}ax2"], [f"{p}cprev_m"]),        # (b, T, 1, N, E)
+        mk("Mul", [f"{p}dA", f"{p}cprev_m"], [f"{p}P"]),                    # (b, T, M, N, E)
+        mk("Unsqueeze", [f"{p}C", f"{p}ax3"], [f"{p}C_v"]),                 # (b, T, M, 1, N)
+        mk("MatMul", [f"{p}C_v", f"{p}P"], [f"{p}y_v"]),                    # (b, T, M, 1, E)
+        mk("Squeeze", [f"{p}y_v", f"{p}ax3"], [f"{p}y"]),
     ]
     vi = helper.make_tensor_value_info
     inputs = [vi(f"{p}c_in", FLOAT, [None] * 3), *(vi(f"{p}{x}", FLOAT, [None] * 4) for x in ("dt", "kdtu", "B", "C")),
@@ -102,7 +103,8 @@ def _chunk_body(T: int, p: str) -> onnx.GraphProto:
 
 def _chunked_scan(T: int, p: str) -> onnx.GraphProto:
     """The Scan over chunks of T steps as a graph of its own (an If branch): from dt, kdtu, B32,
-    C32 (b, M, L, .), c0 and kappa of the function body to (c at L, the state's part of y)."""
+    C32 (b, M, L, .), c0 (b, N, E) and the weights of the function body to (c at L as (b, N, E),
+    the state's part of y)."""
     mk = helper.make_node
     nodes = []
     if T > 1:
@@ -145,8 +147,8 @@ def _chunked_scan(T: int, p: str) -> onnx.GraphProto:
         mk("Reshape", [padded["B32"], f"{p}shape_n"], [f"{p}B_c"]),
         mk("Reshape", [padded["C32"], f"{p}shape_n"], [f"{p}C_c"]),
         mk("Transpose", [f"{p}dt_c"], [f"{p}dt_s"], perm=[2, 0, 3, 1, 4]),      # (nc, b, T, M, E)
-        mk("Transpose", [f"{p}kdtu_c"], [f"{p}kdtu_s"], perm=[2, 0, 3, 4, 1]),  # (nc, b, T, E, M)
-        mk("Transpose", [f"{p}B_c"], [f"{p}B_s"], perm=[2, 0, 3, 1, 4]),        # (nc, b, T, M, N)
+        mk("Transpose", [f"{p}kdtu_c"], [f"{p}kdtu_s"], perm=[2, 0, 3, 1, 4]),  # (nc, b, T, M, E)
+        mk("Transpose", [f"{p}B_c"], [f"{p}B_s"], perm=[2, 0, 3, 4, 1]),        # (nc, b, T, N, M)
         mk("Transpose", [f"{p}C_c"], [f"{p}C_s"], perm=[2, 0, 3, 1, 4]),        # (nc, b, T, M, N)
         # Scan over axis 0, the axis every conforming runtime implements
         mk("Scan", ["c0", f"{p}dt_s", f"{p}kdtu_s", f"{p}B_s", f"{p}C_s", f"{p}w_s"],
@@ -171,16 +173,17 @@ def coupled_scan_function(opset: int, stateful: bool = False, chunk: int = CHUNK
     T = int(chunk)
     if T < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
-    c_last = "final_state" if stateful else "c_last"
     if T == 1:
-        scan = [mk("Identity", [x], [y]) for x, y in (("c1_c_last", c_last), ("c1_y_state", "y_state"))]
-        scan = list(_chunked_scan(1, "c1_").node) + scan
+        scan = [*_chunked_scan(1, "c1_").node, mk("Identity", ["c1_c_last"], ["c_ne"]),
+                mk("Identity", ["c1_y_state"], ["y_state"])]
     else:
         # a sequence shorter than T runs one step per iteration (no padded steps), a longer one in chunks
         scan = [_const_ints("T_max", [T]),
                 mk("Less", ["s_L", "T_max"], ["short"]),
-                mk("If", ["short"], [c_last, "y_state"], then_branch=_chunked_scan(1, "c1_"),
+                mk("If", ["short"], ["c_ne", "y_state"], then_branch=_chunked_scan(1, "c1_"),
                    else_branch=_chunked_scan(T, f"c{T}_"))]
+    if stateful:
+        scan.append(mk("Transpose", ["c_ne"], ["final_state"], perm=[0, 2, 1]))
     nodes = [
         *(mk("Cast", [x], [f"{x}32"], to=FLOAT) for x in ("u", "delta", "A", "B", "C", "D", "z")),
         mk("Cast", ["delta_bias"], ["bias32"], to=FLOAT),
@@ -222,9 +225,11 @@ def coupled_scan_function(opset: int, stateful: bool = False, chunk: int = CHUNK
         mk("Range", ["zero_s", "M_s", "one_s"], ["m_idx"]),
         mk("Equal", ["m_idx", "zero_s"], ["first_b"]),
         mk("Cast", ["first_b"], ["first_m"], to=FLOAT),
-        # c[0]: the initial state (streaming), else zeros of shape (batch, E, N)
-        *([mk("Cast", ["initial_state"], ["c0"], to=FLOAT)] if stateful else [
-            mk("Concat", ["s_b", "s_e", "s_n"], ["c0_shape"], axis=0),
+        # inside the scan the state is (batch, N, E): c[0] is the initial state (streaming), else zeros
+        mk("Transpose", ["A32"], ["A_ne"], perm=[0, 2, 1]),                   # (M, N, E)
+        *([mk("Cast", ["initial_state"], ["c0_en"], to=FLOAT),
+           mk("Transpose", ["c0_en"], ["c0"], perm=[0, 2, 1])] if stateful else [
+            mk("Concat", ["s_b", "s_n", "s_e"], ["c0_shape"], axis=0),
             mk("ConstantOfShape", ["c0_shape"], ["c0"], value=helper.make_tensor("zero", FLOAT, [1], [0.0]))]),
         *scan,
         mk("Add", ["y_state", "y_direct"], ["y_scan"]),
