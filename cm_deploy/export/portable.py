@@ -34,7 +34,7 @@ from ..contract import DOMAIN, INPUT_NAMES, OP_TYPE, OUTPUT_NAMES, STATE_INPUT
 FLOAT = TensorProto.FLOAT
 # Time steps per Scan iteration, chosen by measurement (benchmarks/bench_portable.py,
 # benchmarks/results/cpu/portable_scan.md).
-CHUNK = 32
+CHUNK = 16
 
 
 def _ref_attr(name: str, ref: str, attr_type) -> AttributeProto:
