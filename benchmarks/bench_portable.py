@@ -93,6 +93,7 @@ def main():
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--shapes", default="1x64,1x500,8x500", help="batch x L, comma separated")
     p.add_argument("--chunks", default="8,16,32,64", help="chunk sizes T of the new function")
+    p.add_argument("--stepwise", default="", help="chunk sizes of the step-by-step body variant")
     p.add_argument("--old-rev", default="a115b47", help="commit whose portable.py is the 'step' variant")
     p.add_argument("--no-old", action="store_true", help="time the new function only")
     p.add_argument("--model", action="store_true", help="the whole paper model instead of one CoupledScan node")
@@ -115,6 +116,9 @@ def main():
             log(f"no 'step' variant: cannot read portable.py at {a.old_rev} ({err_str(e)[:200]})")
     for t in filter(None, a.chunks.split(",")):
         fn[f"loop {t}"] = lambda stateful, t=int(t): portable.coupled_scan_function(18, stateful, chunk=t)
+    for t in filter(None, a.stepwise.split(",")):
+        fn[f"stepwise {t}"] = lambda stateful, t=int(t): portable.coupled_scan_function(18, stateful, chunk=t,
+                                                                                       stepwise=True)
     shapes = [tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")]
     res = {"kind": "portable", "device": a.device, "ort": ort.__version__, "env": env_info(), "model": a.model,
            "scan": {"M": M, "E": E, "N": N}, "old_rev": a.old_rev, "threads": a.threads, "rows": []}

@@ -101,7 +101,56 @@ def _chunk_body(T: int, p: str) -> onnx.GraphProto:
     return helper.make_graph(nodes, f"CoupledScan_{T}_steps", inputs, outputs)
 
 
-def _chunked_scan(T: int, p: str) -> onnx.GraphProto:
+def _stepwise_body(T: int, p: str) -> onnx.GraphProto:
+    """One Scan iteration of T steps, each step on its own (its tensors stay cache-sized):
+    P = exp(dt A) * c[t-1] (b, M, N, E); c[t] = w[t] @ P + b[t]; y[t] = C[t] @ P. Scan inputs:
+    dt (b, M, T, E), kdtu (b, T, M, E), B (b, T, N, M), C (b, M, T, N), w (T, 1, M)."""
+    mk = helper.make_node
+    ones = _const_ints(f"{p}ones", [1] * T)
+    st = range(1, T + 1)
+    nodes = [
+        _const_ints(f"{p}ax1", [1]), ones, _const_ints(f"{p}flat", [0, 0, -1]),
+        mk("Shape", [f"{p}c_in"], [f"{p}s_ne"], start=1), _const_ints(f"{p}keep01", [0, 1]),
+        mk("Concat", [f"{p}keep01", f"{p}s_ne"], [f"{p}shape_c"], axis=0),
+        mk("Unsqueeze", [f"{p}c_in", f"{p}ax1"], [f"{p}c0"]),                # (b, 1, N, E)
+        mk("MatMul", [f"{p}B", f"{p}kdtu"], [f"{p}b"]),                      # (b, T, N, E)
+        mk("Split", [f"{p}b", f"{p}ones"], [f"{p}b{t}" for t in st], axis=1),
+        mk("Split", [f"{p}dt", f"{p}ones"], [f"{p}dt{t}" for t in st], axis=2),  # (b, M, 1, E)
+        mk("Split", [f"{p}C", f"{p}ones"], [f"{p}C{t}" for t in st], axis=2),    # (b, M, 1, N)
+        mk("Split", [f"{p}w", f"{p}ones"], [f"{p}w{t}" for t in st], axis=0),    # (1, 1, M)
+    ] if T > 1 else [
+        _const_ints(f"{p}ax1", [1]), _const_ints(f"{p}flat", [0, 0, -1]),
+        mk("Shape", [f"{p}c_in"], [f"{p}s_ne"], start=1), _const_ints(f"{p}keep01", [0, 1]),
+        mk("Concat", [f"{p}keep01", f"{p}s_ne"], [f"{p}shape_c"], axis=0),
+        mk("Unsqueeze", [f"{p}c_in", f"{p}ax1"], [f"{p}c0"]),
+        mk("MatMul", [f"{p}B", f"{p}kdtu"], [f"{p}b1_"]),
+        *(mk("Identity", [f"{p}{x}"], [f"{p}{x}1"]) for x in ("dt", "C", "w")),
+    ]
+    if T == 1:
+        nodes.append(mk("Identity", [f"{p}b1_"], [f"{p}b1v"]))
+    for t in st:
+        bt = f"{p}b1v" if T == 1 else f"{p}b{t}"
+        nodes += [
+            mk("Mul", [f"{p}dt{t}", "A_ne"], [f"{p}dtA{t}"]),                # (b, M, N, E)
+            mk("Exp", [f"{p}dtA{t}"], [f"{p}dA{t}"]),
+            mk("Mul", [f"{p}dA{t}", f"{p}c{t - 1}"], [f"{p}P{t}"]),
+            mk("Reshape", [f"{p}P{t}", f"{p}flat"], [f"{p}Pf{t}"]),          # (b, M, N*E)
+            mk("MatMul", [f"{p}w{t}", f"{p}Pf{t}"], [f"{p}ac{t}"]),          # (b, 1, N*E)
+            mk("Reshape", [f"{p}ac{t}", f"{p}shape_c"], [f"{p}acr{t}"]),
+            mk("Add", [f"{p}acr{t}", bt], [f"{p}c{t}"]),
+            mk("MatMul", [f"{p}C{t}", f"{p}P{t}"], [f"{p}y{t}"]),            # (b, M, 1, E)
+        ]
+    nodes += [mk("Squeeze", [f"{p}c{T}", f"{p}ax1"], [f"{p}c_out"]),
+              mk("Concat", [f"{p}y{t}" for t in st], [f"{p}y"], axis=2) if T > 1 else
+              mk("Identity", [f"{p}y1"], [f"{p}y"])]
+    vi = helper.make_tensor_value_info
+    inputs = [vi(f"{p}c_in", FLOAT, [None] * 3), *(vi(f"{p}{x}", FLOAT, [None] * 4) for x in ("dt", "kdtu", "B", "C")),
+              vi(f"{p}w", FLOAT, [T, 1, None])]
+    outputs = [vi(f"{p}c_out", FLOAT, [None] * 3), vi(f"{p}y", FLOAT, [None] * 4)]
+    return helper.make_graph(nodes, f"CoupledScan_{T}_steps", inputs, outputs)
+
+
+def _chunked_scan(T: int, p: str, stepwise: bool = False) -> onnx.GraphProto:
     """The Scan over chunks of T steps as a graph of its own (an If branch): from dt, kdtu, B32,
     C32 (b, M, L, .), c0 (b, N, E) and the weights of the function body to (c at L as (b, N, E),
     the state's part of y)."""
@@ -146,14 +195,15 @@ def _chunked_scan(T: int, p: str) -> onnx.GraphProto:
         mk("Reshape", [padded["kdtu"], f"{p}shape_e"], [f"{p}kdtu_c"]),
         mk("Reshape", [padded["B32"], f"{p}shape_n"], [f"{p}B_c"]),
         mk("Reshape", [padded["C32"], f"{p}shape_n"], [f"{p}C_c"]),
-        mk("Transpose", [f"{p}dt_c"], [f"{p}dt_s"], perm=[2, 0, 3, 1, 4]),      # (nc, b, T, M, E)
+        mk("Transpose", [f"{p}dt_c"], [f"{p}dt_s"], perm=[2, 0, 1, 3, 4] if stepwise else [2, 0, 3, 1, 4]),
         mk("Transpose", [f"{p}kdtu_c"], [f"{p}kdtu_s"], perm=[2, 0, 3, 1, 4]),  # (nc, b, T, M, E)
         mk("Transpose", [f"{p}B_c"], [f"{p}B_s"], perm=[2, 0, 3, 4, 1]),        # (nc, b, T, N, M)
-        mk("Transpose", [f"{p}C_c"], [f"{p}C_s"], perm=[2, 0, 3, 1, 4]),        # (nc, b, T, M, N)
+        mk("Transpose", [f"{p}C_c"], [f"{p}C_s"], perm=[2, 0, 1, 3, 4] if stepwise else [2, 0, 3, 1, 4]),
         # Scan over axis 0, the axis every conforming runtime implements
         mk("Scan", ["c0", f"{p}dt_s", f"{p}kdtu_s", f"{p}B_s", f"{p}C_s", f"{p}w_s"],
-           [f"{p}c_last", f"{p}y_s"], num_scan_inputs=5, body=_chunk_body(T, f"{p}b_")),
-        mk("Transpose", [f"{p}y_s"], [f"{p}y_c"], perm=[1, 3, 0, 2, 4]),        # (b, M, nc, T, E)
+           [f"{p}c_last", f"{p}y_s"], num_scan_inputs=5,
+           body=(_stepwise_body if stepwise else _chunk_body)(T, f"{p}b_")),
+        mk("Transpose", [f"{p}y_s"], [f"{p}y_c"], perm=[1, 2, 0, 3, 4] if stepwise else [1, 3, 0, 2, 4]),
         _const_ints(f"{p}flat_shape", [0, 0, -1]),
         mk("Concat", [f"{p}flat_shape", "s_e"], [f"{p}shape_l"], axis=0),
         mk("Reshape", [f"{p}y_c", f"{p}shape_l"], [f"{p}y_p"]),                 # (b, M, Lp, E)
@@ -164,7 +214,8 @@ def _chunked_scan(T: int, p: str) -> onnx.GraphProto:
                              [vi(f"{p}c_last", FLOAT, [None] * 3), vi(f"{p}y_state", FLOAT, [None] * 4)])
 
 
-def coupled_scan_function(opset: int, stateful: bool = False, chunk: int = CHUNK) -> onnx.FunctionProto:
+def coupled_scan_function(opset: int, stateful: bool = False, chunk: int = CHUNK, stepwise: bool = False
+                          ) -> onnx.FunctionProto:
     """FunctionProto cm_deploy.CoupledScan(u, delta, A, B, C, D, z, delta_bias) -> y with the
     attributes delta_softplus (int), coupling_scale (float) and has_final_state (int); body in ONNX
     opset `opset`. stateful: the streaming form, (..., delta_bias, initial_state) -> (y, final_state).
@@ -174,14 +225,14 @@ def coupled_scan_function(opset: int, stateful: bool = False, chunk: int = CHUNK
     if T < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
     if T == 1:
-        scan = [*_chunked_scan(1, "c1_").node, mk("Identity", ["c1_c_last"], ["c_ne"]),
+        scan = [*_chunked_scan(1, "c1_", stepwise).node, mk("Identity", ["c1_c_last"], ["c_ne"]),
                 mk("Identity", ["c1_y_state"], ["y_state"])]
     else:
         # a sequence shorter than T runs one step per iteration (no padded steps), a longer one in chunks
         scan = [_const_ints("T_max", [T]),
                 mk("Less", ["s_L", "T_max"], ["short"]),
-                mk("If", ["short"], ["c_ne", "y_state"], then_branch=_chunked_scan(1, "c1_"),
-                   else_branch=_chunked_scan(T, f"c{T}_"))]
+                mk("If", ["short"], ["c_ne", "y_state"], then_branch=_chunked_scan(1, "c1_", stepwise),
+                   else_branch=_chunked_scan(T, f"c{T}_", stepwise))]
     if stateful:
         scan.append(mk("Transpose", ["c_ne"], ["final_state"], perm=[0, 2, 1]))
     nodes = [
