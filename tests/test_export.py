@@ -225,11 +225,13 @@ def test_portable_graph_is_the_same_graph_plus_the_function(fp32):
     assert fn.domain == "cm_deploy" and list(fn.input) == ["u", "delta", "A", "B", "C", "D", "z",
                                                            "delta_bias"]
     assert set(fn.attribute) == {"delta_softplus", "coupling_scale", "has_final_state"}
-    # a Scan over chunks of time, and one step per iteration for sequences shorter than a chunk
-    (branch,) = [n for n in fn.node if n.op_type == "If"]
-    for g in (a.g for a in branch.attribute):
-        (scan,) = [n for n in g.node if n.op_type == "Scan"]
-        assert scan.attribute[0].g.name in ("CoupledScan_1_steps", f"CoupledScan_{CHUNK}_steps")
+    # Scans over chunks of CHUNK steps, and of one step for what is left and for short sequences
+    def scans(nodes):
+        for n in nodes:
+            for a in n.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    yield from ([a.g.name] if n.op_type == "Scan" else scans(a.g.node))
+    assert sorted(scans(fn.node)) == ["CoupledScan_1_steps"] * 2 + [f"CoupledScan_{CHUNK}_steps"]
 
 
 @pytest.mark.parametrize("name", ["model.onnx", "model.portable.onnx"])

@@ -3,26 +3,29 @@ runs with no custom library.
 
 The function body casts every activation to float32 (state math is float32 whatever the I/O dtype,
 docs/design.md "Precision"; the scan of a float16/bfloat16 file runs on float32 kernels) and computes
-dt = softplus(delta + delta_bias) for the whole sequence. The coupled state is one first-order
-linear recurrence per (batch, e, n) (docs/design.md "CoupledScan, the math", rearranged):
+dt = softplus(delta + delta_bias) for the whole sequence. docs/design.md "CoupledScan, the math",
+rearranged: per (batch, e, n) the coupled state is one first-order linear recurrence,
 
-    c[t] = a[t] * c[t-1] + b[t]      a[t] = kappa * sum_m exp(dt[m,t] * A[m])
-                                     b[t] = kappa * sum_m dt[m,t] * u[m,t] * B[m,t]
-    y[m,t] = sum_n C[m,t] * exp(dt[m,t] * A[m]) * c[t-1]  +  (sum_n C[m,t] * B[m,t]) * dt[m,t] * u[m,t]
+    P[m,t] = exp(dt[m,t] * A[m]) * c[t-1]
+    c[t]   = kappa * sum_m P[m,t] + b[t]            b[t] = kappa * sum_m dt[m,t] * u[m,t] * B[m,t]
+    y[m,t] = sum_n C[m,t] * P[m,t]  +  (sum_n C[m,t] * B[m,t]) * dt[m,t] * u[m,t]
 
-The second part of y needs no state and is computed for the whole sequence at once. The rest runs
-in an ONNX `Scan` over chunks of CHUNK time steps, not one Scan iteration per step: inside a chunk
-exp(dt * A), a, b and the y contraction are each one batched op over the chunk's steps, and only
-c[t] = a[t] * c[t-1] + b[t] itself is sequential (two elementwise ops per step, unrolled in the
-body). L not a multiple of CHUNK is padded with identity steps (a = 1, b = 0: the carried state,
-and so final_state, passes through them unchanged) and y is sliced back to L. A sequence shorter
-than CHUNK (a streaming push) takes the same body with one step per iteration instead (an If), so
-that it does no padded work. batch, L, M, E and N are read from the tensors at run time. Memory is
-O(batch * M * CHUNK * E * N) per chunk, never O(L * E * N).
+The second part of y needs no state and is computed for the whole sequence at once, as is
+kappa * dt * u. The rest runs in an ONNX `Scan` over chunks of CHUNK time steps instead of one Scan
+iteration per step: the body holds the chunk's steps unrolled, each an exp, two products, a sum over
+modalities and a MatMul over states on tensors of one step (which a CPU keeps in cache), plus b for
+the whole chunk in one MatMul. The L % CHUNK steps left over run one per iteration in a second Scan,
+and so does a sequence shorter than CHUNK (a streaming push): no step is padded or computed for
+nothing, and final_state is c[L] itself. batch, L, M, E and N are read from the tensors at run time.
+Memory is O(batch * M * E * N) per step and O(batch * CHUNK * E * N) per chunk, never O(L * E * N).
 
-(Solving the chunk in closed form instead, with cumulative log-decays and the (T, T, E, N) decay
-matrix of Mamba-2's chunked form, was measured slower on every shape: a decay per (e, n) makes that
-matrix T times the chunk's state, where Mamba-2's scalar decay makes it T x T.)
+Measured against, on ONNX Runtime's CPU provider (benchmarks/bench_portable.py,
+benchmarks/results/cpu/portable_scan.md): one Scan iteration per step (the function before); chunks
+whose steps are batched ops over the whole chunk with only c[t] = a[t] c[t-1] + b[t] stepwise (as
+fast at batch 1, up to 1.6x slower at batch 8: chunk-sized tensors leave the cache, and the extra
+traffic of the state would cost a GPU too); and the chunk in closed form with cumulative log-decays
+and a (T, T, E, N) decay matrix as in Mamba-2's chunked scan (slower on every shape: a decay per
+(e, n) makes that matrix T times the chunk's state, where Mamba-2's scalar decay keeps it T x T).
 """
 from __future__ import annotations
 
@@ -32,9 +35,9 @@ from onnx import AttributeProto, TensorProto, helper
 from ..contract import DOMAIN, INPUT_NAMES, OP_TYPE, OUTPUT_NAMES, STATE_INPUT
 
 FLOAT = TensorProto.FLOAT
-# Time steps per Scan iteration, chosen by measurement (benchmarks/bench_portable.py,
-# benchmarks/results/cpu/portable_scan.md).
-CHUNK = 16
+# Time steps per Scan iteration, chosen by measurement (benchmarks/results/cpu/portable_scan.md):
+# on the CPU 4 and 8 are best; 8 halves the Scan iterations of 4 for a GPU.
+CHUNK = 8
 
 
 def _ref_attr(name: str, ref: str, attr_type) -> AttributeProto:
@@ -50,197 +53,120 @@ def _const_ints(name: str, values) -> onnx.NodeProto:
 
 
 def _chunk_body(T: int, p: str) -> onnx.GraphProto:
-    """One Scan iteration: T steps. A_ne, A as (M, N, E), comes from the function body (outer
-    scope); every name here starts with `p` because names must be unique across the nested scopes
-    (SSA). The state is c (b, N, E): E innermost, so that every broadcast below runs along
-    contiguous rows of E. Scan inputs, time before modality so that each product is one batched op:
-    dt and kdtu = kappa * dt * u (b, T, M, E), B (b, T, N, M), C (b, T, M, N), and w (T, 1, M), the
-    weights of a[t] = sum_m w[t, m] exp(dt[m, t] A[m]): kappa for every modality on a real step,
-    (1, 0, ..., 0) on a padding step (whose dt is 0: a = exp(0) = 1 exactly)."""
+    """One Scan iteration: T time steps, unrolled. A_ne (A as (M, N, E)) and kappa come from the
+    function body (outer scope); every name here starts with `p` because names must be unique
+    across the nested scopes (SSA). The state is c (b, 1, N, E), E innermost so that the broadcasts
+    run along contiguous rows. Scan inputs: dt (b, M, T, E), kdtu = kappa * dt * u (b, T, M, E),
+    B (b, T, N, M), C (b, M, T, N). Per step, on tensors of one step:
+        P    = exp(dt[t] * A) * c[t-1]              (b, M, N, E)
+        c[t] = kappa * sum_m P + b[t]                b = B @ kdtu for the whole chunk (one MatMul)
+        y[t] = C[t] @ P                              (b, M, 1, E): the state's part of y
+    The sum over modalities that feeds the state is a ReduceSum, not a MatMul, so that it is exact
+    float32 where a provider runs float32 MatMuls in TF32: the state carries it from step to step."""
     mk = helper.make_node
+    steps = range(1, T + 1)
     nodes = [
-        _const_ints(f"{p}ax1", [1]), _const_ints(f"{p}ax2", [2]), _const_ints(f"{p}ax3", [3]),
-        _const_ints(f"{p}flat", [0, 0, 0, -1]), _const_ints(f"{p}bt", [0, 0]),
-        mk("Unsqueeze", [f"{p}dt", f"{p}ax3"], [f"{p}dt_e"]),              # (b, T, M, 1, E)
-        mk("Mul", [f"{p}dt_e", "A_ne"], [f"{p}dtA"]),                       # (b, T, M, N, E)
-        mk("Exp", [f"{p}dtA"], [f"{p}dA"]),
-        # a: one MatMul (T, 1, M) @ (b, T, M, E*N) sums over M and scales at once
-        mk("Reshape", [f"{p}dA", f"{p}flat"], [f"{p}dA_f"]),
-        mk("MatMul", [f"{p}w", f"{p}dA_f"], [f"{p}a_f"]),                   # (b, T, 1, N*E)
-        mk("Shape", [f"{p}dA"], [f"{p}s_en"], start=3),
-        mk("Concat", [f"{p}bt", f"{p}s_en"], [f"{p}shape_a"], axis=0),
-        mk("Reshape", [f"{p}a_f", f"{p}shape_a"], [f"{p}a"]),              # (b, T, N, E)
-        mk("MatMul", [f"{p}B", f"{p}kdtu"], [f"{p}b"]),                     # b: (b, T, N, M) @ (b, T, M, E)
-        mk("Unsqueeze", [f"{p}c_in", f"{p}ax1"], [f"{p}c0"]),               # (b, 1, N, E)
-    ]
-    # c[t] = a[t] * c[t-1] + b[t], step by step; every step's c[t-1] is kept for y
-    if T == 1:
-        nodes += [mk("Mul", [f"{p}a", f"{p}c0"], [f"{p}ac1"]), mk("Add", [f"{p}ac1", f"{p}b"], [f"{p}c1"]),
-                  mk("Identity", [f"{p}c0"], [f"{p}cprev"])]
-    else:
-        nodes += [_const_ints(f"{p}ones", [1] * T),
-                  mk("Split", [f"{p}a", f"{p}ones"], [f"{p}a{t}" for t in range(1, T + 1)], axis=1),
-                  mk("Split", [f"{p}b", f"{p}ones"], [f"{p}b{t}" for t in range(1, T + 1)], axis=1)]
-        for t in range(1, T + 1):
-            nodes += [mk("Mul", [f"{p}a{t}", f"{p}c{t - 1}"], [f"{p}ac{t}"]),
-                      mk("Add", [f"{p}ac{t}", f"{p}b{t}"], [f"{p}c{t}"])]
-        nodes.append(mk("Concat", [f"{p}c{t}" for t in range(T)], [f"{p}cprev"], axis=1))    # (b, T, N, E)
-    nodes += [
-        mk("Squeeze", [f"{p}c{T}", f"{p}ax1"], [f"{p}c_out"]),
-        # y[m, t] (the state's part) = sum_n C * exp(dt A) * c[t-1]: the product, then a batched MatMul
-        mk("Unsqueeze", [f"{p}cprev", f"{p}ax2"], [f"{p}cprev_m"]),        # (b, T, 1, N, E)
-        mk("Mul", [f"{p}dA", f"{p}cprev_m"], [f"{p}P"]),                    # (b, T, M, N, E)
-        mk("Unsqueeze", [f"{p}C", f"{p}ax3"], [f"{p}C_v"]),                 # (b, T, M, 1, N)
-        mk("MatMul", [f"{p}C_v", f"{p}P"], [f"{p}y_v"]),                    # (b, T, M, 1, E)
-        mk("Squeeze", [f"{p}y_v", f"{p}ax3"], [f"{p}y"]),
-    ]
-    vi = helper.make_tensor_value_info
-    inputs = [vi(f"{p}c_in", FLOAT, [None] * 3), *(vi(f"{p}{x}", FLOAT, [None] * 4) for x in ("dt", "kdtu", "B", "C")),
-              vi(f"{p}w", FLOAT, [T, 1, None])]
-    outputs = [vi(f"{p}c_out", FLOAT, [None] * 3), vi(f"{p}y", FLOAT, [None] * 4)]
-    return helper.make_graph(nodes, f"CoupledScan_{T}_steps", inputs, outputs)
-
-
-def _stepwise_body(T: int, p: str) -> onnx.GraphProto:
-    """One Scan iteration of T steps, each step on its own (its tensors stay cache-sized):
-    P = exp(dt A) * c[t-1] (b, M, N, E); c[t] = w[t] @ P + b[t]; y[t] = C[t] @ P. Scan inputs:
-    dt (b, M, T, E), kdtu (b, T, M, E), B (b, T, N, M), C (b, M, T, N), w (T, 1, M)."""
-    mk = helper.make_node
-    ones = _const_ints(f"{p}ones", [1] * T)
-    st = range(1, T + 1)
-    nodes = [
-        _const_ints(f"{p}ax1", [1]), ones, _const_ints(f"{p}flat", [0, 0, -1]),
-        mk("Shape", [f"{p}c_in"], [f"{p}s_ne"], start=1), _const_ints(f"{p}keep01", [0, 1]),
-        mk("Concat", [f"{p}keep01", f"{p}s_ne"], [f"{p}shape_c"], axis=0),
-        mk("Unsqueeze", [f"{p}c_in", f"{p}ax1"], [f"{p}c0"]),                # (b, 1, N, E)
-        mk("MatMul", [f"{p}B", f"{p}kdtu"], [f"{p}b"]),                      # (b, T, N, E)
-        mk("Split", [f"{p}b", f"{p}ones"], [f"{p}b{t}" for t in st], axis=1),
-        mk("Split", [f"{p}dt", f"{p}ones"], [f"{p}dt{t}" for t in st], axis=2),  # (b, M, 1, E)
-        mk("Split", [f"{p}C", f"{p}ones"], [f"{p}C{t}" for t in st], axis=2),    # (b, M, 1, N)
-        mk("Split", [f"{p}w", f"{p}ones"], [f"{p}w{t}" for t in st], axis=0),    # (1, 1, M)
-    ] if T > 1 else [
-        _const_ints(f"{p}ax1", [1]), _const_ints(f"{p}flat", [0, 0, -1]),
-        mk("Shape", [f"{p}c_in"], [f"{p}s_ne"], start=1), _const_ints(f"{p}keep01", [0, 1]),
-        mk("Concat", [f"{p}keep01", f"{p}s_ne"], [f"{p}shape_c"], axis=0),
+        _const_ints(f"{p}ax1", [1]), _const_ints(f"{p}ones", [1] * T),
         mk("Unsqueeze", [f"{p}c_in", f"{p}ax1"], [f"{p}c0"]),
-        mk("MatMul", [f"{p}B", f"{p}kdtu"], [f"{p}b1_"]),
-        *(mk("Identity", [f"{p}{x}"], [f"{p}{x}1"]) for x in ("dt", "C", "w")),
+        mk("MatMul", [f"{p}B", f"{p}kdtu"], [f"{p}b"]),                      # (b, T, N, E)
+        mk("Split", [f"{p}b", f"{p}ones"], [f"{p}b{t}" for t in steps], axis=1),     # (b, 1, N, E)
+        mk("Split", [f"{p}dt", f"{p}ones"], [f"{p}dt{t}" for t in steps], axis=2),   # (b, M, 1, E)
+        mk("Split", [f"{p}C", f"{p}ones"], [f"{p}C{t}" for t in steps], axis=2),     # (b, M, 1, N)
     ]
-    if T == 1:
-        nodes.append(mk("Identity", [f"{p}b1_"], [f"{p}b1v"]))
-    for t in st:
-        bt = f"{p}b1v" if T == 1 else f"{p}b{t}"
+    for t in steps:
         nodes += [
             mk("Mul", [f"{p}dt{t}", "A_ne"], [f"{p}dtA{t}"]),                # (b, M, N, E)
             mk("Exp", [f"{p}dtA{t}"], [f"{p}dA{t}"]),
             mk("Mul", [f"{p}dA{t}", f"{p}c{t - 1}"], [f"{p}P{t}"]),
-            mk("Reshape", [f"{p}P{t}", f"{p}flat"], [f"{p}Pf{t}"]),          # (b, M, N*E)
-            mk("MatMul", [f"{p}w{t}", f"{p}Pf{t}"], [f"{p}ac{t}"]),          # (b, 1, N*E)
-            mk("Reshape", [f"{p}ac{t}", f"{p}shape_c"], [f"{p}acr{t}"]),
-            mk("Add", [f"{p}acr{t}", bt], [f"{p}c{t}"]),
+            mk("ReduceSum", [f"{p}P{t}", f"{p}ax1"], [f"{p}sP{t}"], keepdims=1),   # (b, 1, N, E)
+            mk("Mul", [f"{p}sP{t}", "kappa"], [f"{p}kP{t}"]),
+            mk("Add", [f"{p}kP{t}", f"{p}b{t}"], [f"{p}c{t}"]),
             mk("MatMul", [f"{p}C{t}", f"{p}P{t}"], [f"{p}y{t}"]),            # (b, M, 1, E)
         ]
     nodes += [mk("Squeeze", [f"{p}c{T}", f"{p}ax1"], [f"{p}c_out"]),
-              mk("Concat", [f"{p}y{t}" for t in st], [f"{p}y"], axis=2) if T > 1 else
-              mk("Identity", [f"{p}y1"], [f"{p}y"])]
+              mk("Concat", [f"{p}y{t}" for t in steps], [f"{p}y"], axis=2)]  # (b, M, T, E)
     vi = helper.make_tensor_value_info
-    inputs = [vi(f"{p}c_in", FLOAT, [None] * 3), *(vi(f"{p}{x}", FLOAT, [None] * 4) for x in ("dt", "kdtu", "B", "C")),
-              vi(f"{p}w", FLOAT, [T, 1, None])]
+    inputs = [vi(f"{p}c_in", FLOAT, [None] * 3), *(vi(f"{p}{x}", FLOAT, [None] * 4) for x in ("dt", "kdtu", "B", "C"))]
     outputs = [vi(f"{p}c_out", FLOAT, [None] * 3), vi(f"{p}y", FLOAT, [None] * 4)]
     return helper.make_graph(nodes, f"CoupledScan_{T}_steps", inputs, outputs)
 
 
-def _chunked_scan(T: int, p: str, stepwise: bool = False) -> onnx.GraphProto:
-    """The Scan over chunks of T steps as a graph of its own (an If branch): from dt, kdtu, B32,
-    C32 (b, M, L, .), c0 (b, N, E) and the weights of the function body to (c at L as (b, N, E),
-    the state's part of y)."""
+def _scan_steps(T: int, p: str, c_in: str, lo: str, hi: str) -> list:
+    """Nodes that run steps [lo, hi) (int64 (1,) tensors; hi - lo a multiple of T, at least T) from
+    state c_in (b, N, E) as a Scan over chunks of T steps: outputs {p}c_out (b, N, E) and {p}y
+    (b, M, hi - lo, E), the state's part of y. Reads dt, kdtu, B32, C32 (b, M, L, .) of the body."""
     mk = helper.make_node
-    nodes = []
-    if T > 1:
-        # L padded up to a multiple of T (dt = 0, kappa * dt * u = 0, B = C = 0)
-        nodes += [
-            _const_ints(f"{p}T", [T]), _const_ints(f"{p}T1", [T - 1]), _const_ints(f"{p}zeros6", [0] * 6),
-            mk("Add", ["s_L", f"{p}T1"], [f"{p}L_up"]),
-            mk("Div", [f"{p}L_up", f"{p}T"], [f"{p}nc"]),
-            mk("Mul", [f"{p}nc", f"{p}T"], [f"{p}Lp"]),
-            mk("Sub", [f"{p}Lp", "s_L"], [f"{p}n_pad"]),
-            mk("Concat", [f"{p}zeros6", f"{p}n_pad", "zero1"], [f"{p}pads"], axis=0),   # pad axis 2 at the end
-            *(mk("Pad", [x, f"{p}pads"], [f"{p}{x}_p"]) for x in ("dt", "kdtu", "B32", "C32")),
-            mk("Squeeze", [f"{p}Lp"], [f"{p}Lp_s"]),
-            mk("Range", ["zero_s", f"{p}Lp_s", "one_s"], [f"{p}steps"]),
-            mk("Less", [f"{p}steps", "s_L"], [f"{p}valid_b"]),
-            mk("Cast", [f"{p}valid_b"], [f"{p}valid"], to=FLOAT),
-            mk("Sub", ["one", f"{p}valid"], [f"{p}pad_f"]),
-            _const_ints(f"{p}step_shape", [-1, 1, 1]),
-            mk("Reshape", [f"{p}valid", f"{p}step_shape"], [f"{p}valid3"]),   # (Lp, 1, 1)
-            mk("Reshape", [f"{p}pad_f", f"{p}step_shape"], [f"{p}pad3"]),
-            mk("Mul", [f"{p}valid3", "kappa_m"], [f"{p}w_real"]),
-            mk("Mul", [f"{p}pad3", "first_m"], [f"{p}w_pad"]),
-            mk("Add", [f"{p}w_real", f"{p}w_pad"], [f"{p}w_l"]),              # (Lp, 1, M)
-        ]
-        padded = {x: f"{p}{x}_p" for x in ("dt", "kdtu", "B32", "C32")}
-    else:   # one step per iteration: no padding, every step real
-        nodes += [_const_ints(f"{p}one_l", [1, 1]), mk("Concat", ["s_L", f"{p}one_l"], [f"{p}shape_l1"], axis=0),
-                  mk("Expand", ["kappa_m", f"{p}shape_l1"], [f"{p}w_l"])]    # (L, 1, M)
-        padded = {x: x for x in ("dt", "kdtu", "B32", "C32")}
-    nodes += [
-        _const_ints(f"{p}w_head", [-1, T, 1]),
-        mk("Concat", [f"{p}w_head", "s_m"], [f"{p}w_shape"], axis=0),
-        mk("Reshape", [f"{p}w_l", f"{p}w_shape"], [f"{p}w_s"]),               # (nc, T, 1, M)
-        # (b, M, Lp, .) -> (b, M, nc, T, .) -> chunk first, each in the layout the body uses
+    return [
+        # (b, M, L, .) -> steps [lo, hi) -> (b, M, nc, T, .) -> chunk first, in the layouts the body uses
         _const_ints(f"{p}chunk_shape", [0, 0, -1, T]),
         mk("Concat", [f"{p}chunk_shape", "s_e"], [f"{p}shape_e"], axis=0),
         mk("Concat", [f"{p}chunk_shape", "s_n"], [f"{p}shape_n"], axis=0),
-        mk("Reshape", [padded["dt"], f"{p}shape_e"], [f"{p}dt_c"]),
-        mk("Reshape", [padded["kdtu"], f"{p}shape_e"], [f"{p}kdtu_c"]),
-        mk("Reshape", [padded["B32"], f"{p}shape_n"], [f"{p}B_c"]),
-        mk("Reshape", [padded["C32"], f"{p}shape_n"], [f"{p}C_c"]),
-        mk("Transpose", [f"{p}dt_c"], [f"{p}dt_s"], perm=[2, 0, 1, 3, 4] if stepwise else [2, 0, 3, 1, 4]),
-        mk("Transpose", [f"{p}kdtu_c"], [f"{p}kdtu_s"], perm=[2, 0, 3, 1, 4]),  # (nc, b, T, M, E)
-        mk("Transpose", [f"{p}B_c"], [f"{p}B_s"], perm=[2, 0, 3, 4, 1]),        # (nc, b, T, N, M)
-        mk("Transpose", [f"{p}C_c"], [f"{p}C_s"], perm=[2, 0, 1, 3, 4] if stepwise else [2, 0, 3, 1, 4]),
+        *(node for x in ("dt", "kdtu", "B32", "C32") for node in (
+            mk("Slice", [x, lo, hi, "ax2"], [f"{p}{x}_l"]),
+            mk("Reshape", [f"{p}{x}_l", f"{p}shape_{'n' if x in ('B32', 'C32') else 'e'}"], [f"{p}{x}_c"]))),
+        mk("Transpose", [f"{p}dt_c"], [f"{p}dt_s"], perm=[2, 0, 1, 3, 4]),        # (nc, b, M, T, E)
+        mk("Transpose", [f"{p}kdtu_c"], [f"{p}kdtu_s"], perm=[2, 0, 3, 1, 4]),    # (nc, b, T, M, E)
+        mk("Transpose", [f"{p}B32_c"], [f"{p}B_s"], perm=[2, 0, 3, 4, 1]),        # (nc, b, T, N, M)
+        mk("Transpose", [f"{p}C32_c"], [f"{p}C_s"], perm=[2, 0, 1, 3, 4]),        # (nc, b, M, T, N)
         # Scan over axis 0, the axis every conforming runtime implements
-        mk("Scan", ["c0", f"{p}dt_s", f"{p}kdtu_s", f"{p}B_s", f"{p}C_s", f"{p}w_s"],
-           [f"{p}c_last", f"{p}y_s"], num_scan_inputs=5,
-           body=(_stepwise_body if stepwise else _chunk_body)(T, f"{p}b_")),
-        mk("Transpose", [f"{p}y_s"], [f"{p}y_c"], perm=[1, 2, 0, 3, 4] if stepwise else [1, 3, 0, 2, 4]),
+        mk("Scan", [c_in, f"{p}dt_s", f"{p}kdtu_s", f"{p}B_s", f"{p}C_s"], [f"{p}c_out", f"{p}y_s"],
+           num_scan_inputs=4, body=_chunk_body(T, f"{p}b_")),
+        mk("Transpose", [f"{p}y_s"], [f"{p}y_c"], perm=[1, 2, 0, 3, 4]),          # (b, M, nc, T, E)
         _const_ints(f"{p}flat_shape", [0, 0, -1]),
         mk("Concat", [f"{p}flat_shape", "s_e"], [f"{p}shape_l"], axis=0),
-        mk("Reshape", [f"{p}y_c", f"{p}shape_l"], [f"{p}y_p"]),                 # (b, M, Lp, E)
-        mk("Slice", [f"{p}y_p", "zero1", "s_L", "ax2"], [f"{p}y_state"]),
+        mk("Reshape", [f"{p}y_c", f"{p}shape_l"], [f"{p}y"]),
     ]
+
+
+def _branch(name: str, nodes: list, outs: tuple) -> onnx.GraphProto:
     vi = helper.make_tensor_value_info
-    return helper.make_graph(nodes, f"CoupledScan_chunks_of_{T}", [],
-                             [vi(f"{p}c_last", FLOAT, [None] * 3), vi(f"{p}y_state", FLOAT, [None] * 4)])
+    return helper.make_graph(nodes, name, [], [vi(o, FLOAT, [None] * r) for o, r in zip(outs, (3, 4))])
 
 
-def coupled_scan_function(opset: int, stateful: bool = False, chunk: int = CHUNK, stepwise: bool = False
-                          ) -> onnx.FunctionProto:
+def _scan_all(T: int) -> list:
+    """Nodes from c0 (b, N, E) to c_ne (c at L, (b, N, E)) and y_state (b, M, L, E): the first
+    L - L % T steps in chunks of T, the last L % T one per Scan iteration (an If: a Scan of no
+    iterations is not allowed). No padding, so no step is computed for nothing, and final_state is
+    c[L] itself. A sequence shorter than T (a streaming push) runs one step per iteration."""
+    mk = helper.make_node
+    if T == 1:
+        return [*_scan_steps(1, "s_", "c0", "zero1", "s_L"), mk("Identity", ["s_c_out"], ["c_ne"]),
+                mk("Identity", ["s_y"], ["y_state"])]
+    rest = _branch("CoupledScan_last_steps", [
+        *_scan_steps(1, "r_", "m_c_out", "L_main", "s_L"),
+        mk("Identity", ["r_c_out"], ["r_c"]),
+        mk("Concat", ["m_y", "r_y"], ["r_y_all"], axis=2)], ("r_c", "r_y_all"))
+    none_left = _branch("CoupledScan_no_steps_left", [
+        mk("Identity", ["m_c_out"], ["n_c"]), mk("Identity", ["m_y"], ["n_y"])], ("n_c", "n_y"))
+    chunks = _branch("CoupledScan_chunks", [
+        *_scan_steps(T, "m_", "c0", "zero1", "L_main"),
+        mk("Greater", ["s_L", "L_main"], ["steps_left"]),
+        mk("If", ["steps_left"], ["k_c", "k_y"], then_branch=rest, else_branch=none_left)], ("k_c", "k_y"))
+    short = _branch("CoupledScan_steps", [
+        *_scan_steps(1, "s_", "c0", "zero1", "s_L"),
+        mk("Identity", ["s_c_out"], ["sh_c"]), mk("Identity", ["s_y"], ["sh_y"])], ("sh_c", "sh_y"))
+    return [
+        _const_ints("T", [T]),
+        mk("Div", ["s_L", "T"], ["n_chunks"]),
+        mk("Mul", ["n_chunks", "T"], ["L_main"]),                               # steps in whole chunks
+        mk("Less", ["s_L", "T"], ["is_short"]),
+        mk("If", ["is_short"], ["c_ne", "y_state"], then_branch=short, else_branch=chunks),
+    ]
+
+
+def coupled_scan_function(opset: int, stateful: bool = False, chunk: int = CHUNK) -> onnx.FunctionProto:
     """FunctionProto cm_deploy.CoupledScan(u, delta, A, B, C, D, z, delta_bias) -> y with the
     attributes delta_softplus (int), coupling_scale (float) and has_final_state (int); body in ONNX
     opset `opset`. stateful: the streaming form, (..., delta_bias, initial_state) -> (y, final_state).
-    chunk: time steps per Scan iteration (1: one step per iteration, no If)."""
+    chunk: time steps per Scan iteration."""
     mk = helper.make_node
     T = int(chunk)
     if T < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
-    if T == 1:
-        scan = [*_chunked_scan(1, "c1_", stepwise).node, mk("Identity", ["c1_c_last"], ["c_ne"]),
-                mk("Identity", ["c1_y_state"], ["y_state"])]
-    else:
-        # a sequence shorter than T runs one step per iteration (no padded steps), a longer one in chunks
-        scan = [_const_ints("T_max", [T]),
-                mk("Less", ["s_L", "T_max"], ["short"]),
-                mk("If", ["short"], ["c_ne", "y_state"], then_branch=_chunked_scan(1, "c1_", stepwise),
-                   else_branch=_chunked_scan(T, f"c{T}_", stepwise))]
-    if stateful:
-        scan.append(mk("Transpose", ["c_ne"], ["final_state"], perm=[0, 2, 1]))
     nodes = [
         *(mk("Cast", [x], [f"{x}32"], to=FLOAT) for x in ("u", "delta", "A", "B", "C", "D", "z")),
         mk("Cast", ["delta_bias"], ["bias32"], to=FLOAT),
         _const_ints("ax1", [1]), _const_ints("ax2", [2]), _const_ints("ax_last", [-1]), _const_ints("zero1", [0]),
-        mk("Constant", [], ["zero_s"], value=helper.make_tensor("zero_s", TensorProto.INT64, [], [0])),
-        mk("Constant", [], ["one_s"], value=helper.make_tensor("one_s", TensorProto.INT64, [], [1])),
         mk("Constant", [], ["one"], value=helper.make_tensor("one", FLOAT, [], [1.0])),
         # dt = delta + bias (bias (M, E) -> (M, 1, E) broadcasts over (b, M, L, E))
         mk("Unsqueeze", ["bias32", "ax1"], ["bias_b"]),
@@ -267,22 +193,15 @@ def coupled_scan_function(opset: int, stateful: bool = False, chunk: int = CHUNK
         mk("Shape", ["u"], ["s_b"], start=0, end=1),
         mk("Shape", ["u"], ["s_L"], start=2, end=3),
         mk("Shape", ["u"], ["s_e"], start=3, end=4),
-        mk("Shape", ["A"], ["s_m"], start=0, end=1),
         mk("Shape", ["A"], ["s_n"], start=2, end=3),
-        # the weights of a[t] over the modalities: (kappa, ..., kappa) and, for padding, (1, 0, ..., 0)
-        mk("ConstantOfShape", ["s_m"], ["ones_m"], value=helper.make_tensor("one1", FLOAT, [1], [1.0])),
-        mk("Mul", ["ones_m", "kappa"], ["kappa_m"]),
-        mk("Squeeze", ["s_m"], ["M_s"]),
-        mk("Range", ["zero_s", "M_s", "one_s"], ["m_idx"]),
-        mk("Equal", ["m_idx", "zero_s"], ["first_b"]),
-        mk("Cast", ["first_b"], ["first_m"], to=FLOAT),
         # inside the scan the state is (batch, N, E): c[0] is the initial state (streaming), else zeros
         mk("Transpose", ["A32"], ["A_ne"], perm=[0, 2, 1]),                   # (M, N, E)
         *([mk("Cast", ["initial_state"], ["c0_en"], to=FLOAT),
            mk("Transpose", ["c0_en"], ["c0"], perm=[0, 2, 1])] if stateful else [
             mk("Concat", ["s_b", "s_n", "s_e"], ["c0_shape"], axis=0),
             mk("ConstantOfShape", ["c0_shape"], ["c0"], value=helper.make_tensor("zero", FLOAT, [1], [0.0]))]),
-        *scan,
+        *_scan_all(T),
+        *([mk("Transpose", ["c_ne"], ["final_state"], perm=[0, 2, 1])] if stateful else []),
         mk("Add", ["y_state", "y_direct"], ["y_scan"]),
         # y += D * u ; y *= z * sigmoid(z)
         mk("Unsqueeze", ["D32", "ax1"], ["D_b"]),
