@@ -7,10 +7,12 @@ onnxruntime-gpu is installed: --device cuda).
 
 One CoupledScan node (M = 3, E = 256, N = 64, softplus, kappa = 1/M: the paper model's layer) as a
 graph of its own, with the portable function of each variant:
-  * step       : the function as of --old-rev (default a115b47), one Scan iteration per time step
-  * loop T     : this tree's function, Scan over chunks of T steps, c[t] = a c + b unrolled in the body
---model: the paper model exported once (model.onnx), made portable with the old and the new function,
-timed as whole graphs. Every run is checked against the first variant's output (max relative error).
+  * chunk T    : this tree's function with T steps per Scan iteration (--chunks)
+  * LABEL      : the function of portable.py at a commit (--rev LABEL=REV[:key=value...], the keys
+                 passed to its coupled_scan_function); default step=a115b47, the function before
+                 issue 21 (one Scan iteration per step). Needs the git history (skipped without).
+--model: the paper model exported once (model.onnx), made portable with each function, timed as
+whole graphs. Every run is checked against the first variant's output (max relative error).
 Latency: median (and min) wall clock of `--iters` synchronous calls after one warm-up, variants
 interleaved round by round (the CPU machine is shared); on CUDA the inputs are bound on the device
 and the (small) output copied back. Writes portable.json and PORTABLE.md.
@@ -92,10 +94,9 @@ def main():
     p.add_argument("--out", required=True)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--shapes", default="1x64,1x500,8x500", help="batch x L, comma separated")
-    p.add_argument("--chunks", default="8,16,32,64", help="chunk sizes T of the new function")
-    p.add_argument("--stepwise", default="", help="chunk sizes of the step-by-step body variant")
-    p.add_argument("--old-rev", default="a115b47", help="commit whose portable.py is the 'step' variant")
-    p.add_argument("--no-old", action="store_true", help="time the new function only")
+    p.add_argument("--chunks", default="8", help="chunk sizes T of this tree's function")
+    p.add_argument("--rev", action="append", default=None, metavar="LABEL=REV[:key=value...]",
+                   help="the function at a commit (repeatable; default step=a115b47)")
     p.add_argument("--model", action="store_true", help="the whole paper model instead of one CoupledScan node")
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--threads", type=int, default=0, help="ORT intra-op threads (0: ORT's default)")
@@ -107,21 +108,23 @@ def main():
 
     from cm_deploy.export import portable
     providers = (["CUDAExecutionProvider"] if a.device == "cuda" else []) + ["CPUExecutionProvider"]
-    fn = {}
-    if not a.no_old:
+    fn, revs = {}, {}
+    for spec in a.rev if a.rev is not None else ["step=a115b47"]:
+        label, _, rest = spec.partition("=")
+        rev, *kv = rest.split(":")
+        kw = {k: int(v) if v.isdigit() else v for k, v in (x.split("=", 1) for x in kv)}
         try:
-            old = old_portable(a.old_rev)
-            fn["step"] = lambda stateful: old.coupled_scan_function(18, stateful=stateful)
+            mod = old_portable(rev)
         except (OSError, subprocess.CalledProcessError) as e:     # a copy of the tree without its git history
-            log(f"no 'step' variant: cannot read portable.py at {a.old_rev} ({err_str(e)[:200]})")
+            log(f"no variant {label!r}: cannot read portable.py at {rev} ({err_str(e)[:200]})")
+            continue
+        revs[label] = spec
+        fn[label] = lambda stateful, mod=mod, kw=kw: mod.coupled_scan_function(18, stateful, **kw)
     for t in filter(None, a.chunks.split(",")):
-        fn[f"loop {t}"] = lambda stateful, t=int(t): portable.coupled_scan_function(18, stateful, chunk=t)
-    for t in filter(None, a.stepwise.split(",")):
-        fn[f"stepwise {t}"] = lambda stateful, t=int(t): portable.coupled_scan_function(18, stateful, chunk=t,
-                                                                                       stepwise=True)
+        fn[f"chunk {t}"] = lambda stateful, t=int(t): portable.coupled_scan_function(18, stateful, chunk=t)
     shapes = [tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")]
     res = {"kind": "portable", "device": a.device, "ort": ort.__version__, "env": env_info(), "model": a.model,
-           "scan": {"M": M, "E": E, "N": N}, "old_rev": a.old_rev, "threads": a.threads, "rows": []}
+           "scan": {"M": M, "E": E, "N": N}, "revs": revs, "threads": a.threads, "rows": []}
 
     if a.model:
         import onnx
@@ -186,8 +189,9 @@ def render_md(res):
             f"one CoupledScan node, M {res['scan']['M']}, E {res['scan']['E']}, N {res['scan']['N']}")
     lines = [f"# Portable CoupledScan on ONNX Runtime ({res['device'].upper()}): {what}", "",
              f"ORT {res['ort']}, commit {e.get('commit')}, {e.get('time_utc')}, host {e.get('host')}, "
-             f"intra-op threads {res['threads'] or 'default'}; 'step' = the function at {res['old_rev']} (one Scan "
-             "iteration per step), 'loop T' = chunks of T steps", "",
+             f"intra-op threads {res['threads'] or 'default'}; 'chunk T': this commit's function, T steps per Scan "
+             "iteration; " + "; ".join(f"'{k}': portable.py at {v.split('=', 1)[1]}" for k, v in res["revs"].items()),
+             "",
              "| b x L | variant | p50 ms | min ms | vs step | rel err vs first |", "|---|---|---|---|---|---|"]
     step = {(r["batch"], r["L"]): r["p50_ms"] for r in res["rows"] if r["variant"] == "step" and "p50_ms" in r}
     for r in res["rows"]:
