@@ -155,6 +155,7 @@ def main():
         if a.model:
             rng = np.random.default_rng(b * 1000 + L)
             feeds = {n: rng.standard_normal((b, L, f), dtype=np.float32) for n, f in PAPER["modalities"].items()}
+            feeds.update({f"{n}_lengths": np.full(b, L, np.int64) for n in PAPER["modalities"]})
         else:
             feeds = scan_feeds(b, L)
         run = {name: runner(s, feeds, a.device) for name, s in sessions.items()}
@@ -170,6 +171,8 @@ def main():
                 t0 = time.perf_counter()
                 run[name]()
                 lat[name].append((time.perf_counter() - t0) * 1e3)
+        if not outs:
+            continue
         base = next(iter(outs.values()))
         for name in outs:
             err = float(np.abs(outs[name] - base).max() / max(float(np.abs(base).max()), 1e-30))
