@@ -147,12 +147,17 @@ def main():
     log(f"wrote {a.out}/deploy.json and DEPLOY.md")
 
 
-def summarize(res):
+def rows_by_shape(res) -> dict:
+    """{(dtype, batch, L): {backend: row}}"""
     by = {}
     for r in res["rows"]:
         by.setdefault((r["dtype"], r["batch"], r["L"]), {})[r["backend"]] = r
+    return by
+
+
+def summarize(res):
     res["targets"] = []
-    for (dt, b, L), rows in by.items():
+    for (dt, b, L), rows in rows_by_shape(res).items():
         deployed = [rows[k]["p50_ms"] for k in ("ort+op", "ort+op graph") if "p50_ms" in rows.get(k, {})]
         base = rows.get("torch CUDA graph", rows.get("torch eager", {})).get("p50_ms")
         t = {"dtype": dt, "batch": b, "L": L, "deployed_ms": min(deployed) if deployed else None, "torch_graph_ms": base}
@@ -164,11 +169,8 @@ def summarize(res):
 
 def summarize_portable(res):
     """Issue 21 item 5: the portable graph (its own Scan, no op library) against PyTorch's CUDA graph."""
-    by = {}
-    for r in res["rows"]:
-        by.setdefault((r["dtype"], r["batch"], r["L"]), {})[r["backend"]] = r
     res["portable_targets"] = []
-    for (dt, b, L), rows in by.items():
+    for (dt, b, L), rows in rows_by_shape(res).items():
         p = rows.get("ort portable", {}).get("p50_ms")
         base = rows.get("torch CUDA graph", rows.get("torch eager", {})).get("p50_ms")
         if p and base:
