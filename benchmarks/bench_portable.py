@@ -9,8 +9,9 @@ One CoupledScan node (M = 3, E = 256, N = 64, softplus, kappa = 1/M: the paper m
 graph of its own, with the portable function of each variant:
   * chunk T    : this tree's function with T steps per Scan iteration (--chunks)
   * LABEL      : the function of portable.py at a commit (--rev LABEL=REV[:key=value...], the keys
-                 passed to its coupled_scan_function); default step=a115b47, the function before
-                 issue 21 (one Scan iteration per step). Needs the git history (skipped without).
+                 passed to its coupled_scan_function; REV may also be a path to such a file, e.g.
+                 `git show a115b47:cm_deploy/export/portable.py > old.py` for a tree without .git);
+                 default step=a115b47, the function before issue 21 (one Scan iteration per step).
 --model: the paper model exported once (model.onnx), made portable with each function, timed as
 whole graphs. Every run is checked against the first variant's output (max relative error).
 Latency: median (and min) wall clock of `--iters` synchronous calls after one warm-up, variants
@@ -35,9 +36,14 @@ PAPER = dict(modalities={"text": 768, "audio": 74, "vision": 35}, d_model=128, n
 
 
 def old_portable(rev):
-    """cm_deploy/export/portable.py as of `rev`, as a module (its relative imports resolved)."""
-    src = subprocess.run(["git", "-C", REPO, "show", f"{rev}:cm_deploy/export/portable.py"], capture_output=True,
-                         text=True, check=True).stdout
+    """cm_deploy/export/portable.py as of commit `rev` (or the file at path `rev`, for a copy of the
+    tree without its git history), as a module (its relative imports resolved)."""
+    if os.path.isfile(rev):
+        with open(rev) as f:
+            src = f.read()
+    else:
+        src = subprocess.run(["git", "-C", REPO, "show", f"{rev}:cm_deploy/export/portable.py"], capture_output=True,
+                             text=True, check=True).stdout
     mod = types.ModuleType("cm_deploy.export._portable_old")
     mod.__package__ = "cm_deploy.export"
     exec(compile(src, f"{rev}:portable.py", "exec"), mod.__dict__)   # noqa: S102 (our own file at a commit)
@@ -107,6 +113,8 @@ def main():
     import onnxruntime as ort
 
     from cm_deploy.export import portable
+    if a.device == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+        p.error("--device cuda: this onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)")
     providers = (["CUDAExecutionProvider"] if a.device == "cuda" else []) + ["CPUExecutionProvider"]
     fn, revs = {}, {}
     for spec in a.rev if a.rev is not None else ["step=a115b47"]:
