@@ -20,12 +20,13 @@ nothing, and final_state is c[L] itself. batch, L, M, E and N are read from the 
 Memory is O(batch * M * E * N) per step and O(batch * CHUNK * E * N) per chunk, never O(L * E * N).
 
 Measured against, on ONNX Runtime's CPU provider (benchmarks/bench_portable.py,
-benchmarks/results/cpu/portable_scan.md): one Scan iteration per step (the function before); chunks
-whose steps are batched ops over the whole chunk with only c[t] = a[t] c[t-1] + b[t] stepwise (as
-fast at batch 1, up to 1.6x slower at batch 8: chunk-sized tensors leave the cache, and the extra
-traffic of the state would cost a GPU too); and the chunk in closed form with cumulative log-decays
-and a (T, T, E, N) decay matrix as in Mamba-2's chunked scan (slower on every shape: a decay per
-(e, n) makes that matrix T times the chunk's state, where Mamba-2's scalar decay keeps it T x T).
+benchmarks/results/cpu/portable_scan.md): one Scan iteration per step (the function before: 1.1-3x
+slower); chunks whose steps are batched ops over the whole chunk with only c[t] = a[t] c[t-1] + b[t]
+stepwise (1.8x faster at batch 1, 1.4x slower at batch 8, where its chunk-sized tensors leave the
+cache; and 3x the state's memory traffic, which bounds a GPU at large batch); and the chunk in closed
+form with cumulative log-decays and a (T, T, E, N) decay matrix as in Mamba-2's chunked scan (slower
+on every shape: a decay per (e, n) makes that matrix T times the chunk's state, where Mamba-2's
+scalar decay keeps it T x T).
 """
 from __future__ import annotations
 
