@@ -47,8 +47,10 @@ def _model_options(f):
                           "tensorrt_rtx_bindings.")(f)
     # kept in the click context for _open, so that every command takes them without naming them
     f = click.option("--ort-ops", type=click.Path(dir_okay=False), default=None, expose_value=False,
-                     callback=_remember, help="CoupledScan ONNX Runtime op library for model.onnx (default: "
-                                              "$CM_DEPLOY_ORT_OP_LIBRARY, the package's lib/, build/ folders).")(f)
+                     callback=_remember, help="CoupledScan ONNX Runtime op library, registered for any ONNX file "
+                                              "when given (then it runs CoupledScan in model.portable.onnx too); "
+                                              "without it, only for files that need it (model.onnx), found in "
+                                              "$CM_DEPLOY_ORT_OP_LIBRARY, the package's lib/, build/ folders.")(f)
     f = click.option("--check-finite/--no-check-finite", default=True, expose_value=False, callback=_remember,
                      help="Refuse inputs holding NaN/Inf within their valid steps (padding may hold anything).",
                      show_default=True)(f)

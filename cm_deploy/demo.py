@@ -135,7 +135,8 @@ def main(argv=None):
         manifest = export_checkpoint(ckpt, out / "export", progress=progress)
         print(f"      wrote {out / 'export'}: model.onnx ({manifest['custom_ops'][0]['count']} CoupledScan "
               "nodes), model.portable.onnx, manifest.json")
-        print("[3/3] parity: portable ONNX in ONNX Runtime vs the PyTorch reference")
+        print("[3/3] parity: portable ONNX in ONNX Runtime (its own Scan; the op library is not registered for it) "
+              "vs the PyTorch reference")
         with load(out / "export" / FILES["portable"]) as onnx_model, \
                 TorchBackend(ckpt, device="cpu", dtype="float32", scan_impl="reference") as ref:
             report = run_parity(ref, onnx_model, default_shapes([onnx_model]))

@@ -378,7 +378,7 @@ def test_profile_builtin_side_by_side(capsys, art, tmp_path):
     assert rc == 0, err
     rows = json.loads(out)
     assert [(r["model"].split(":")[0], r["batch"]) for r in rows] == [
-        ("onnxruntime[CPU]", 1), ("onnxruntime[CPU]", 2), ("torch[cpu,float32,auto]", 1), ("torch[cpu,float32,auto]", 2)]
+        ("onnxruntime[CPU,function]", 1), ("onnxruntime[CPU,function]", 2), ("torch[cpu,float32,auto]", 1), ("torch[cpu,float32,auto]", 2)]
     assert all(r["timer"] == "builtin" and r["n"] == 2 and r["p99_ms"] >= r["p50_ms"] > 0 for r in rows)
     assert png.stat().st_size > 1000
     rc, out, _ = cli(capsys, "profile", art["portable"], "--batch", "1", "--length", "4,8", "--iters", "1",

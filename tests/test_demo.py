@@ -12,3 +12,7 @@ def test_demo_end_to_end(tmp_path):
     assert {p.name for p in (tmp_path / "export").iterdir()} == {"model.onnx", "model.portable.onnx", "manifest.json"}
     report = json.loads((tmp_path / "parity.json").read_text())
     assert report["ok"] and len(report["cases"]) >= 2
+    # the portable file is checked on its own function (the ONNX Scan), never through the op library
+    assert report["model"].endswith(",function]:model.portable.onnx"), report["model"]
+    if "model_onnx" in report:
+        assert report["model_onnx"]["model"].endswith(",custom op]:model.onnx")

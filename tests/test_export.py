@@ -25,7 +25,7 @@ from cm_deploy import CoupledMamba, CoupledMambaConfig, save_checkpoint  # noqa:
 from cm_deploy.errors import UserError  # noqa: E402
 from cm_deploy.export import export_checkpoint  # noqa: E402
 from cm_deploy.export import exporter as exporter_mod  # noqa: E402
-from cm_deploy.export.portable import coupled_scan_function  # noqa: E402
+from cm_deploy.export.portable import CHUNK, coupled_scan_function  # noqa: E402
 from cm_deploy.model import resample_linear  # noqa: E402
 from cm_deploy.ops import coupled_scan  # noqa: E402
 from cm_deploy.runtime.placement import predict_cuda_placement  # noqa: E402
@@ -245,7 +245,13 @@ def test_portable_graph_is_the_same_graph_plus_the_function(fp32):
     assert fn.domain == "cm_deploy" and list(fn.input) == ["u", "delta", "A", "B", "C", "D", "z",
                                                            "delta_bias"]
     assert set(fn.attribute) == {"delta_softplus", "coupling_scale", "has_final_state"}
-    assert "Scan" in {n.op_type for n in fn.node}
+    # Scans over chunks of CHUNK steps, and of one step for what is left and for short sequences
+    def scans(nodes):
+        for n in nodes:
+            for a in n.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    yield from ([a.g.name] if n.op_type == "Scan" else scans(a.g.node))
+    assert sorted(scans(fn.node)) == ["CoupledScan_1_steps"] * 2 + [f"CoupledScan_{CHUNK}_steps"]
 
 
 @pytest.mark.parametrize("name", ["model.onnx", "model.portable.onnx"])
@@ -476,6 +482,90 @@ def test_portable_function_alone(softplus, kappa, np_dtype):
         assert out.dtype == np_dtype
         tol = 1e-5 if np_dtype == np.float32 else 1e-2
         np.testing.assert_allclose(out.astype(np.float32), ref, rtol=tol, atol=tol)
+
+
+def _scan_model(chunk, stateful, M=3, E=8, N=4, kappa=None):
+    """One cm_deploy::CoupledScan node (float32, softplus) and the portable function with `chunk`."""
+    from onnx import TensorProto, helper
+    shapes = {"u": ["b", M, "L", E], "delta": ["b", M, "L", E], "A": [M, E, N], "B": ["b", M, "L", N],
+              "C": ["b", M, "L", N], "D": [M, E], "z": ["b", M, "L", E], "delta_bias": [M, E]}
+    if stateful:
+        shapes["initial_state"] = ["b", E, N]
+    outs = {"y": shapes["u"], **({"final_state": ["b", E, N]} if stateful else {})}
+    vi = helper.make_tensor_value_info
+    node = helper.make_node("CoupledScan", list(shapes), list(outs), domain="cm_deploy", delta_softplus=1,
+                            coupling_scale=1.0 / M if kappa is None else kappa, has_final_state=int(stateful))
+    graph = helper.make_graph([node], "g", [vi(n, TensorProto.FLOAT, s) for n, s in shapes.items()],
+                              [vi(n, TensorProto.FLOAT, s) for n, s in outs.items()])
+    model = helper.make_model(graph, functions=[coupled_scan_function(18, stateful=stateful, chunk=chunk)],
+                              opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("cm_deploy", 1)],
+                              ir_version=10)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def _scan_args(b, L, M=3, E=8, N=4, seed=0, steep=False):
+    g = torch.Generator().manual_seed(seed)
+    t = {"u": torch.randn(b, M, L, E, generator=g), "delta": torch.randn(b, M, L, E, generator=g),
+         "A": -torch.rand(M, E, N, generator=g) * (300.0 if steep else 3.0),     # steep: dt * A to about -1e3
+         "B": torch.randn(b, M, L, N, generator=g), "C": torch.randn(b, M, L, N, generator=g),
+         "D": torch.randn(M, E, generator=g), "z": torch.randn(b, M, L, E, generator=g),
+         "delta_bias": torch.randn(M, E, generator=g)}
+    return t, torch.randn(b, E, N, generator=g)
+
+
+def _close(got, want, what):
+    """Within 1e-5 of the reference, relative to its largest magnitude (float32 round-off)."""
+    want = want.numpy() if isinstance(want, torch.Tensor) else want
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()), err_msg=what)
+
+
+@pytest.mark.parametrize("kappa", [None, 1.0])
+@pytest.mark.parametrize("chunk", [4, CHUNK])
+def test_chunked_portable_scan_matches_the_reference(chunk, kappa):
+    """The portable function (Scan over chunks of `chunk` steps, steps shorter than a chunk one per
+    iteration) against coupled_scan_reference: L of 1, below, at, one over and not a multiple of the
+    chunk, several chunks; kappa 1/M and 1; from zeros and from an initial state, with the final
+    state; a sequence in two pieces (the second from the first's final state) equal to one run;
+    steep decays (exp(dt * A) underflows to 0)."""
+    from cm_deploy.ops.reference import coupled_scan_reference
+    plain = ort.InferenceSession(_scan_model(chunk, False, kappa=kappa).SerializeToString(),
+                                 providers=["CPUExecutionProvider"])
+    stateful = ort.InferenceSession(_scan_model(chunk, True, kappa=kappa).SerializeToString(),
+                                    providers=["CPUExecutionProvider"])
+    for i, (b, L) in enumerate([(2, 1), (1, chunk - 1), (2, chunk), (1, chunk + 1), (2, 3 * chunk + 2)]):
+        for steep in (False, True):
+            t, c0 = _scan_args(b, L, seed=i, steep=steep)
+            kw = dict(delta_softplus=True, coupling_scale=kappa, return_final_state=True)
+            what = f"chunk {chunk} kappa {kappa} b {b} L {L} steep {steep}"
+            y, _ = coupled_scan_reference(*t.values(), **kw)
+            _close(plain.run(None, {k: v.numpy() for k, v in t.items()})[0], y, what)
+            y, c = coupled_scan_reference(*t.values(), initial_state=c0, **kw)
+            got_y, got_c = stateful.run(None, {**{k: v.numpy() for k, v in t.items()}, "initial_state": c0.numpy()})
+            _close(got_y, y, what + " with state")
+            _close(got_c, c, what + " final state")
+            if L > 2:   # in two pieces, split inside a chunk
+                cut = L // 2 + 1
+                first = {k: v[:, :, :cut].numpy() if v.dim() == 4 else v.numpy() for k, v in t.items()}
+                second = {k: v[:, :, cut:].numpy() if v.dim() == 4 else v.numpy() for k, v in t.items()}
+                y1, c1 = stateful.run(None, {**first, "initial_state": c0.numpy()})
+                y2, c2 = stateful.run(None, {**second, "initial_state": c1})
+                _close(np.concatenate([y1, y2], axis=2), y, what + " in two pieces")
+                _close(c2, c, what + " in two pieces, final state")
+
+
+def test_chunked_portable_scan_in_onnx_reference_evaluator():
+    """ONNX's reference evaluator runs both branches of the function (one step per iteration, and
+    chunks with padding) and agrees with the reference scan."""
+    from onnx.reference import ReferenceEvaluator
+    from cm_deploy.ops.reference import coupled_scan_reference
+    ev = ReferenceEvaluator(_scan_model(4, True))
+    for b, L in ((2, 3), (1, 11)):
+        t, c0 = _scan_args(b, L, seed=L)
+        y, c = coupled_scan_reference(*t.values(), delta_softplus=True, initial_state=c0, return_final_state=True)
+        got_y, got_c = ev.run(None, {**{k: v.numpy() for k, v in t.items()}, "initial_state": c0.numpy()})
+        _close(got_y, y, f"L {L}")
+        _close(got_c, c, f"L {L} final state")
 
 
 def test_resample_linear_is_f_interpolate():

@@ -271,6 +271,37 @@ def test_model_onnx_equals_portable_onnx(art):
         np.testing.assert_allclose(a.run(feeds)["output"], b.run(feeds)["output"], rtol=1e-5, atol=1e-6)
 
 
+def test_portable_parity_runs_its_own_function_without_the_op_library(art, capsys):
+    """The library is found here (this module runs only then), yet model.portable.onnx is checked on
+    its own ONNX Scan: the runtime registers the library only where the graph needs it (model.onnx)
+    or the caller asks, and every name says which ran. At L below, at and above a Scan chunk."""
+    from cm_deploy.cli import main
+    from cm_deploy.export.portable import CHUNK
+    from cm_deploy.runtime import load
+    from cm_deploy.runtime.parity import run_parity
+    cases = [(f"{b}x{max(ls)}", feeds_for(b, ls, seed=b + ls[0]))
+             for b, ls in ((2, (9, 5, 7)), (1, (CHUNK, 2, 5)), (2, (CHUNK + 9, 33, 2)), (1, (2 * CHUNK + 5, 3, 3)))]
+    with load(art["portable"], device="cpu") as p, load(art["onnx"], device="cpu") as o, \
+            load(art["portable"], device="cpu", ort_ops=True) as p_op, \
+            load(art["a"], device="cpu", scan_impl="reference") as ref:
+        assert p.ort_ops is None and p.coupled_scan == "function"
+        assert p.name == "onnxruntime[CPU,function]:model.portable.onnx"
+        assert o.ort_ops == LIB and o.name == "onnxruntime[CPU,custom op]:model.onnx"
+        assert p_op.ort_ops == LIB and p_op.name == "onnxruntime[CPU,custom op]:model.portable.onnx"
+        report = run_parity(ref, p, cases, atol=1e-5, rtol=1e-5)
+        assert report["ok"] and report["model"] == p.name, report
+        for _, feeds in cases:
+            want = o.run(feeds)["output"]
+            # the custom op takes the function's place when registered: the same kernel, the same bits
+            np.testing.assert_array_equal(p_op.run(feeds)["output"], want)
+            np.testing.assert_allclose(p.run(feeds)["output"], want, rtol=1e-5, atol=1e-6)
+    for extra, ran in (([], "function"), (["--ort-ops", str(LIB)], "custom op")):
+        rc = main(["parity", str(art["a"]), str(art["portable"]), "--device", "cpu", *extra])
+        out, err = capsys.readouterr()
+        assert rc == 0, out + err
+        assert f"parity: onnxruntime[CPU,{ran}]:model.portable.onnx vs " in out
+
+
 def test_cli_run_and_parity_of_model_onnx_without_tensorrt(art, tmp_path, capsys):
     from cm_deploy.cli import main
     x = tmp_path / "x.npz"

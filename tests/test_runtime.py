@@ -259,6 +259,15 @@ def test_load_dispatch_errors(tmp_path, art, monkeypatch):
     with pytest.raises(UserError, match="ONNX Runtime cannot load it") as e:
         load(tmp_path / "bad.onnx")
     one_line(e.value)
+    # the portable file never looks for the library unless asked: a stale $CM_DEPLOY_ORT_OP_LIBRARY is
+    # no obstacle (and it is not the file's business), while asking for it without one found is an error
+    monkeypatch.setenv(N.LIBRARIES["ort"].env, str(tmp_path / "gone.so"))
+    with load(art["portable"], device="cpu") as m:
+        assert m.ort_ops is None and m.name == "onnxruntime[CPU,function]:model.portable.onnx"
+    with pytest.raises(UserError, match="op library not found"):
+        load(art["portable"], device="cpu", ort_ops=True)
+    with pytest.raises(UserError, match="holds CoupledScan nodes"):
+        load(art["onnx"], device="cpu", ort_ops=False)
 
 
 def test_ort_backend_specs_run_and_parity(art):

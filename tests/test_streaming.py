@@ -132,6 +132,25 @@ def test_stream_push_in_chunks_equals_whole_sequence(exported, fname):
             np.testing.assert_allclose(y, exported["model"](full).numpy(), rtol=1e-4, atol=1e-5)
 
 
+def test_portable_stream_across_scan_chunks(exported):
+    """model.stream.portable.onnx with pushes longer than the function's Scan chunk (padded chunks)
+    and shorter (one step per iteration), the state carried between them: equal to one run."""
+    from cm_deploy.export.portable import CHUNK
+    from cm_deploy.runtime import open_stream
+    L = 2 * CHUNK + 5
+    xs, lens = _data(L=L, lens=((L, CHUNK + 3), (CHUNK - 1, L)), seed=6)
+    with torch.no_grad():
+        whole = exported["model"](xs, lengths=lens).numpy()
+    with open_stream(exported["out"] / "model.stream.portable.onnx", batch=2, device="cpu") as s:
+        assert s.backend.ort_ops is None          # its own function, not the op library
+        for sizes in ([L], [CHUNK + 1, 1, CHUNK + 3], [3, CHUNK, CHUNK + 2]):
+            s.reset()
+            for chunk, cl in _chunks(xs, lens, sizes):
+                y = s.push({n: c.numpy() for n, c in zip(MODS, chunk)},
+                           lengths={n: v.numpy() for n, v in zip(MODS, cl)})
+            np.testing.assert_allclose(y, whole, rtol=1e-4, atol=1e-5, err_msg=f"chunks {sizes}")
+
+
 def test_stream_refusals(exported):
     from cm_deploy.runtime import load, open_stream
     with pytest.raises(UserError, match="not a streaming graph"):

@@ -18,8 +18,9 @@ BACKENDS = {"tensorrt": "trt", "onnx": "ort", "torch": "torch"}     # file kind 
 def load(path, plugin=None, device=None, *, backend=None, trt_module=None, cuda_graph=False, dtype=None,
          scan_impl=None, providers=None, ort_ops=None, verbose=False, chunk=None, tf32=False) -> Backend:
     """Open a model by file type: .engine/.plan/.trt -> TensorRT (Engine; plugin, trt_module,
-    cuda_graph), .onnx -> ONNX Runtime (providers, ort_ops: the CoupledScan op library, cuda_graph,
-    tf32: allow TF32 in float32 GEMMs on the CUDA provider; default exact float32),
+    cuda_graph), .onnx -> ONNX Runtime (providers, cuda_graph; ort_ops: the CoupledScan op library,
+    registered where the graph needs it, or always when given as a path or True; tf32: allow TF32 in
+    float32 GEMMs on the CUDA provider, default exact float32),
     .pt/.pth/.ckpt -> PyTorch (dtype, scan_impl, cuda_graph, chunk). `backend` ("ort", "trt", "torch")
     overrides the default; "trt" on an .onnx file builds an engine first (in a temporary folder).
     `device`: None (the backend's default), "cpu", "cuda" or "cuda:N"."""

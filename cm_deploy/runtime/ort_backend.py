@@ -2,9 +2,13 @@
 model.portable.onnx (stock ONNX Runtime), on the CUDA provider when onnxruntime-gpu is present, else
 on the CPU.
 
-The op library (plugins/ort_coupled_scan, libcoupled_scan_ort.so) is found as native.py says
-($CM_DEPLOY_ORT_OP_LIBRARY, the package's lib/, build/ folders) and registered whenever it is found;
-a file with CoupledScan nodes and no library gets a one-line error saying how to get one.
+The op library (plugins/ort_coupled_scan, libcoupled_scan_ort.so) is registered only where the
+graph needs it (CoupledScan nodes without a model-local function: model.onnx) or the caller asks
+(ort_ops=PATH or True, `--ort-ops`); it is found as native.py says ($CM_DEPLOY_ORT_OP_LIBRARY, the
+package's lib/, build/ folders). So model.portable.onnx runs its own function, the ONNX Scan that
+stock runtimes execute, and `name` says which ran: "onnxruntime[CPU,function]:model.portable.onnx",
+"onnxruntime[CUDA,custom op]:model.onnx". A file that needs the library when none is found gets a
+one-line error saying how to get one.
 
 Host numpy inputs go through session.run. CUDA arrays (__cuda_array_interface__) on the CUDA
 provider are bound by pointer through IOBinding, without a copy; OrtValues are bound as they are,
@@ -138,40 +142,11 @@ class OrtBackend(Backend):
         opts.log_severity_level = 3          # errors only: ORT's warnings are not the user's business
         if threads:
             opts.intra_op_num_threads = int(threads)
-        # A file made for TensorRT (CoupledScan nodes, no function body) needs the op library.
-        needs_ops = not (self.manifest or {}).get("_role", "tensorrt").endswith("portable")
-        self.ort_ops = find_library("ort", ort_ops, required=False)
-        if self.ort_ops is not None:
-            try:
-                opts.register_custom_ops_library(str(self.ort_ops))
-            except Exception as e:
-                if needs_ops or ort_ops:
-                    raise UserError(f"cannot register {LIBRARIES['ort'].what} {self.ort_ops}: {_one_line(e)}"
-                                    ) from None
-                self.ort_ops = None      # the portable file runs without it
-        try:
-            self.session = ort.InferenceSession(str(self.path), sess_options=opts, providers=providers)
-        except Exception as e:
-            msg = _one_line(e)
-            if cuda_graph and "graph capture" in msg:
-                from .placement import predict_cuda_placement
-                raise UserError(f"{self.path}: ONNX Runtime cannot capture this graph in a CUDA graph ({msg}); "
-                                f"predicted placement: {predict_cuda_placement(self.path).summary()}") from None
-            if (OP_TYPE in msg or DOMAIN in msg) and self.ort_ops is None:
-                hint = ""
-                role = (self.manifest or {}).get("_role", "tensorrt")
-                portable = (self.manifest or {}).get("files", {}).get(role.replace("tensorrt", "portable"))
-                if portable:
-                    hint = f", or run {self.path.parent / portable} (stock ONNX Runtime)"
-                lib = LIBRARIES["ort"]
-                raise UserError(f"{self.path}: this ONNX file holds CoupledScan nodes: ONNX Runtime runs it with "
-                                f"the {lib.what} (build it with scripts/build_plugin.sh, then pass {lib.flag} or "
-                                f"set {lib.env}{hint})") from None
-            raise UserError(f"{self.path}: ONNX Runtime cannot load it: {msg}") from None
+        self.session, self.ort_ops = self._open_session(opts, providers, ort_ops)
         self.providers = self.session.get_providers()
         self.on_cuda = self.providers[0] == "CUDAExecutionProvider"
         self.op_providers = op_library_providers(self.ort_ops) if self.ort_ops is not None else None
-        if self.on_cuda and needs_ops and self.op_providers is not None \
+        if self.on_cuda and self.op_providers is not None \
                 and "CUDAExecutionProvider" not in self.op_providers:
             # ORT would silently run every CoupledScan on the CPU, copying each layer's tensors
             # through the host: say so once
@@ -186,7 +161,53 @@ class OrtBackend(Backend):
         ep = "CUDA" if self.on_cuda else "CPU"
         self.device_type = "cuda" if self.on_cuda else "cpu"      # where device_values() allocates
         tf32_tag = "+tf32" if self.on_cuda and self.tf32 and self.precision == "float32" else ""
-        self.name = f"onnxruntime[{ep}{tf32_tag}{'+graph' if self.cuda_graph else ''}]:{self.path.name}"
+        # what runs CoupledScan: the op library's kernel, or ONNX Runtime's own ops (the file's function)
+        self.coupled_scan = "custom op" if self.ort_ops is not None else "function"
+        self.name = (f"onnxruntime[{ep}{tf32_tag}{'+graph' if self.cuda_graph else ''},{self.coupled_scan}]:"
+                     f"{self.path.name}")
+
+    def _open_session(self, opts, providers, ort_ops):
+        """(session, the op library registered or None). The library is registered where the caller
+        asks (ort_ops: a path, or True for the one native.py finds) or where the graph needs it:
+        CoupledScan nodes that ONNX Runtime cannot resolve on its own, i.e. no model-local function
+        (model.onnx). A portable file thus runs its own function (the ONNX Scan), since a registered
+        custom op would take the function's place. ort_ops=False never registers it."""
+        ort = self._ort
+        if ort_ops is None or ort_ops is False:
+            try:        # ONNX Runtime itself says whether the graph resolves without the library
+                return ort.InferenceSession(str(self.path), sess_options=opts, providers=providers), None
+            except Exception as e:
+                msg = _one_line(e)
+                if OP_TYPE not in msg and DOMAIN not in msg:
+                    raise self._load_error(msg) from None
+            lib = find_library("ort", required=False) if ort_ops is None else None
+        else:
+            lib = find_library("ort", None if ort_ops is True else ort_ops)
+        if lib is None:
+            hint = ""
+            role = (self.manifest or {}).get("_role", "tensorrt")
+            portable = (self.manifest or {}).get("files", {}).get(role.replace("tensorrt", "portable"))
+            if portable:
+                hint = f", or run {self.path.parent / portable} (stock ONNX Runtime)"
+            what = LIBRARIES["ort"]
+            raise UserError(f"{self.path}: this ONNX file holds CoupledScan nodes: ONNX Runtime runs it with "
+                            f"the {what.what} (build it with scripts/build_plugin.sh, then pass {what.flag} or "
+                            f"set {what.env}{hint})")
+        try:
+            opts.register_custom_ops_library(str(lib))
+        except Exception as e:
+            raise UserError(f"cannot register {LIBRARIES['ort'].what} {lib}: {_one_line(e)}") from None
+        try:
+            return ort.InferenceSession(str(self.path), sess_options=opts, providers=providers), lib
+        except Exception as e:
+            raise self._load_error(_one_line(e)) from None
+
+    def _load_error(self, msg):
+        if self.cuda_graph and "graph capture" in msg:
+            from .placement import predict_cuda_placement
+            return UserError(f"{self.path}: ONNX Runtime cannot capture this graph in a CUDA graph ({msg}); "
+                             f"predicted placement: {predict_cuda_placement(self.path).summary()}")
+        return UserError(f"{self.path}: ONNX Runtime cannot load it: {msg}")
 
     def _spec(self, arg, which) -> TensorSpec:
         dtype = ORT_TYPES.get(arg.type)
