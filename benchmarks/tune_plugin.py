@@ -3,8 +3,7 @@
     python3 benchmarks/tune_plugin.py [--budget 150]
 
 The plugin reads CM_DEPLOY_SCAN_NPT (states per consumer thread), CM_DEPLOY_SCAN_TC (steps per
-shared-memory chunk), CM_DEPLOY_SCAN_TARGET_WARPS, CM_DEPLOY_SCAN_SEGS and CM_DEPLOY_SCAN_WARP_TILES
-(1: the warp-tile kernel) once per process, so
+shared-memory chunk), CM_DEPLOY_SCAN_TARGET_WARPS and CM_DEPLOY_SCAN_SEGS once per process, so
 each setting runs in a child process (`--child`), timing the enqueue through the harness
 (plugin_peer.py; built by run_all.py in /tmp/cm_bench_plugin) next to the Triton forward on the
 same inputs. Prints one line per (setting, shape, dtype).
@@ -26,11 +25,7 @@ SHAPES = [(64, 500, "float32"), (64, 500, "bfloat16"), (8, 4096, "float32"), (1,
 SETTINGS = [{}, {"CM_DEPLOY_SCAN_TC": "12"}, {"CM_DEPLOY_SCAN_TC": "16"},
             {"CM_DEPLOY_SCAN_TC": "24"}, {"CM_DEPLOY_SCAN_NPT": "4"},
             {"CM_DEPLOY_SCAN_NPT": "4", "CM_DEPLOY_SCAN_TC": "16"},
-            {"CM_DEPLOY_SCAN_TARGET_WARPS": "16"}, {"CM_DEPLOY_SCAN_TARGET_WARPS": "16", "CM_DEPLOY_SCAN_TC": "16"},
-            # the warp-tile kernel (geometry kind 1): no block barriers, B/C straight into registers
-            {"CM_DEPLOY_SCAN_WARP_TILES": "1"}, {"CM_DEPLOY_SCAN_WARP_TILES": "1", "CM_DEPLOY_SCAN_NPT": "4"},
-            {"CM_DEPLOY_SCAN_WARP_TILES": "1", "CM_DEPLOY_SCAN_TC": "64"},
-            {"CM_DEPLOY_SCAN_WARP_TILES": "1", "CM_DEPLOY_SCAN_TARGET_WARPS": "8"}]
+            {"CM_DEPLOY_SCAN_TARGET_WARPS": "16"}, {"CM_DEPLOY_SCAN_TARGET_WARPS": "16", "CM_DEPLOY_SCAN_TC": "16"}]
 
 
 def child(shapes):

@@ -117,7 +117,6 @@ ScanOverrides const& envOverrides()
         o.tc = envInt("CM_DEPLOY_SCAN_TC");
         o.targetWarpsPerSM = envInt("CM_DEPLOY_SCAN_TARGET_WARPS");
         o.segs = envInt("CM_DEPLOY_SCAN_SEGS");
-        o.warpTiles = envInt("CM_DEPLOY_SCAN_WARP_TILES");
         return o;
     }();
     return ov;

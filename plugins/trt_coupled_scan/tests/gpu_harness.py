@@ -351,19 +351,16 @@ def bench(h, device, shapes=None, iters=20):
 def tune(args):
     """Re-runs --bench under each CM_DEPLOY_SCAN_NPT (read once per process) and collects the timings."""
     rows = []
-    # block kernel at every states-per-thread setting, then the warp-tile kernel (4 or 8 a lane)
-    for warp, npt in [("", ""), ("", "1"), ("", "2"), ("", "4"), ("", "8"), ("1", ""), ("1", "4")]:
+    # the block kernel at every states-per-thread setting
+    for npt in ["", "1", "2", "4", "8"]:
         env = dict(os.environ)
         env.pop("CM_DEPLOY_SCAN_NPT", None)
-        env.pop("CM_DEPLOY_SCAN_WARP_TILES", None)
         if npt:
             env["CM_DEPLOY_SCAN_NPT"] = npt
-        if warp:
-            env["CM_DEPLOY_SCAN_WARP_TILES"] = warp
-        label = ("warp" if warp else "") + (npt or "auto")
+        label = npt or "auto"
         tmp = Path(args.out or "gpu_harness.json").with_suffix(f".tune{label}.json")
         cmd = [sys.executable, __file__, "--lib-dir", str(args.lib_dir), "--bench-only", "--out", str(tmp)]
-        print(f"tune: CM_DEPLOY_SCAN_WARP_TILES={warp or 0} CM_DEPLOY_SCAN_NPT={npt or 'auto'}", flush=True)
+        print(f"tune: CM_DEPLOY_SCAN_NPT={npt or 'auto'}", flush=True)
         r = subprocess.run(cmd, env=env)
         if r.returncode == 0 and tmp.is_file():
             rows += [dict(npt=label, **b) for b in json.loads(tmp.read_text()).get("bench", [])]

@@ -9,8 +9,7 @@
 # 3. runs gpu_harness.py: every case and dtype against the PyTorch reference, plus timings (--bench);
 # 4. runs gpu_harness.py --sanitize under compute-sanitizer memcheck, racecheck, synccheck and initcheck
 #    (the block kernel is warp-specialized: producers and consumers share shared memory through
-#    barriers), for the block kernel and for the warp-tile kernel (CM_DEPLOY_SCAN_WARP_TILES=1);
-#    step 3 also runs every harness case on the warp-tile kernel.
+#    barriers).
 #
 # TensorRT headers only are needed (no TensorRT library): TensorRT_ROOT/include/NvInfer.h. Without
 # network access, carry the folder that scripts/fetch_trt_headers.sh wrote here (e.g. .carry/trt).
@@ -102,12 +101,6 @@ th=$(date +%s)
 "${harness[@]}" "${bench_args[@]}" --out "$out/gpu_harness.json" 2>&1 | tee "$out/gpu_harness.log"
 rc=${PIPESTATUS[0]}
 if [[ $rc -eq 0 ]]; then note "gpu_harness: PASS ($(( $(date +%s) - th )) s)"; else note "FAIL: gpu_harness exit $rc"; status=1; fi
-# the warp-tile kernel (CM_DEPLOY_SCAN_WARP_TILES=1, read once per process): the same cases and timings
-note "gpu_harness, warp-tile kernel: correctness of every case and dtype, then timings"
-th=$(date +%s)
-CM_DEPLOY_SCAN_WARP_TILES=1 "${harness[@]}" --bench --out "$out/gpu_harness_warp.json" 2>&1 | tee "$out/gpu_harness_warp.log"
-rc=${PIPESTATUS[0]}
-if [[ $rc -eq 0 ]]; then note "gpu_harness (warp tiles): PASS ($(( $(date +%s) - th )) s)"; else note "FAIL: gpu_harness (warp tiles) exit $rc"; status=1; fi
 
 # --- 4. compute-sanitizer ------------------------------------------------------------------------------
 san=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)
@@ -116,11 +109,10 @@ if [[ "${SKIP_SANITIZERS:-0}" == 1 ]]; then
 elif [[ -z "$san" ]]; then
   note "sanitizers skipped: compute-sanitizer not found"
 else
-  for kind in block warp; do
+  for kind in block; do
     filter=()
-    kname=coupledScanKernel; [[ $kind == warp ]] && kname=coupledScanWarpKernel
+    kname=coupledScanKernel
     if "$san" --help 2>/dev/null | grep -q -- "--kernel-name"; then filter=(--kernel-name kns=$kname); fi
-    wt=0; [[ $kind == warp ]] && wt=1
     for tool in memcheck racecheck synccheck initcheck; do
       ts=$(date +%s)
       extra=()
@@ -128,8 +120,8 @@ else
       [[ $tool == racecheck ]] && extra=(--racecheck-report all)
       # memcheck and initcheck check every kernel (torch's too); the others only ours (they are slow).
       f=(); [[ $tool != memcheck && $tool != initcheck ]] && f=("${filter[@]}")
-      log="$out/sanitize_${tool}$([[ $kind == warp ]] && echo _warp).log"
-      CM_DEPLOY_SCAN_WARP_TILES=$wt timeout "${SANITIZER_TIMEOUT:-100}" "$san" --tool "$tool" "${f[@]}" "${extra[@]}" \
+      log="$out/sanitize_${tool}.log"
+      timeout "${SANITIZER_TIMEOUT:-100}" "$san" --tool "$tool" "${f[@]}" "${extra[@]}" \
         --error-exitcode 9 "${harness[@]}" --sanitize --out "${log%.log}.json" > "$log" 2>&1
       rc=$?
       errs=$(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$log" | tail -n 1)
