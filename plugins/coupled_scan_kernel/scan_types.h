@@ -84,6 +84,8 @@ struct DeviceLimits
     int32_t smCount{132};
     size_t smemOptinPerBlock{227 * 1024};
     size_t smemPerSM{228 * 1024};
+    int32_t ccMajor{9}; // compute capability (which Triton cubins run)
+    int32_t ccMinor{0};
 };
 
 // Tuning knobs for benchmarks (env CM_DEPLOY_SCAN_NPT / _TC / _TARGET_WARPS); 0 means automatic.

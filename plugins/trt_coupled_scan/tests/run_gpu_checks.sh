@@ -6,10 +6,13 @@
 # 1. builds the plugin and the harness library with CMake for one architecture (sm_90 unless
 #    CUDA_ARCH says otherwise), unless CM_PLUGIN_LIB_DIR names a folder with both prebuilt libraries;
 # 2. runs the CPU unit tests (ctest) when GoogleTest was found;
-# 3. runs gpu_harness.py: every case and dtype against the PyTorch reference, plus timings (--bench);
+# 3. runs gpu_harness.py: every case and dtype against the PyTorch reference, plus timings of both
+#    implementations (--bench: the CUDA block kernel and the Triton kernels, the plugin's two tactics);
+#    then every case again with CM_DEPLOY_SCAN_IMPL=triton (--impl triton: the shapes no Triton kernel
+#    takes are listed n/a);
 # 4. runs gpu_harness.py --sanitize under compute-sanitizer memcheck, racecheck, synccheck and initcheck
 #    (the block kernel is warp-specialized: producers and consumers share shared memory through
-#    barriers).
+#    barriers), for the block kernel and for the Triton kernels.
 #
 # TensorRT headers only are needed (no TensorRT library): TensorRT_ROOT/include/NvInfer.h. Without
 # network access, carry the folder that scripts/fetch_trt_headers.sh wrote here (e.g. .carry/trt).
@@ -101,6 +104,12 @@ th=$(date +%s)
 "${harness[@]}" "${bench_args[@]}" --out "$out/gpu_harness.json" 2>&1 | tee "$out/gpu_harness.log"
 rc=${PIPESTATUS[0]}
 if [[ $rc -eq 0 ]]; then note "gpu_harness: PASS ($(( $(date +%s) - th )) s)"; else note "FAIL: gpu_harness exit $rc"; status=1; fi
+# every case on the Triton kernels compiled ahead of time (the plugin's tactic 2)
+note "gpu_harness, Triton kernels (CM_DEPLOY_SCAN_IMPL=triton): correctness of every case and dtype"
+th=$(date +%s)
+"${harness[@]}" --impl triton --out "$out/gpu_harness_triton.json" 2>&1 | tee "$out/gpu_harness_triton.log"
+rc=${PIPESTATUS[0]}
+if [[ $rc -eq 0 ]]; then note "gpu_harness (Triton kernels): PASS ($(( $(date +%s) - th )) s)"; else note "FAIL: gpu_harness (Triton kernels) exit $rc"; status=1; fi
 
 # --- 4. compute-sanitizer ------------------------------------------------------------------------------
 san=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)
@@ -109,9 +118,10 @@ if [[ "${SKIP_SANITIZERS:-0}" == 1 ]]; then
 elif [[ -z "$san" ]]; then
   note "sanitizers skipped: compute-sanitizer not found"
 else
-  for kind in block; do
+  for kind in block triton; do
     filter=()
-    kname=coupledScanKernel
+    kname=coupledScanKernel; impl=cuda
+    [[ $kind == triton ]] && { kname=_fwd; impl=triton; }   # _fwd_kernel and _fwd_combine_kernel
     if "$san" --help 2>/dev/null | grep -q -- "--kernel-name"; then filter=(--kernel-name kns=$kname); fi
     for tool in memcheck racecheck synccheck initcheck; do
       ts=$(date +%s)
@@ -120,8 +130,8 @@ else
       [[ $tool == racecheck ]] && extra=(--racecheck-report all)
       # memcheck and initcheck check every kernel (torch's too); the others only ours (they are slow).
       f=(); [[ $tool != memcheck && $tool != initcheck ]] && f=("${filter[@]}")
-      log="$out/sanitize_${tool}.log"
-      timeout "${SANITIZER_TIMEOUT:-100}" "$san" --tool "$tool" "${f[@]}" "${extra[@]}" \
+      log="$out/sanitize_${tool}$([[ $kind == triton ]] && echo _triton).log"
+      CM_DEPLOY_SCAN_IMPL=$impl timeout "${SANITIZER_TIMEOUT:-100}" "$san" --tool "$tool" "${f[@]}" "${extra[@]}" \
         --error-exitcode 9 "${harness[@]}" --sanitize --out "${log%.log}.json" > "$log" 2>&1
       rc=$?
       errs=$(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$log" | tail -n 1)
