@@ -39,13 +39,14 @@ struct TritonAotSpec
     int32_t kind;      // TritonKernelKind
     int32_t act;       // ActType (kFLOAT32 for kCombine)
     int32_t M, N;      // N_C; 0 for kCombine
-    int32_t blockE, blockN, T, numWarps, yParts;
+    int32_t blockE, blockN, T, numWarps, yParts; // blockE of kCombine: its BLOCK (states a program)
     int32_t softplus;  // SOFTPLUS
     int32_t hasC0;     // HAS_C0
     int32_t fastExp, pfBc;
     uint32_t sharedBytes; // dynamic shared memory of a launch (Triton's metadata.shared)
     int32_t extraPtrs;    // trailing pointer parameters Triton appends (global / profile scratch): null
     uint32_t archMask;    // bit i: compiled for kTritonAotArchs[i]
+    int32_t params;       // the kernel's parameters in all (the launcher checks it passes that many)
 };
 
 // The embedded fatbinary of a table row (same index) and its kernel's name.

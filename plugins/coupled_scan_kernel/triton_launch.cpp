@@ -85,20 +85,25 @@ public:
         i32(L * K);
         i32(K);
     }
-    void** args(int32_t extraPtrs)
+    // with Triton's trailing scratch pointers (null: the generator checks their sizes are 0); null when
+    // the count differs from the kernel's (a table from another generator version)
+    void** args(int32_t extraPtrs, int32_t params)
     {
         for (int32_t i = 0; i < extraPtrs; ++i)
         {
-            ptr(nullptr); // Triton's global and profile scratch: none (the generator checks sizes are 0)
+            ptr(nullptr);
         }
-        return mArgs;
+        return mCount == params ? mArgs : nullptr;
     }
 
 private:
     void next()
     {
-        mArgs[mCount] = &mValues[mCount];
-        ++mCount;
+        if (mCount < kMax) // past that, args() sees a count no kernel has
+        {
+            mArgs[mCount] = &mValues[mCount];
+            ++mCount;
+        }
     }
     static constexpr int32_t kMax = 48;
     Param mValues[kMax]{};
@@ -130,8 +135,14 @@ cudaError_t launch(int32_t row, dim3 grid, Params& params, cudaStream_t stream, 
             return err;
         }
     }
+    void** args = params.args(s.extraPtrs, s.params);
+    if (args == nullptr)
+    {
+        why = "a Triton kernel's parameter count is not the launcher's (regenerate triton_aot)";
+        return cudaErrorInvalidValue;
+    }
     cudaError_t const err = cudaLaunchKernel(reinterpret_cast<void const*>(k.kernel), grid,
-        dim3(static_cast<unsigned>(s.numWarps * 32)), params.args(s.extraPtrs), s.sharedBytes, stream);
+        dim3(static_cast<unsigned>(s.numWarps * 32)), args, s.sharedBytes, stream);
     if (err != cudaSuccess)
     {
         why = errorText("Triton kernel launch", err);
@@ -235,7 +246,8 @@ bool launchTriton(ScanArgs const& a, TritonLaunch const& l, void* workspace, cud
         qc.ptr(c0);
         qc.i32(EN);
         qc.i32(p.nSeg);
-        unsigned const blocks = static_cast<unsigned>((EN + 1023) / 1024); // BLOCK 1024, as _forward launches it
+        int64_t const block = kTritonAotSpecs[l.combine].blockE; // BLOCK, as _forward launches it
+        unsigned const blocks = static_cast<unsigned>((EN + block - 1) / block);
         if (launch(l.combine, dim3(blocks, static_cast<unsigned>(a.batch), 1), qc, stream, why) != cudaSuccess)
         {
             return false;

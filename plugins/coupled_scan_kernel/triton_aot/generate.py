@@ -114,8 +114,7 @@ def specs(dtypes, modalities, states):
                 for sp in (False, True):
                     out.append(Spec("fwd", softplus=sp, has_c0=True, **base))
                     out.append(Spec("summary", softplus=sp, has_c0=False, **base))
-    out += [Spec("combine", "f32", has_c0=False, num_warps=COMBINE_WARPS),
-            Spec("combine", "f32", has_c0=True, num_warps=COMBINE_WARPS)]
+    out += [Spec("combine", "f32", has_c0=c0, block_e=COMBINE_BLOCK, num_warps=COMBINE_WARPS) for c0 in (False, True)]
     return out
 
 
@@ -126,7 +125,7 @@ def _ast_source(spec: Spec):
     if spec.kind == "combine":
         fn = ts._fwd_combine_kernel
         runtime = COMBINE_PARAMS
-        meta = dict(HAS_C0=spec.has_c0, BLOCK=COMBINE_BLOCK)
+        meta = dict(HAS_C0=spec.has_c0, BLOCK=spec.block_e)
         ptr_types = {}
     else:
         fn = ts._fwd_kernel
@@ -213,7 +212,9 @@ def compile_one(spec: Spec, archs, out: Path, fatbinary: str):
     subprocess.run([fatbinary, f"--create={tmp}", "--64", "--compress-all", *images], check=True,
                    capture_output=True)
     _replace(tmp, fatbin)
-    return dict(spec=asdict(spec), name=spec.name, shared=max(shared), extra_ptrs=extras.pop(),
+    extra = extras.pop()
+    return dict(spec=asdict(spec), name=spec.name, shared=max(shared), extra_ptrs=extra,
+                params=sum(t != "constexpr" for t in sig.values()) + extra,
                 kernel=names.pop(), targets=info, fatbin=str(fatbin), bytes=fatbin.stat().st_size)
 
 
@@ -248,7 +249,8 @@ def cpp_specs(rows, archs, version, digest) -> str:
         '#include "triton_aot.h"',
         "namespace cm_deploy { namespace scan {",
         "extern TritonAotSpec const kTritonAotSpecs[] = {",
-        "    // kind, act, M, N, blockE, blockN, T, numWarps, yParts, softplus, hasC0, fastExp, pfBc, shared, extraPtrs, archs",
+        "    // kind, act, M, N, blockE, blockN, T, numWarps, yParts, softplus, hasC0, fastExp, pfBc, shared, extraPtrs, "
+        "archs, params",
     ]
     mask = sum(1 << i for i, _ in enumerate(archs))
     for r in rows:
@@ -256,7 +258,8 @@ def cpp_specs(rows, archs, version, digest) -> str:
         lines.append(
             f"    {{{KIND[s['kind']]}, {DTYPES[s['act']][2]}, {s['M']}, {s['N']}, {s['block_e']}, {s['block_n']}, "
             f"{s['T']}, {s['num_warps']}, {s['yp']}, {int(s['softplus'])}, {int(s['has_c0'])}, "
-            f"{int(s['fast_exp'])}, {int(s['pf_bc'])}, {r['shared']}u, {r['extra_ptrs']}, {mask}u}}, // {r['name']}")
+            f"{int(s['fast_exp'])}, {int(s['pf_bc'])}, {r['shared']}u, {r['extra_ptrs']}, {mask}u, {r['params']}}}, "
+            f"// {r['name']}")
     lines += [
         "};",
         f"extern int32_t const kTritonAotSpecCount = {len(rows)};",
