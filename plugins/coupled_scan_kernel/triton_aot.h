@@ -106,10 +106,14 @@ bool chooseTritonLaunch(ActType type, int64_t batch, int32_t M, int64_t L, int32
     float kappa, bool hasInitial, int32_t ccMajor, int32_t ccMinor, int32_t smCount, TritonLaunch& out,
     std::string* why);
 
+// Whether this library has Triton kernels for the type, M, E, N, softplus and kappa for some device (any
+// batch and L): where a TensorRT engine reserves their workspace, whatever device builds it.
+bool tritonCompiled(ActType type, int32_t M, int32_t E, int32_t N, bool softplus, float kappa);
+
 // Workspace bytes a TensorRT engine asks for: the Triton launch's at every batch <= batchMax and
-// L <= lMax on any device (0 when no Triton kernel takes the shape).
+// L <= lMax on any device (0 when tritonCompiled is false).
 size_t tritonWorkspaceBound(ActType type, int64_t batchMax, int32_t M, int64_t lMax, int32_t E, int32_t N, bool softplus,
-    float kappa, int32_t ccMajor, int32_t ccMinor);
+    float kappa);
 
 // Environment override CM_DEPLOY_SCAN_IMPL (auto, cuda, triton; tests and benchmarks), read once.
 // Returns false with the reason for any other value.

@@ -217,14 +217,39 @@ bool chooseTritonLaunch(ActType type, int64_t batch, int32_t M, int64_t L, int32
     return true;
 }
 
-size_t tritonWorkspaceBound(ActType type, int64_t batchMax, int32_t M, int64_t lMax, int32_t E, int32_t N, bool softplus,
-    float kappa, int32_t ccMajor, int32_t ccMinor)
+bool tritonCompiled(ActType type, int32_t M, int32_t E, int32_t N, bool softplus, float kappa)
 {
-    // The layout grows with L and with the SM count at a fixed batch (more segments, longer chunks),
-    // but not monotonically with the batch (fewer segments as it grows): the maximum over every batch
-    // at L = lMax on the largest device planned for, with the initial-state region counted.
-    // The segment count actually used can shrink as L grows (rounding), the count asked for cannot;
-    // and a shorter L may take a kernel with a shorter chunk, never a longer one than the longest compiled.
+    for (int32_t k = 0; k < kTritonAotArchCount; ++k)
+    {
+        int32_t const arch = kTritonAotArchs[k];
+        TritonLaunch l;
+        if (chooseTritonLaunch(type, 1, M, 1, E, N, softplus, kappa, true, arch / 10, arch % 10, kTritonPlanMaxSms, l,
+                nullptr))
+        {
+            return true;
+        }
+    }
+    return false;
+}
+
+size_t tritonWorkspaceBound(ActType type, int64_t batchMax, int32_t M, int64_t lMax, int32_t E, int32_t N, bool softplus,
+    float kappa)
+{
+    if (!tritonCompiled(type, M, E, N, softplus, kappa) || batchMax < 1 || lMax < 1)
+    {
+        return 0;
+    }
+    // The calls a Triton kernel takes: batch <= 65535 and M * L * max(E, N) within int32 (chooseTritonLaunch).
+    int64_t const bCap = std::min<int64_t>(batchMax, 65535);
+    int64_t const lCap = std::min<int64_t>(lMax, std::numeric_limits<int32_t>::max() / (static_cast<int64_t>(M) * std::max(E, N)));
+    if (lCap < 1)
+    {
+        return 0;
+    }
+    // The layout grows with L and with the SM count at a fixed batch; with the batch it grows once L is
+    // no longer split (below that, fewer segments as the batch grows). The segment count a call uses can
+    // shrink as L grows (rounding), the count asked for cannot; and a shorter L may take a kernel with a
+    // shorter chunk, never a longer one than the longest compiled. Planned on the largest device.
     int32_t tMax = 0;
     for (int32_t i = 0; i < kTritonAotSpecCount; ++i)
     {
@@ -235,21 +260,24 @@ size_t tritonWorkspaceBound(ActType type, int64_t batchMax, int32_t M, int64_t l
             tMax = std::max(tMax, s.T);
         }
     }
-    size_t bound = 0;
-    for (int64_t b = 1; b <= batchMax; ++b)
-    {
+    auto bytesAt = [&](int64_t b, bool& split) {
         TritonLaunch l;
-        if (!chooseTritonLaunch(type, b, M, std::max<int64_t>(lMax, 1), E, N, softplus, kappa, true, ccMajor, ccMinor,
-                kTritonPlanMaxSms, l, nullptr))
-        {
-            return 0;
-        }
+        l.plan = planTritonForward(b, M, lCap, E, N, elemSize(type), kTritonPlanMaxSms);
+        split = l.plan.nSegAsked > 1;
         l.plan.nSeg = l.plan.nSegAsked;
-        l.T = std::max(l.T, tMax);
+        l.T = tMax;
+        l.yParts = std::min(l.plan.yParts, l.plan.blockN);
+        l.eBlocks = ceilDiv(E, l.plan.blockE);
         layout(l, b, M, E, N, true);
-        bound = std::max(bound, l.bytes);
+        return l.bytes;
+    };
+    size_t bound = 0;
+    bool split = true;
+    for (int64_t b = 1; b <= bCap && split; ++b)
+    {
+        bound = std::max(bound, bytesAt(b, split));
     }
-    return bound;
+    return std::max(bound, bytesAt(bCap, split));
 }
 
 bool envScanImpl(ScanImpl& out, std::string* why)

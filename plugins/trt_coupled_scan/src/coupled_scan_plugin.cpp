@@ -396,6 +396,8 @@ CoupledScanPlugin::CoupledScanPlugin(CoupledScanPlugin const& other)
     , mAttrs(other.mAttrs)
     , mNbInputs(other.mNbInputs)
     , mTritonOffered(other.mTritonOffered)
+    , mBuildConfigured(other.mBuildConfigured)
+    , mTritonReserved(other.mTritonReserved)
 {
     rebuildFields(); // the fields point into this object, never into `other`
 }
@@ -411,7 +413,7 @@ void CoupledScanPlugin::rebuildFields()
     mFields.emplace_back(kFIELD_DELTA_SOFTPLUS, &mAttrs.deltaSoftplus, PluginFieldType::kINT32, 1);
     mFields.emplace_back(kFIELD_COUPLING_SCALE, &mAttrs.couplingScale, PluginFieldType::kFLOAT32, 1);
     mFields.emplace_back(kFIELD_HAS_FINAL_STATE, &mAttrs.hasFinalState, PluginFieldType::kINT32, 1);
-    mFields.emplace_back(kFIELD_TACTIC, &mAttrs.tactic, PluginFieldType::kINT32, 1);
+    mFields.emplace_back(kFIELD_TACTIC, &mSerialTactic, PluginFieldType::kINT32, 1);
     mFieldCollection.nbFields = static_cast<int32_t>(mFields.size());
     mFieldCollection.fields = mFields.data();
 }
@@ -654,6 +656,11 @@ int32_t CoupledScanPlugin::configurePlugin(
     }
     mNbInputs = nbInputs;
     mTritonOffered = tritonOffered(mAttrs, in[kU].desc.type, in[kU].desc.dims, in[kA].desc.dims);
+    Dims const& u = in[kU].desc.dims;
+    mTritonReserved = u.d[1] >= 1 && u.d[3] >= 1 && in[kA].desc.dims.d[2] >= 1
+        && scan::tritonCompiled(actOf(in[kU].desc.type), static_cast<int32_t>(u.d[1]), static_cast<int32_t>(u.d[3]),
+            static_cast<int32_t>(in[kA].desc.dims.d[2]), mAttrs.deltaSoftplus != 0, mAttrs.couplingScale);
+    mBuildConfigured = true;
     return 0;
 }
 
@@ -677,14 +684,13 @@ size_t CoupledScanPlugin::getWorkspaceSize(DynamicPluginTensorDesc const* inputs
         return 0;
     }
     size_t bytes = scan::segmentWorkspaceBytes(E, N);
-    scan::DeviceLimits dev;
-    if (isActivationType(inputs[kU].desc.type) && u.d[0] >= 1 && u.d[1] >= 1 && u.d[2] >= 1
-        && scan::currentDeviceLimits(dev, nullptr))
+    if (isActivationType(inputs[kU].desc.type) && u.d[0] >= 1 && u.d[1] >= 1 && u.d[2] >= 1)
     {
+        // whatever device builds the engine (TensorRT-RTX builds without one): where the library has the
+        // kernels, the engine may run them (getFieldsToSerialize)
         bytes = std::max(bytes,
             scan::tritonWorkspaceBound(actOf(inputs[kU].desc.type), u.d[0], static_cast<int32_t>(u.d[1]), u.d[2],
-                static_cast<int32_t>(E), static_cast<int32_t>(N), mAttrs.deltaSoftplus != 0, mAttrs.couplingScale,
-                dev.ccMajor, dev.ccMinor));
+                static_cast<int32_t>(E), static_cast<int32_t>(N), mAttrs.deltaSoftplus != 0, mAttrs.couplingScale));
     }
     return bytes;
 }
@@ -861,6 +867,14 @@ IPluginV3* CoupledScanPlugin::attachToContext(IPluginResourceContext* /*context*
 PluginFieldCollection const* CoupledScanPlugin::getFieldsToSerialize() noexcept
 {
     CM_TRACE("getFieldsToSerialize");
+    // No pick from the builder (one tactic, or a builder that does not time, e.g. TensorRT-RTX without a
+    // GPU): automatic at run time only where getWorkspaceSize reserved the Triton kernels' workspace;
+    // otherwise the CUDA kernel, whatever library loads the engine later.
+    mSerialTactic = mAttrs.tactic;
+    if (mSerialTactic == static_cast<int32_t>(scan::ScanImpl::kAuto) && mBuildConfigured && !mTritonReserved)
+    {
+        mSerialTactic = static_cast<int32_t>(scan::ScanImpl::kCuda);
+    }
     return &mFieldCollection;
 }
 

@@ -120,7 +120,10 @@ private:
     std::vector<nvinfer1::PluginField> mFields;
     nvinfer1::PluginFieldCollection mFieldCollection{};
     int32_t mNbInputs{0}; // 8 or 9 once configured (configurePlugin / onShapeChange)
-    bool mTritonOffered{false}; // configurePlugin: the Triton tactic is valid for the configured shape
+    bool mTritonOffered{false};  // configurePlugin: the Triton tactic is valid for the configured shape here
+    bool mBuildConfigured{false}; // configurePlugin ran (build phase)
+    bool mTritonReserved{false};  // ... and getWorkspaceSize covers the Triton kernels (some device has them)
+    int32_t mSerialTactic{0};     // what getFieldsToSerialize writes for the tactic
 };
 
 class CoupledScanCreator final : public nvinfer1::IPluginCreatorV3One

@@ -520,8 +520,16 @@ TEST_F(PluginTest, ValidTactics)
     EXPECT_NE(b->getValidTactics(tactics, 2), 0); // not the count it announced
     EXPECT_NE(b->getValidTactics(nullptr, 1), 0);
     EXPECT_EQ(b->getWorkspaceSize(d.data(), 9, d.data() + 9, 2), cm_deploy::scan::segmentWorkspaceBytes(10, 16));
+    // no pick from the builder and no Triton workspace reserved: the engine runs the CUDA kernel
+    auto const serialTactic = [&] {
+        PluginFieldCollection const* ser = runtime(p.get())->getFieldsToSerialize();
+        int32_t v = -1;
+        std::memcpy(&v, ser->fields[3].data, sizeof v);
+        return v;
+    };
+    EXPECT_EQ(serialTactic(), 1);
     // the paper's shape: the Triton tactic too where a kernel is compiled and a device runs it
-    Shape paper{2, 3, 11, 256, 64};
+    Shape paper{64, 3, 500, 256, 64}; // the Triton scratch (~38 MB) outgrows the CUDA kernel's segments here
     auto dp = cmtest::dynDescs(paper, DataType::kBF16, true, true, true);
     ASSERT_EQ(b->configurePlugin(dp.data(), 9, dp.data() + 9, 2), 0) << finder.logger.all();
     int32_t const nb = b->getNbTactics();
@@ -531,8 +539,15 @@ TEST_F(PluginTest, ValidTactics)
     if (nb == 2)
     {
         EXPECT_EQ(tactics[1], 2);
-        EXPECT_GT(b->getWorkspaceSize(dp.data(), 9, dp.data() + 9, 2), cm_deploy::scan::segmentWorkspaceBytes(256, 64));
     }
+    // where this library has the Triton kernels (on some device) the workspace covers them and, without a
+    // pick from the builder, the engine chooses at run time
+    bool const compiled = cm_deploy::scan::tritonCompiled(cm_deploy::scan::ActType::kBFLOAT16, 3, 256, 64, true, 0.5f);
+    size_t const ws = b->getWorkspaceSize(dp.data(), 9, dp.data() + 9, 2);
+    EXPECT_EQ(ws > cm_deploy::scan::segmentWorkspaceBytes(256, 64), compiled);
+    EXPECT_EQ(serialTactic(), compiled ? 0 : 1);
+    ASSERT_EQ(runtime(p.get())->setTactic(1), 0); // the builder's pick wins
+    EXPECT_EQ(serialTactic(), 1);
 }
 
 TEST_F(PluginTest, CloneIsIndependent)
@@ -1046,8 +1061,15 @@ TEST(TritonAot, WorkspaceLayoutAndBound)
             GTEST_SKIP() << "no Triton kernel for M=3, N=64 on sm_90 in this build (" << scan::kTritonAotBuildInfo << ")";
         }
         int64_t const bMax = 70, lMax = 20000;
-        size_t const bound = scan::tritonWorkspaceBound(type, bMax, 3, lMax, 256, 64, true, 1.f / 3, 9, 0);
+        size_t const bound = scan::tritonWorkspaceBound(type, bMax, 3, lMax, 256, 64, true, 1.f / 3);
         ASSERT_GT(bound, 0u);
+        // a profile past what the kernels take (batch > 65535, M * L * E > 2^31): the calls they do take
+        {
+            scan::TritonLaunch big;
+            ASSERT_TRUE(scan::chooseTritonLaunch(type, 65535, 3, 2000000, 256, 64, true, 1.f / 3, true, 9, 0, 132, big, nullptr));
+            EXPECT_LE(big.bytes, scan::tritonWorkspaceBound(type, 100000, 3, int64_t{1} << 40, 256, 64, true, 1.f / 3));
+        }
+        EXPECT_EQ(scan::tritonWorkspaceBound(type, bMax, 3, lMax, 250, 64, true, 1.f / 3), 0u); // E % 16 != 0
         for (int64_t b : {1, 2, 3, 5, 8, 13, 64, 70})
         {
             for (int64_t L : {1, 7, 33, 63, 64, 65, 127, 500, 4096, 16384, 20000})
@@ -1062,7 +1084,7 @@ TEST(TritonAot, WorkspaceLayoutAndBound)
                             << why;
                         // the bound TensorRT reserves holds every call of the profile on any device
                         EXPECT_LE(l.bytes, bound) << "batch " << b << " L " << L << " sms " << sms;
-                        EXPECT_LE(l.bytes, scan::tritonWorkspaceBound(type, b, 3, L, 256, 64, true, 1.f / 3, 9, 0))
+                        EXPECT_LE(l.bytes, scan::tritonWorkspaceBound(type, b, 3, L, 256, 64, true, 1.f / 3))
                             << "batch " << b << " L " << L << " sms " << sms;
                         EXPECT_GE(l.T, l.plan.chunkT);
                         EXPECT_EQ(l.plan.nSeg > 1, l.summary >= 0 && l.combine >= 0);
