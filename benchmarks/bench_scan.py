@@ -371,10 +371,10 @@ def status_ok(entry):
     return ms_of(entry) is not None
 
 
-def plugin_prepare(runner, inp):
+def plugin_prepare(runner, inp, tactic=0):
     """The plugin's enqueue through the harness on these inputs, checked against the Triton forward."""
     import torch
-    fn, y = runner.prepare(inp)
+    fn, y = runner.prepare(inp, tactic)
     fn()
     torch.cuda.synchronize()
     ref = triton_fwd_fn(inp)().float()
@@ -427,15 +427,32 @@ def phase_peer(res, budget, mod, build_info, plugin, smoke, out=None):
         else:
             cfg["mamba_M_calls"] = {"skipped": "mamba peer unavailable"}
         if runner is not None:
+            # each of the plugin's implementations (its TensorRT tactics), then "plugin": the faster one,
+            # which TensorRT's builder would keep, with the implementation named
+            pfns = {}
             try:
-                pfn, check = plugin_prepare(runner, inp)
-                guarded(cfg, "plugin", common.gpu_time, pfn)
-                if isinstance(cfg.get("plugin"), dict):
-                    cfg["plugin"].update(check)
-                fns["plugin"] = pfn
+                offered = runner.tactics(inp.dtype, (inp.batch, inp.M, inp.L, inp.E, inp.N))
+                for tactic, impl in ((1, "cuda"), (2, "triton")):
+                    key = f"plugin_{impl}"
+                    if tactic not in offered:
+                        cfg[key] = {"skipped": f"no {impl} kernel for this shape in the plugin library"}
+                        continue
+                    pfn, check = plugin_prepare(runner, inp, tactic)
+                    guarded(cfg, key, common.gpu_time, pfn)
+                    if isinstance(cfg.get(key), dict):
+                        cfg[key].update(check, impl=impl)
+                    pfns[impl] = pfn
             except Exception as e:  # noqa: BLE001
                 cfg["plugin"] = {"error": err_str(e)}
                 common._recover_cuda()
+            timed = {impl: ms_of(cfg.get(f"plugin_{impl}")) for impl in pfns}
+            timed = {k: v for k, v in timed.items() if v is not None}
+            if timed:
+                best = min(timed, key=timed.get)
+                cfg["plugin"] = dict(cfg[f"plugin_{best}"])
+                fns["plugin"] = pfns[best]
+            elif "plugin" not in cfg:
+                cfg["plugin"] = {"error": "no implementation of the plugin could be timed"}
         else:
             cfg["plugin"] = {"skipped": plugin.get("why", "plugin harness not available")}
         if cfg["batch"] == 1:
@@ -444,7 +461,8 @@ def phase_peer(res, budget, mod, build_info, plugin, smoke, out=None):
                 guarded(lat, k, wall, f)
         log(f"  triton {ms_of(cfg.get('triton_fwd_side_by_side'))} ms, mamba x{cfg['M']} "
             f"{ms_of(cfg.get('mamba_M_calls'))} ms, grouped {ms_of(cfg.get('mamba_grouped_1_launch'))} ms, "
-            f"plugin {ms_of(cfg.get('plugin'))} ms"
+            f"plugin {ms_of(cfg.get('plugin'))} ms ({(cfg.get('plugin') or {}).get('impl', '-')}; cuda "
+            f"{ms_of(cfg.get('plugin_cuda'))}, triton {ms_of(cfg.get('plugin_triton'))})"
             + (f"; wall {({k: round(ms_of(v) or -1, 4) for k, v in cfg['latency_wall'].items()})}"
                if "latency_wall" in cfg else ""))
         fns.clear()
@@ -571,15 +589,17 @@ def render_md(res):
                      us(ms_of(c.get("triton_fwd_rank"))), r.get("triton_rank_over_full_delta"),
                      us(ms_of(c.get("mamba_M_calls"))), us(ms_of(c.get("mamba_grouped_1_launch"))),
                      r.get("triton_over_mamba_M_calls"),
-                     us(ms_of(c.get("plugin"))) if ms_of(c.get("plugin")) else common.status_of(c.get("plugin")),
+                     (f"{us(ms_of(c.get('plugin')))} ({(c.get('plugin') or {}).get('impl', '?')})"
+                      if ms_of(c.get("plugin")) else common.status_of(c.get("plugin"))),
                      r.get("plugin_over_triton"),
+                     us(ms_of(c.get("plugin_cuda"))), us(ms_of(c.get("plugin_triton"))),
                      us(ms_of(c.get("triton_fwd_bwd"))), r.get("triton_fwd_bwd_over_fwd"),
                      us(ms_of(c.get("mamba_fwd_bwd_M_calls"))), us(ms_of(c.get("reference")))])
     lines.append(common.md_table(
         ["b x L", "dtype", "limit µs (binds)", "Triton fwd µs", "of limit", "rank-8 delta µs",
          "rank / full", f"Mamba x{p['M']} µs",
-         "Mamba 1 launch µs", "Triton / Mamba x{}".format(p['M']), "plugin µs", "plugin / Triton",
-         "Triton fwd+bwd µs", "fwd+bwd / fwd", f"Mamba fwd+bwd x{p['M']} µs", "reference µs"], rows))
+         "Mamba 1 launch µs", "Triton / Mamba x{}".format(p['M']), "plugin µs (impl)", "plugin / Triton",
+         "plugin CUDA µs", "plugin Triton µs", "Triton fwd+bwd µs", "fwd+bwd / fwd", f"Mamba fwd+bwd x{p['M']} µs", "reference µs"], rows))
     lat = [c for c in res["configs"] if c.get("latency_wall")]
     if lat:
         lines += ["", "Batch-1 latency, wall clock of one synchronized call (host launch cost included), µs:", ""]
@@ -785,7 +805,9 @@ def selftest_writers(res):
         c["triton_fwd_side_by_side"] = {"ms": 1.0 + i}
         c["mamba_M_calls"] = {"ms": 2.0 + i}
         c["mamba_grouped_1_launch"] = {"ms": 1.5 + i}
-        c["plugin"] = {"ms": 0.9 + i, "max_abs_diff_vs_triton": 0.0}
+        c["plugin_cuda"] = {"ms": 0.9 + i, "max_abs_diff_vs_triton": 0.0, "impl": "cuda"}
+        c["plugin_triton"] = {"ms": 0.8 + i, "max_abs_diff_vs_triton": 0.0, "impl": "triton"}
+        c["plugin"] = dict(c["plugin_triton"])
         c["limit_ms"], c["binding"] = 0.5, "SFU (exp)"
         if c["batch"] == 1:
             c["latency_wall"] = {"triton_fwd": {"ms": 0.05}, "mamba_M_calls": {"ms": 0.04}, "plugin": {"ms": 0.03}}

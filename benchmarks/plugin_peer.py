@@ -1,10 +1,12 @@
-"""The TensorRT plugin's CUDA kernel, timed through its GPU harness (no TensorRT runtime needed).
+"""The TensorRT plugin's kernels, timed through its GPU harness (no TensorRT runtime needed).
 
 plugins/trt_coupled_scan/tests/harness_shim.cpp builds libcoupled_scan_harness.so, a C API that
 drives the plugin library the way TensorRT does (createPlugin -> configure -> serialize ->
 deserialize -> onShapeChange -> enqueue) on caller-owned device memory and stream. This module
 calls that C API with ctypes on torch tensors, so the plugin's enqueue is timed exactly like the
-Triton kernel (CUDA events, same inputs).
+Triton kernel (CUDA events, same inputs). The plugin's two implementations are its tactics (1: the CUDA
+block kernel, 2: the Triton kernels compiled ahead of time, where compiled for the shape): `prepare(inp,
+tactic)` builds the handle with that tactic set, as TensorRT's builder does with its pick.
 
 Library: $CM_DEPLOY_PLUGIN_HARNESS (the .so), or $CM_PLUGIN_LIB_DIR (the folder, as for
 plugins/trt_coupled_scan/tests/run_gpu_checks.sh), else our own build in /tmp/cm_bench_plugin (sm_90, built in
@@ -84,7 +86,9 @@ class HarnessRunner:
         lib = ctypes.CDLL(path)
         i64p = ctypes.POINTER(ctypes.c_int64)
         lib.cmh_create.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_int, ctypes.c_int,
-                                   i64p, ctypes.c_char_p, ctypes.c_int]
+                                   i64p, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+        lib.cmh_tactics.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_int), ctypes.c_int]
+        lib.cmh_tactics.restype = ctypes.c_int
         lib.cmh_create.restype = ctypes.c_void_p
         lib.cmh_workspace_size.argtypes = [ctypes.c_void_p]
         lib.cmh_workspace_size.restype = ctypes.c_longlong
@@ -97,11 +101,11 @@ class HarnessRunner:
         self.lib = lib
         self._handles = []
 
-    def create(self, dtype, shape, softplus=True, kappa=None):
+    def create(self, dtype, shape, softplus=True, kappa=None, tactic=0):
         err = ctypes.create_string_buffer(4096)
         sh = (ctypes.c_int64 * 5)(*shape)
         kappa = 1.0 / shape[1] if kappa is None else kappa
-        h = self.lib.cmh_create(_DTYPE[dtype], int(softplus), float(kappa), 0, 0, sh, err, 4096)
+        h = self.lib.cmh_create(_DTYPE[dtype], int(softplus), float(kappa), 0, 0, sh, int(tactic), err, 4096)
         if not h:
             raise RuntimeError("cmh_create: " + err.value.decode(errors="replace"))
         self._handles.append(h)
@@ -119,11 +123,19 @@ class HarnessRunner:
             raise RuntimeError("empty enqueue: " + err.value.decode(errors="replace"))
         return {"create": "ok", "workspace": int(self.lib.cmh_workspace_size(h)), "empty_enqueue": "ok"}
 
-    def prepare(self, inp):
-        """-> (fn, y): fn() enqueues the plugin on torch's current stream, writing y."""
+    def tactics(self, dtype, shape):
+        """The tactics the plugin offers for this shape: [1] or [1, 2] (see the module notes)."""
+        h, _ = self.create(dtype, shape)
+        out = (ctypes.c_int * 4)()
+        n = self.lib.cmh_tactics(h, out, 4)
+        return list(out[:max(n, 0)])
+
+    def prepare(self, inp, tactic=0):
+        """-> (fn, y): fn() enqueues the plugin on torch's current stream, writing y. tactic: 1 the CUDA
+        kernel, 2 the Triton kernels, 0 the plugin's automatic choice."""
         import torch
         shape = (inp.batch, inp.M, inp.L, inp.E, inp.N)
-        h, sh = self.create(inp.dtype, shape)
+        h, sh = self.create(inp.dtype, shape, tactic=tactic)
         ws_bytes = int(self.lib.cmh_workspace_size(h))
         ws = torch.empty(max(ws_bytes, 1), dtype=torch.uint8, device=inp.u.device) if ws_bytes > 0 else None
         y = torch.empty_like(inp.u)

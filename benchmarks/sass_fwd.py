@@ -4,7 +4,7 @@ Triton: registers, stack (spills), SASS size and MUFU (special-function) instruc
 `_fwd_kernel` as the GPU plan launches it at the paper shape (M 3, N 64; float32 BLOCK_E 2, 16-bit
 BLOCK_E 4; 64-step chunks; one warp), for the full delta and for the inference path's rank-R delta
 (Triton bundles ptxas and cuobjdump). CUDA (plugins/coupled_scan_kernel, when nvcc is on PATH): the
-block kernel and the warp-tile kernel at the paper's M = 3, N = 64 instances: registers, stack, and
+block kernel at the paper's M = 3, N = 64 instances: registers, stack, and
 the innermost loop that holds the exps (instructions, exps, instructions per exp, loads). Registers
 decide how many warps an SM holds; instructions per exp against the exp unit's 1/8 issue rate tell
 whether the loop can reach the exp-unit limit: an sm_90 scheduler issues one warp instruction a
@@ -84,10 +84,6 @@ def stats(compiled, exps_per_step=0) -> dict:
 CUDA_INSTANCES = [  # (label, kernel template instance, exps per innermost loop iteration)
     ("block kernel, bf16, 8 states a consumer thread", "coupledScanKernel<__nv_bfloat16, 8, 4, false>", 24),
     ("block kernel, fp32, 8 states a consumer thread", "coupledScanKernel<float, 8, 4, false>", 24),
-    ("warp tiles, bf16, 4 states a lane (default)", "coupledScanWarpKernel<__nv_bfloat16, 4, 3, false, true>", 24),
-    ("warp tiles, bf16, 8 states a lane", "coupledScanWarpKernel<__nv_bfloat16, 8, 3, false, true>", 48),
-    ("warp tiles, fp32, 4 states a lane (default)", "coupledScanWarpKernel<float, 4, 3, false, true>", 24),
-    ("warp tiles, fp32, 8 states a lane", "coupledScanWarpKernel<float, 8, 3, false, true>", 48),
 ]
 
 
@@ -162,8 +158,7 @@ def main(argv=None):
                         + "  ".join(f"{k} {v}" for k, v in s.items()))
     rows.append("# CUDA kernels (plugins/coupled_scan_kernel) compiled by nvcc for sm_90; the block kernel's loop is its "
                 "consumers' (its producers load and gate on the same schedulers; capacity 4 modalities, so at M = 3 a "
-                "quarter of the loop's exp2 are skipped), the warp tiles' loop does everything a step needs (two steps "
-                "an iteration, capacity 3). Issue bound: a model, not a measurement")
+                "quarter of the loop's exp2 are skipped). Issue bound: a model, not a measurement")
     rows += cuda_rows()
     emit_text("\n".join(rows), a.out)
     return 0

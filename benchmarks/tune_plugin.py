@@ -1,13 +1,14 @@
-"""Timing sweep of the TensorRT plugin's kernel over its launch overrides (issue #6).
+"""Timing sweep of the TensorRT plugin's kernels over the CUDA kernel's launch overrides (issue #6).
 
     python3 benchmarks/tune_plugin.py [--budget 150]
 
 The plugin reads CM_DEPLOY_SCAN_NPT (states per consumer thread), CM_DEPLOY_SCAN_TC (steps per
-shared-memory chunk), CM_DEPLOY_SCAN_TARGET_WARPS, CM_DEPLOY_SCAN_SEGS and CM_DEPLOY_SCAN_WARP_TILES
-(1: the warp-tile kernel) once per process, so
+shared-memory chunk), CM_DEPLOY_SCAN_TARGET_WARPS and CM_DEPLOY_SCAN_SEGS once per process, so
 each setting runs in a child process (`--child`), timing the enqueue through the harness
 (plugin_peer.py; built by run_all.py in /tmp/cm_bench_plugin) next to the Triton forward on the
-same inputs. Prints one line per (setting, shape, dtype).
+same inputs. Each is timed for both of the plugin's implementations (its tactics: the CUDA block
+kernel, which the settings tune, and the Triton kernels compiled ahead of time, where compiled for the
+shape). Prints one line per (setting, shape, dtype, implementation).
 """
 from __future__ import annotations
 
@@ -26,11 +27,7 @@ SHAPES = [(64, 500, "float32"), (64, 500, "bfloat16"), (8, 4096, "float32"), (1,
 SETTINGS = [{}, {"CM_DEPLOY_SCAN_TC": "12"}, {"CM_DEPLOY_SCAN_TC": "16"},
             {"CM_DEPLOY_SCAN_TC": "24"}, {"CM_DEPLOY_SCAN_NPT": "4"},
             {"CM_DEPLOY_SCAN_NPT": "4", "CM_DEPLOY_SCAN_TC": "16"},
-            {"CM_DEPLOY_SCAN_TARGET_WARPS": "16"}, {"CM_DEPLOY_SCAN_TARGET_WARPS": "16", "CM_DEPLOY_SCAN_TC": "16"},
-            # the warp-tile kernel (geometry kind 1): no block barriers, B/C straight into registers
-            {"CM_DEPLOY_SCAN_WARP_TILES": "1"}, {"CM_DEPLOY_SCAN_WARP_TILES": "1", "CM_DEPLOY_SCAN_NPT": "4"},
-            {"CM_DEPLOY_SCAN_WARP_TILES": "1", "CM_DEPLOY_SCAN_TC": "64"},
-            {"CM_DEPLOY_SCAN_WARP_TILES": "1", "CM_DEPLOY_SCAN_TARGET_WARPS": "8"}]
+            {"CM_DEPLOY_SCAN_TARGET_WARPS": "16"}, {"CM_DEPLOY_SCAN_TARGET_WARPS": "16", "CM_DEPLOY_SCAN_TC": "16"}]
 
 
 def child(shapes):
@@ -42,15 +39,19 @@ def child(shapes):
     out = []
     for b, L, dt in shapes:
         inp = Inputs(b, L, dt, torch.device("cuda"))
-        fn, y = runner.prepare(inp)
-        fn()
-        torch.cuda.synchronize()
-        ref = triton_fwd_fn(inp)().float()
-        err = float((y.float() - ref).abs().max() / ref.abs().max())
-        tp = common.gpu_time(fn)["ms"]
+        offered = runner.tactics(dt, (inp.batch, inp.M, inp.L, inp.E, inp.N))
         tt = common.gpu_time(triton_fwd_fn(inp))["ms"]
-        out.append({"shape": f"{b}x{L}", "dtype": dt, "plugin_ms": tp, "triton_ms": tt,
-                    "ratio": tp / tt, "rel_err_vs_triton": err})
+        for tactic, impl in ((1, "cuda"), (2, "triton")):
+            if tactic not in offered:
+                continue
+            fn, y = runner.prepare(inp, tactic)
+            fn()
+            torch.cuda.synchronize()
+            ref = triton_fwd_fn(inp)().float()
+            err = float((y.float() - ref).abs().max() / ref.abs().max())
+            tp = common.gpu_time(fn)["ms"]
+            out.append({"shape": f"{b}x{L}", "dtype": dt, "impl": impl, "plugin_ms": tp, "triton_ms": tt,
+                        "ratio": tp / tt, "rel_err_vs_triton": err})
     print("RESULT " + json.dumps(out), flush=True)
 
 
@@ -74,7 +75,7 @@ def main():
             print(f"{s}: FAILED {p.stderr[-600:]}", flush=True)
             continue
         for r in json.loads(lines[0][7:]):
-            print(f"{json.dumps(s):60} {r['shape']:8} {r['dtype']:9} plugin {r['plugin_ms']:.3f} ms "
+            print(f"{json.dumps(s):60} {r['shape']:8} {r['dtype']:9} plugin ({r['impl']:6}) {r['plugin_ms']:.3f} ms "
                   f"triton {r['triton_ms']:.3f} ms ratio {r['ratio']:.2f} err {r['rel_err_vs_triton']:.1e}",
                   flush=True)
 

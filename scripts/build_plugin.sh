@@ -10,6 +10,9 @@
 # "all" for the project's default list (Ampere to Blackwell, incl. Jetson Orin), or e.g. "90".
 # ONNX Runtime headers: ONNXRUNTIME_ROOT (env) when set, else fetched into BUILD_DIR/ort by
 # scripts/fetch_ort_headers.sh (a pinned Debian package, unpacked, never installed).
+# Triton kernels: with CUDA, the Triton forward is compiled ahead of time and embedded in both libraries when
+# the active Python imports triton and torch (CMake option CM_DEPLOY_WITH_TRITON_AOT=AUTO|ON|OFF; what is
+# compiled: CM_DEPLOY_TRITON_AOT_ARCHS / _MODALITIES / _STATES / _DTYPES, e.g. -DCM_DEPLOY_TRITON_AOT_STATES=64).
 # CM_DEPLOY_CPU_ONLY=1: only the ONNX Runtime library with its CPU kernel (no CUDA, no TensorRT; seconds).
 # The unit tests need no GPU. Output: BUILD_DIR/plugins/trt_coupled_scan/libcoupled_scan_plugin.so and
 # BUILD_DIR/plugins/ort_coupled_scan/libcoupled_scan_ort.so.

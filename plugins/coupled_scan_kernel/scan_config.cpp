@@ -54,53 +54,6 @@ void splitSegments(int64_t batch, int64_t L, int64_t warps1, int64_t targetWarps
     }
 }
 
-// Kind 1: one warp per tile of ch channels, lpc = 32 / ch lanes per channel (a power of two),
-// npt consecutive states per lane (4 or 8: whole-run vector loads of B and C). Steps per chunk: 32
-// unless overridden. Returns false when N needs more than one warp per channel.
-bool warpTileGeometry(int64_t batch, int32_t M, int64_t L, int32_t E, int32_t N, DeviceLimits const& dev,
-    ScanOverrides const& ov, ScanGeometry& g)
-{
-    // 4 states a lane first: fewer registers (sm_90, bf16, M = 3: 128 against 168 at 8), so more
-    // warps an SM; 8 when N needs more than 32 lanes at 4 (or by CM_DEPLOY_SCAN_NPT=8)
-    for (int32_t npt : {4, 8})
-    {
-        if (ov.npt > 0 && npt != ov.npt)
-        {
-            continue;
-        }
-        int32_t lpc = 1;
-        while (lpc * npt < N)
-        {
-            lpc *= 2;
-        }
-        if (lpc > 32)
-        {
-            continue;
-        }
-        g = ScanGeometry{};
-        g.kind = 1;
-        g.npt = npt;
-        g.mt = M <= 3 ? 3 : 8; // the paper's M = 3 exactly: no register set for an absent modality
-        g.lpc = lpc;
-        g.ch = 32 / lpc;
-        g.nc = 32;
-        g.np = 0;
-        g.npad = lpc * npt;
-        g.S = 0;
-        g.etiles = ceilDiv(E, g.ch);
-        g.blocks = batch * g.etiles;
-        int32_t const targetPerSM = ov.targetWarpsPerSM > 0 ? ov.targetWarpsPerSM : 16;
-        splitSegments(batch, L, g.blocks, static_cast<int64_t>(dev.smCount) * targetPerSM, ov, g);
-        // several warps a block only when the grid fills the GPU anyway (they share an SM's exp unit)
-        g.warpsPerBlock = g.blocks * g.segs >= static_cast<int64_t>(kWarpTileWarps) * dev.smCount ? kWarpTileWarps : 1;
-        g.tc = ov.tc > 0 ? ov.tc : 32;
-        g.tc = static_cast<int32_t>(std::min<int64_t>(g.tc, std::max<int64_t>(g.segLen, 1)));
-        g.smemBytes = static_cast<size_t>(g.warpsPerBlock) * warpTileFloats(g, M) * sizeof(float);
-        return g.smemBytes <= dev.smemOptinPerBlock;
-    }
-    return false;
-}
-
 } // namespace
 
 bool chooseGeometry(int64_t batch, int32_t M, int64_t L, int32_t E, int32_t N, DeviceLimits const& dev,
@@ -122,11 +75,6 @@ bool chooseGeometry(int64_t batch, int32_t M, int64_t L, int32_t E, int32_t N, D
     if (dev.smCount < 1)
     {
         return fail(why, "device reports no multiprocessors");
-    }
-
-    if (ov.warpTiles == 1 && warpTileGeometry(batch, M, L, E, N, dev, ov, out))
-    {
-        return true;
     }
 
     // Candidates from most states per thread (least overhead per state) to fewest (most threads).

@@ -22,66 +22,6 @@ cudaError_t launchPass(ScanArgs const& a, ScanGeometry const& g, int64_t blocks,
     return cudaGetLastError();
 }
 
-template <typename T, int NPT, int MT, bool SUMMARY>
-cudaError_t launchWarpPass(ScanArgs const& a, ScanGeometry const& g, int64_t tiles, cudaStream_t stream)
-{
-    auto* kernel = WarpTile<T, NPT, MT, true>::vectorizable(a, g) ? &coupledScanWarpKernel<T, NPT, MT, SUMMARY, true>
-                                                                 : &coupledScanWarpKernel<T, NPT, MT, SUMMARY, false>;
-    cudaError_t err = ensureDynamicSmem(reinterpret_cast<void const*>(kernel), g.smemBytes);
-    if (err != cudaSuccess)
-    {
-        return err;
-    }
-    int64_t const blocks = (tiles + g.warpsPerBlock - 1) / g.warpsPerBlock;
-    kernel<<<static_cast<unsigned>(blocks), static_cast<unsigned>(32 * g.warpsPerBlock), g.smemBytes, stream>>>(a, g);
-    return cudaGetLastError();
-}
-
-// The warp-tile kernel (geometry kind 1): 4 or 8 states a lane, modality capacity 3 or 8.
-template <typename T, int NPT, int MT>
-cudaError_t launchWarpInstance(ScanArgs const& a, ScanGeometry const& g, cudaStream_t stream)
-{
-    if (g.warpsPerBlock < 1 || g.warpsPerBlock > kWarpTileWarps)
-    {
-        return cudaErrorInvalidValue;
-    }
-    if (g.segs > 1)
-    {
-        if (a.work == nullptr)
-        {
-            return cudaErrorInvalidValue;
-        }
-        cudaError_t const err = launchWarpPass<T, NPT, MT, true>(a, g, g.blocks * (g.segs - 1), stream);
-        if (err != cudaSuccess)
-        {
-            return err;
-        }
-    }
-    return launchWarpPass<T, NPT, MT, false>(a, g, g.blocks * g.segs, stream);
-}
-
-template <typename T>
-cudaError_t launchWarpTyped(ScanArgs const& a, ScanGeometry const& g, cudaStream_t stream)
-{
-    if (g.mt == 3 && g.npt == 4)
-    {
-        return launchWarpInstance<T, 4, 3>(a, g, stream);
-    }
-    if (g.mt == 3 && g.npt == 8)
-    {
-        return launchWarpInstance<T, 8, 3>(a, g, stream);
-    }
-    if (g.mt == 8 && g.npt == 4)
-    {
-        return launchWarpInstance<T, 4, 8>(a, g, stream);
-    }
-    if (g.mt == 8 && g.npt == 8)
-    {
-        return launchWarpInstance<T, 8, 8>(a, g, stream);
-    }
-    return cudaErrorInvalidValue;
-}
-
 // g.segs > 1: the summary pass (segments 0..segs-2 write {P, off} to a.work), then the scan proper,
 // whose blocks start from the state carried through the summaries of the segments before theirs.
 template <typename T, int NPT, int MT>
@@ -125,10 +65,6 @@ cudaError_t launchTyped(ScanArgs const& a, ScanGeometry const& g, cudaStream_t s
     if (g.blocks * g.segs > 0x7fffffffLL || g.segs < 1 || a.M > g.mt)
     {
         return cudaErrorInvalidValue;
-    }
-    if (g.kind == 1)
-    {
-        return launchWarpTyped<T>(a, g, stream);
     }
     switch (g.mt)
     {

@@ -1,4 +1,5 @@
-// Host side of the kernel launch: device limits, shared-memory opt-in, tuning overrides.
+// Host side of the kernel launch: device limits, shared-memory opt-in, tuning overrides, and the choice
+// between the CUDA kernel and the ahead-of-time compiled Triton forward.
 #include "scan_launch.h"
 
 #include <cstdlib>
@@ -48,8 +49,10 @@ bool currentDeviceLimits(DeviceLimits& out, std::string* why)
         out = it->second;
         return true;
     }
-    int sms = 0, optin = 0, perSM = 0;
+    int sms = 0, optin = 0, perSM = 0, ccMajor = 0, ccMinor = 0;
     if ((err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev)) != cudaSuccess
+        || (err = cudaDeviceGetAttribute(&ccMajor, cudaDevAttrComputeCapabilityMajor, dev)) != cudaSuccess
+        || (err = cudaDeviceGetAttribute(&ccMinor, cudaDevAttrComputeCapabilityMinor, dev)) != cudaSuccess
         || (err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev)) != cudaSuccess
         || (err = cudaDeviceGetAttribute(&perSM, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev)) != cudaSuccess)
     {
@@ -63,6 +66,8 @@ bool currentDeviceLimits(DeviceLimits& out, std::string* why)
     d.smCount = sms;
     d.smemOptinPerBlock = static_cast<size_t>(optin);
     d.smemPerSM = static_cast<size_t>(perSM);
+    d.ccMajor = ccMajor;
+    d.ccMinor = ccMinor;
     gLimits[dev] = d;
     out = d;
     return true;
@@ -117,40 +122,90 @@ ScanOverrides const& envOverrides()
         o.tc = envInt("CM_DEPLOY_SCAN_TC");
         o.targetWarpsPerSM = envInt("CM_DEPLOY_SCAN_TARGET_WARPS");
         o.segs = envInt("CM_DEPLOY_SCAN_SEGS");
-        o.warpTiles = envInt("CM_DEPLOY_SCAN_WARP_TILES");
         return o;
     }();
     return ov;
 }
 
-bool runCoupledScan(ActType type, ScanArgs a, void* workspace, cudaStream_t stream, std::string& why,
-    ScanGeometry* used)
+bool planCoupledScan(ActType type, ScanArgs const& a, ScanImpl want, bool workspace, ScanPlan& out, std::string& why)
 {
-    if (a.batch == 0)
+    ScanImpl env = ScanImpl::kAuto;
+    if (!envScanImpl(env, &why))
     {
-        return true; // empty outputs
+        return false;
+    }
+    if (env != ScanImpl::kAuto)
+    {
+        want = env;
     }
     DeviceLimits dev;
     if (!currentDeviceLimits(dev, &why))
     {
         return false;
     }
+    ScanPlan p;
+    // batch 0 or L 0: nothing to scan (the Python path runs no kernel either); the CUDA launcher
+    // writes final_state = initial_state
+    if (want != ScanImpl::kCuda && a.batch > 0 && a.L > 0)
+    {
+        std::string no;
+        bool ok = chooseTritonLaunch(type, a.batch, a.M, a.L, a.E, a.N, a.deltaSoftplus != 0, a.kappa,
+            a.initialState != nullptr, dev.ccMajor, dev.ccMinor, dev.smCount, p.triton, &no);
+        if (ok && !tritonPointersAligned(a))
+        {
+            ok = false;
+            no = "the Triton kernels need 16-byte aligned tensors";
+        }
+        if (ok && !workspace)
+        {
+            ok = false;
+            no = "the Triton kernels need a workspace";
+        }
+        if (ok)
+        {
+            p.impl = ScanImpl::kTriton;
+            p.workspaceBytes = p.triton.bytes;
+            out = p;
+            return true;
+        }
+        if (want == ScanImpl::kTriton)
+        {
+            why = std::string(env == ScanImpl::kTriton ? "CM_DEPLOY_SCAN_IMPL=triton" : "the Triton tactic") + ": " + no;
+            return false;
+        }
+    }
     ScanOverrides ov = envOverrides();
-    if (workspace == nullptr)
+    if (!workspace)
     {
         ov.segs = 1;
     }
-    ScanGeometry g;
-    if (!chooseGeometry(a.batch, a.M, a.L, a.E, a.N, dev, ov, g, &why))
+    if (!chooseGeometry(a.batch, a.M, a.L, a.E, a.N, dev, ov, p.geometry, &why))
     {
         return false;
     }
-    a.work = g.segs > 1 ? static_cast<float*>(workspace) : nullptr;
-    if (used != nullptr)
+    p.impl = ScanImpl::kCuda;
+    p.workspaceBytes = p.geometry.segs > 1 ? segmentWorkspaceBytes(a.E, a.N) : 0;
+    out = p;
+    return true;
+}
+
+bool runCoupledScan(ActType type, ScanArgs a, ScanPlan const& plan, void* workspace, cudaStream_t stream, std::string& why)
+{
+    if (a.batch == 0)
     {
-        *used = g;
+        return true; // empty outputs
     }
-    cudaError_t const err = launchCoupledScan(type, a, g, stream);
+    if (plan.workspaceBytes > 0 && workspace == nullptr)
+    {
+        why = "the launch needs a workspace";
+        return false;
+    }
+    if (plan.impl == ScanImpl::kTriton)
+    {
+        return launchTriton(a, plan.triton, workspace, stream, why);
+    }
+    a.work = plan.geometry.segs > 1 ? static_cast<float*>(workspace) : nullptr;
+    cudaError_t const err = launchCoupledScan(type, a, plan.geometry, stream);
     if (err != cudaSuccess)
     {
         why = std::string("kernel launch failed: ") + cudaGetErrorName(err) + ": " + cudaGetErrorString(err);

@@ -2,6 +2,7 @@
 #pragma once
 
 #include "scan_types.h"
+#include "triton_aot.h"
 
 #include <cuda_runtime_api.h>
 
@@ -29,12 +30,32 @@ cudaError_t ensureDynamicSmem(void const* func, size_t bytes);
 // Tuning overrides from the environment, read once.
 ScanOverrides const& envOverrides();
 
-// What both adapters (TensorRT plugin, ONNX Runtime library) call: picks the geometry for the current
-// device and launches on `stream`. `workspace` (device memory of segmentWorkspaceBytes(E, N) bytes)
-// lets a small batch split L into segments; null keeps one segment. `used` (optional) receives the
-// geometry. Returns false with one sentence in `why`.
-bool runCoupledScan(ActType type, ScanArgs a, void* workspace, cudaStream_t stream, std::string& why,
-    ScanGeometry* used = nullptr);
+// One call's choice: which implementation, its launch layout and the workspace it needs.
+struct ScanPlan
+{
+    ScanImpl impl{ScanImpl::kCuda};
+    ScanGeometry geometry; // impl kCuda
+    TritonLaunch triton;   // impl kTriton
+    size_t workspaceBytes{}; // kCuda: segmentWorkspaceBytes(E, N) (L split only with it); kTriton: triton.bytes
+};
+
+// What both adapters (TensorRT plugin, ONNX Runtime library) call. planCoupledScan picks the
+// implementation for the current device: `want` kCuda or kTriton (a TensorRT tactic) or kAuto (Triton
+// where a kernel is compiled for the shape, type and device, else CUDA); CM_DEPLOY_SCAN_IMPL (auto, cuda,
+// triton), when set, replaces `want` (tests, benchmarks). Triton asked for but not available is an
+// error (with the reason), never a silent fallback. `workspace`: whether the caller can give one (without,
+// auto and the CUDA kernel keep L in one segment). Returns false with one sentence in `why`.
+bool planCoupledScan(ActType type, ScanArgs const& a, ScanImpl want, bool workspace, ScanPlan& out, std::string& why);
+
+// Launches `plan` on `stream` (workspace: plan.workspaceBytes of device memory, 16-byte aligned, or
+// null for a CUDA plan without segments). No synchronization.
+bool runCoupledScan(ActType type, ScanArgs a, ScanPlan const& plan, void* workspace, cudaStream_t stream, std::string& why);
+
+// The Triton path (triton_launch.cpp, triton_glue.cu).
+bool tritonPointersAligned(ScanArgs const& a);
+bool launchTriton(ScanArgs const& a, TritonLaunch const& l, void* workspace, cudaStream_t stream, std::string& why);
+// (batch, rows, cols) float32 -> (batch, cols, rows)
+cudaError_t transposeStates(float const* src, float* dst, int64_t batch, int32_t rows, int32_t cols, cudaStream_t stream);
 
 } // namespace scan
 } // namespace cm_deploy

@@ -77,13 +77,6 @@ struct ScanGeometry
     int32_t segs{1};  // segments of L scanned in parallel (two passes: summaries, then the scan proper)
     int64_t segLen{}; // steps per segment (the last may be shorter)
     size_t smemBytes{};
-    // kind 1, "warp tiles": every warp is a block of its own (ch channels x lpc lanes = 32 lanes,
-    // npt consecutive states a lane; nc = 32, np = 0, blocks = tiles of one segment) and runs each
-    // chunk in three phases with no block barrier: per-channel math into its shared memory, the
-    // recurrence with B and C loaded straight into registers and y summed by shuffles, the gate.
-    // warpsPerBlock independent warps share a launch block. Kind 0: the producer/consumer block.
-    int32_t kind{0};
-    int32_t warpsPerBlock{1};
 };
 
 struct DeviceLimits
@@ -91,6 +84,8 @@ struct DeviceLimits
     int32_t smCount{132};
     size_t smemOptinPerBlock{227 * 1024};
     size_t smemPerSM{228 * 1024};
+    int32_t ccMajor{9}; // compute capability (which Triton cubins run)
+    int32_t ccMinor{0};
 };
 
 // Tuning knobs for benchmarks (env CM_DEPLOY_SCAN_NPT / _TC / _TARGET_WARPS); 0 means automatic.
@@ -100,7 +95,6 @@ struct ScanOverrides
     int32_t tc{0};
     int32_t targetWarpsPerSM{0};
     int32_t segs{0}; // 1: never split L; >1: split into that many segments (capped); 0: automatic
-    int32_t warpTiles{0}; // 1: the warp-tile kernel (kind 1) where the shape allows it; 0: kind 0
 };
 
 // L is split into segments only while batch * segs <= kMaxSegmentRows (this bounds the workspace:
@@ -140,14 +134,6 @@ CM_SCAN_HD inline SmemLayout smemLayout(ScanGeometry const& g, int32_t M)
     s.part = roundUp4(s.bc + 2 * rowsB * g.npad);
     s.stageFloats = roundUp4(s.part + rowsA * g.S);
     return s;
-}
-
-// Warp tiles (kind 1): floats of one warp's shared memory: {dt, dt*u} per (t, m, channel), then
-// the lanes' parts of y's state sum per (t, m, lane).
-constexpr int32_t kWarpTileWarps = 4;
-CM_SCAN_HD inline size_t warpTileFloats(ScanGeometry const& g, int32_t M)
-{
-    return roundUp4(static_cast<size_t>(g.tc) * M * (2 * g.ch + 32));
 }
 
 // Row stride of the partial buffer: a producer reads one row per thread (float4 when lpc % 4 == 0),

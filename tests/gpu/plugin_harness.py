@@ -9,7 +9,8 @@ current torch stream. Outputs start as NaN so that anything the kernel fails to 
 
     python tests/gpu/plugin_harness.py --lib-dir build/gpu/plugins/trt_coupled_scan --out results.json
     python tests/gpu/plugin_harness.py --lib-dir ... --sanitize          # a few tiny cases, for compute-sanitizer
-    python tests/gpu/plugin_harness.py --lib-dir ... --bench [--tune]    # timings of the target shapes
+    python tests/gpu/plugin_harness.py --lib-dir ... --bench [--tune]    # timings of the target shapes, each tactic
+    python tests/gpu/plugin_harness.py --lib-dir ... --impl triton       # every case on the Triton kernels (CM_DEPLOY_SCAN_IMPL)
     python tests/gpu/plugin_harness.py --lib-dir ... --self-test         # CPU only: the kernel's code, emulated, vs the reference
 
 Exit status: 0 when every case passes, 1 when one fails, 2 on a setup error.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import itertools
 import json
 import math
 import os
@@ -55,7 +57,9 @@ class Harness:
         lib = ctypes.CDLL(str(shim))
         lib.cmh_create.restype = ctypes.c_void_p
         lib.cmh_create.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_int, ctypes.c_int,
-                                   ctypes.POINTER(ctypes.c_int64), ctypes.c_char_p, ctypes.c_int]
+                                   ctypes.POINTER(ctypes.c_int64), ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+        lib.cmh_tactics.restype = ctypes.c_int
+        lib.cmh_tactics.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_int), ctypes.c_int]
         lib.cmh_enqueue.restype = ctypes.c_int
         lib.cmh_enqueue.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_void_p),
                                     ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p, ctypes.c_void_p,
@@ -74,13 +78,32 @@ class Harness:
     def _shape(shape):
         return (ctypes.c_int64 * 5)(*shape)
 
-    def create(self, dtype: str, softplus: int, kappa: float, has_initial: bool, has_final: bool, shape):
+    def create(self, dtype: str, softplus: int, kappa: float, has_initial: bool, has_final: bool, shape, tactic=0):
+        """tactic: 0 the plugin's default (automatic), 1 the CUDA kernel, 2 the Triton kernels (as TensorRT's
+        builder sets its pick before serializing)."""
         err = ctypes.create_string_buffer(8192)
         h = self.lib.cmh_create(DTYPES[dtype][1], int(softplus), float(kappa), int(has_initial), int(has_final),
-                                self._shape(shape), err, len(err))
+                                self._shape(shape), int(tactic), err, len(err))
         if not h:
             raise RuntimeError(f"cmh_create failed: {err.value.decode(errors='replace')}")
         return h
+
+    def tactics(self, h):
+        """The tactics the plugin offered for the handle's shape at build time (getValidTactics)."""
+        out = (ctypes.c_int * 4)()
+        n = self.lib.cmh_tactics(h, out, 4)
+        return list(out[:max(n, 0)])
+
+    def ran(self, h, L, tactic=0):
+        """Which implementation an enqueue of this handle runs: CM_DEPLOY_SCAN_IMPL, else the tactic, else
+        automatic (Triton where the plugin offered it); at L = 0 nothing is scanned (the CUDA launcher
+        writes final_state)."""
+        want = os.environ.get("CM_DEPLOY_SCAN_IMPL", "auto") or "auto"
+        if want == "auto":
+            want = {1: "cuda", 2: "triton"}.get(tactic, "auto")
+        if want == "cuda" or L == 0:
+            return "cuda"
+        return "triton" if 2 in self.tactics(h) else ("cuda" if want == "auto" else "unavailable")
 
     def workspace(self, h, device):
         """The workspace the plugin asked for (getWorkspaceSize), allocated once per handle, as TensorRT does."""
@@ -194,6 +217,9 @@ def correctness_cases(sanitize=False):
             ("tiny_npt_small", 1, 2, 9, 3, 64, 1, "1", False, False),
             ("tiny_m5", 2, 5, 4, 9, 10, 0, "1/M", True, False),
             ("tiny_segmented", 1, 2, 300, 5, 8, 1, "1/M", True, True),  # batch 1, long L: L split in 2
+            # shapes the Triton kernels take (E % 16 == 0, N 16): the CUDA kernel runs them too
+            ("tiny_e16", 2, 3, 5, 16, 16, 1, "1/M", True, True),
+            ("tiny_e16_segmented", 1, 2, 300, 16, 16, 1, "1/M", True, True),
         ]
     return [
         ("paper_small", 4, 3, 64, 256, 64, 1, "1/M", False, False),
@@ -218,14 +244,17 @@ def check_case(h, name, batch, M, L, E, N, softplus, kspec, has_initial, has_fin
     kappa = kappa_of(kspec, M)
     x = make_inputs(batch, M, L, E, N, dtype, softplus, has_initial, device, seed)
     handle = h.create(dtype, softplus, kappa, has_initial, has_final, shape)
+    impl = h.ran(handle, L)
     try:
+        if impl == "unavailable":
+            return not_applicable(name, dtype, shape)
         y, fin = run_plugin(h, handle, x, shape, has_final)
     finally:
         h.destroy(handle)
     ry, rfin = reference(x, softplus, kappa)
     e = errors(y, ry)
     res = dict(case=name, dtype=dtype, shape=dict(batch=batch, M=M, L=L, E=E, N=N), softplus=softplus,
-               kappa=kappa, initial_state=has_initial, final_state=has_final, **e)
+               kappa=kappa, initial_state=has_initial, final_state=has_final, impl=impl, **e)
     ok = e["nonfinite"] == 0 and e["norm_err"] <= TOL[dtype]
     if has_final:
         ef = errors(fin, rfin)
@@ -236,6 +265,12 @@ def check_case(h, name, batch, M, L, E, N, softplus, kspec, has_initial, has_fin
     return res
 
 
+def not_applicable(name, dtype, shape):
+    """CM_DEPLOY_SCAN_IMPL=triton on a shape no Triton kernel takes (the plugin would refuse the enqueue)."""
+    return dict(case=name, dtype=dtype, shape=dict(zip(("batch", "M", "L", "E", "N"), shape)), impl="n/a",
+                norm_err=0.0, passed=True, not_run="no Triton kernel for this shape and type")
+
+
 def check_streaming(h, dtype, device, seed):
     """Two pieces, the second from the first's final state, equal one run (DESIGN.md section 2)."""
     batch, M, L, E, N, L1 = 3, 3, 75, 80, 64, 31
@@ -243,7 +278,10 @@ def check_streaming(h, dtype, device, seed):
     x = make_inputs(batch, M, L, E, N, dtype, 1, True, device, seed)
     # One handle for the whole run and the pieces: different L exercises onShapeChange.
     handle = h.create(dtype, 1, kappa, True, True, (batch, M, L, E, N))
+    impl = h.ran(handle, L)
     try:
+        if impl == "unavailable":
+            return not_applicable("streaming_two_pieces", dtype, (batch, M, L, E, N))
         y_all, fin_all = run_plugin(h, handle, x, (batch, M, L, E, N), True)
 
         def piece(lo, hi, init):
@@ -265,7 +303,7 @@ def check_streaming(h, dtype, device, seed):
     exact = bool(torch.equal(y_cat, y_all) and torch.equal(fin2, fin_all))
     ok = (ey["nonfinite"] == 0 and ey["norm_err"] <= TOL["float32"] and ef["norm_err"] <= FINAL_TOL
           and eref["norm_err"] <= TOL[dtype])
-    return dict(case="streaming_two_pieces", dtype=dtype, shape=dict(batch=batch, M=M, L=L, E=E, N=N, L1=L1),
+    return dict(case="streaming_two_pieces", dtype=dtype, impl=impl, shape=dict(batch=batch, M=M, L=L, E=E, N=N, L1=L1),
                 pieces_vs_one_norm_err=ey["norm_err"], final_norm_err=ef["norm_err"], bitwise_equal=exact,
                 norm_err=eref["norm_err"], max_abs=eref["max_abs"], max_rel=eref["max_rel"], passed=bool(ok))
 
@@ -280,7 +318,10 @@ def check_kappa1_overflow(h, device, seed):
     x["delta"] = (x["delta"] + 1.5).contiguous()
     x["A"] = (-(0.05 + 0.2 * torch.rand(M, E, N, generator=torch.Generator().manual_seed(seed)))).to(device).contiguous()
     handle = h.create("float32", 1, 1.0, False, True, (batch, M, L, E, N))
+    impl = h.ran(handle, L)
     try:
+        if impl == "unavailable":
+            return not_applicable("kappa1_overflow", "float32", (batch, M, L, E, N))
         y, fin = run_plugin(h, handle, x, (batch, M, L, E, N), True)
     finally:
         h.destroy(handle)
@@ -303,7 +344,7 @@ def check_kappa1_overflow(h, device, seed):
         e = errors(y[:, :, t], ry[:, :, t])
         worst = max(worst, e["norm_err"])
     ok = overflowed and step_gap <= 1 and worst <= 1e-4
-    return dict(case="kappa1_overflow", dtype="float32", shape=dict(batch=batch, M=M, L=L, E=E, N=N),
+    return dict(case="kappa1_overflow", dtype="float32", impl=impl, shape=dict(batch=batch, M=M, L=L, E=E, N=N),
                 reference_overflows=overflowed, first_overflow_step=t_ok, first_step_gap=step_gap,
                 norm_err=worst, passed=bool(ok),
                 note="per-step normalized error on steps before overflow; overflow step must match within 1")
@@ -316,11 +357,17 @@ def bench(h, device, shapes=None, iters=20):
     shapes = shapes or [("paper_batch64", 64, 3, 500, 256, 64), ("batch1_L16384", 1, 3, 16384, 256, 64),
                         ("batch8_L2000", 8, 3, 2000, 256, 64)]
     out = []
+    forced = os.environ.get("CM_DEPLOY_SCAN_IMPL", "auto") not in ("", "auto")
     for name, batch, M, L, E, N in shapes:
-        for dtype in ("float16", "bfloat16", "float32"):
+        for dtype, tactic in itertools.product(("float16", "bfloat16", "float32"), (0,) if forced else (1, 2)):
             shape = (batch, M, L, E, N)
             x = make_inputs(batch, M, L, E, N, dtype, 1, False, device, 1)
-            handle = h.create(dtype, 1, 1.0 / M, False, False, shape)
+            try:
+                handle = h.create(dtype, 1, 1.0 / M, False, False, shape, tactic=tactic)
+            except RuntimeError as exc:   # the Triton tactic is not offered for this shape
+                out.append(dict(case=name, dtype=dtype, tactic=tactic, skipped=str(exc).splitlines()[0]))
+                continue
+            impl = h.ran(handle, L, tactic)
             try:
                 y = torch.empty_like(x["u"])
                 ins = [x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["bias"]]
@@ -338,11 +385,11 @@ def bench(h, device, shapes=None, iters=20):
                 h.destroy(handle)
             elem = x["u"].element_size()
             moved = (4 * batch * M * L * E + 2 * batch * M * L * N) * elem  # u, delta, z, y; B, C
-            out.append(dict(case=name, dtype=dtype, shape=dict(batch=batch, M=M, L=L, E=E, N=N), ms=ms,
+            out.append(dict(case=name, dtype=dtype, tactic=tactic, impl=impl, shape=dict(batch=batch, M=M, L=L, E=E, N=N), ms=ms,
                             gbps=moved / ms / 1e6,
                             state_steps_per_s=batch * M * L * E * N / ms * 1e3,
                             env={k: v for k, v in os.environ.items() if k.startswith("CM_DEPLOY_SCAN_")}))
-            print(f"  bench {name:16s} {dtype:9s} {ms:8.3f} ms  {moved / ms / 1e6:7.1f} GB/s", flush=True)
+            print(f"  bench {name:16s} {dtype:9s} {impl:6s} {ms:8.3f} ms  {moved / ms / 1e6:7.1f} GB/s", flush=True)
             del x
             torch.cuda.empty_cache()
     return out
@@ -351,19 +398,16 @@ def bench(h, device, shapes=None, iters=20):
 def tune(args):
     """Re-runs --bench under each CM_DEPLOY_SCAN_NPT (read once per process) and collects the timings."""
     rows = []
-    # block kernel at every states-per-thread setting, then the warp-tile kernel (4 or 8 a lane)
-    for warp, npt in [("", ""), ("", "1"), ("", "2"), ("", "4"), ("", "8"), ("1", ""), ("1", "4")]:
+    # the block kernel at every states-per-thread setting
+    for npt in ["", "1", "2", "4", "8"]:
         env = dict(os.environ)
         env.pop("CM_DEPLOY_SCAN_NPT", None)
-        env.pop("CM_DEPLOY_SCAN_WARP_TILES", None)
         if npt:
             env["CM_DEPLOY_SCAN_NPT"] = npt
-        if warp:
-            env["CM_DEPLOY_SCAN_WARP_TILES"] = warp
-        label = ("warp" if warp else "") + (npt or "auto")
+        label = npt or "auto"
         tmp = Path(args.out or "plugin_harness.json").with_suffix(f".tune{label}.json")
         cmd = [sys.executable, __file__, "--lib-dir", str(args.lib_dir), "--bench-only", "--out", str(tmp)]
-        print(f"tune: CM_DEPLOY_SCAN_WARP_TILES={warp or 0} CM_DEPLOY_SCAN_NPT={npt or 'auto'}", flush=True)
+        print(f"tune: CM_DEPLOY_SCAN_NPT={npt or 'auto'}", flush=True)
         r = subprocess.run(cmd, env=env)
         if r.returncode == 0 and tmp.is_file():
             rows += [dict(npt=label, **b) for b in json.loads(tmp.read_text()).get("bench", [])]
@@ -373,12 +417,13 @@ def tune(args):
 # ------------------------------------------------------------------------------------------------
 
 def print_table(rows):
-    print(f"{'case':24s} {'dtype':9s} {'max_abs':>10s} {'norm_err':>10s} {'max_rel':>10s} {'final_err':>10s}  ok")
+    print(f"{'case':24s} {'dtype':9s} {'impl':6s} {'max_abs':>10s} {'norm_err':>10s} {'max_rel':>10s} {'final_err':>10s}  ok")
     for r in rows:
         fe = r.get("final_norm_err")
-        print(f"{r['case']:24s} {r['dtype']:9s} {r.get('max_abs', float('nan')):10.3e} {r['norm_err']:10.3e} "
-              f"{r.get('max_rel', float('nan')):10.3e} {'' if fe is None else format(fe, '10.3e'):>10s}  "
-              f"{'PASS' if r['passed'] else 'FAIL'}", flush=True)
+        ok = "n/a" if r.get("not_run") else ("PASS" if r["passed"] else "FAIL")
+        print(f"{r['case']:24s} {r['dtype']:9s} {r.get('impl', '-'):6s} {r.get('max_abs', float('nan')):10.3e} "
+              f"{r['norm_err']:10.3e} {r.get('max_rel', float('nan')):10.3e} "
+              f"{'' if fe is None else format(fe, '10.3e'):>10s}  {ok}", flush=True)
 
 
 def self_test(h: Harness):
@@ -435,7 +480,12 @@ def main():
     ap.add_argument("--tune", action="store_true", help="with --bench: also time every states-per-thread setting")
     ap.add_argument("--dtypes", default="float32,float16,bfloat16")
     ap.add_argument("--self-test", action="store_true", help="CPU only: check bindings and metrics")
+    ap.add_argument("--impl", choices=("auto", "cuda", "triton"),
+                    help="CM_DEPLOY_SCAN_IMPL for this run: every case on that implementation (triton: the "
+                         "cases no Triton kernel takes are listed as n/a, not run)")
     args = ap.parse_args()
+    if args.impl:
+        os.environ["CM_DEPLOY_SCAN_IMPL"] = args.impl   # read by the plugin at its first enqueue
 
     try:
         h = Harness(args.lib_dir)
@@ -499,7 +549,13 @@ def main():
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2))
     n_fail = sum(not r["passed"] for r in rows)
-    print(f"{len(rows) - n_fail}/{len(rows)} cases passed", flush=True)
+    n_na = sum(bool(r.get("not_run")) for r in rows)
+    by_impl = {k: sum(r.get("impl") == k for r in rows) for k in ("cuda", "triton")}
+    print(f"{len(rows) - n_fail - n_na}/{len(rows) - n_na} cases passed (ran on: {by_impl}"
+          + (f"; {n_na} not run: no Triton kernel for the shape" if n_na else "") + ")", flush=True)
+    if rows and n_na == len(rows):
+        print("gpu_harness: no case ran (no Triton kernel in this build for these shapes?)", file=sys.stderr)
+        return 1
     return 0 if report["passed"] else 1
 
 

@@ -258,9 +258,10 @@ struct CudaKernel
                 }
             }
             auto stream = static_cast<cudaStream_t>(ctx.GetGPUComputeStream());
-            // Workspace for splitting L when the batch is small, from ORT's own device allocator (its
-            // arena: no cudaMalloc per call, and CUDA-graph capture stays valid).
-            // Without one (no CUDA allocator found) L stays in one segment: slower for small batches, as correct.
+            // The implementation (Triton where compiled for the shape, else CUDA; CM_DEPLOY_SCAN_IMPL
+            // overrides) and its workspace, from ORT's own device allocator (its arena: no cudaMalloc per
+            // call, and CUDA-graph capture stays valid). Without one (no CUDA allocator found) the CUDA kernel
+            // runs with L in one segment: slower for small batches, as correct.
             Ort::MemoryInfo mem("Cuda", OrtDeviceAllocator, dev, OrtMemTypeDefault);
             OrtAllocator* alloc = nullptr;
             if (OrtStatus* st = Ort::GetApi().KernelContext_GetAllocator(raw, mem, &alloc))
@@ -271,10 +272,18 @@ struct CudaKernel
             // the allocator handle is ours to release (ORT's C API contract)
             std::unique_ptr<OrtAllocator, void (*)(OrtAllocator*)> keep(
                 alloc, [](OrtAllocator* p) { Ort::GetApi().ReleaseAllocator(p); });
-            size_t const wsBytes = scan::segmentWorkspaceBytes(a.E, a.N);
-            void* ws = alloc != nullptr ? alloc->Alloc(alloc, wsBytes) : nullptr;
             std::string why;
-            bool const ok = scan::runCoupledScan(type, a, ws, stream, why);
+            scan::ScanPlan plan;
+            if (!scan::planCoupledScan(type, a, scan::ScanImpl::kAuto, alloc != nullptr, plan, why))
+            {
+                throw ScanError(why);
+            }
+            void* ws = plan.workspaceBytes > 0 ? alloc->Alloc(alloc, plan.workspaceBytes) : nullptr;
+            if (plan.workspaceBytes > 0 && ws == nullptr)
+            {
+                throw ScanError("could not allocate the " + std::to_string(plan.workspaceBytes) + "-byte workspace");
+            }
+            bool const ok = scan::runCoupledScan(type, a, plan, ws, stream, why);
             if (ws != nullptr)
             {
                 alloc->Free(alloc, ws); // ORT's arena frees in stream order

@@ -28,6 +28,8 @@ constexpr char const* kCOUPLED_SCAN_NAMESPACE = "";
 constexpr char const* kFIELD_DELTA_SOFTPLUS = "delta_softplus";   // int 0/1, default 0
 constexpr char const* kFIELD_COUPLING_SCALE = "coupling_scale";   // float kappa > 0, required
 constexpr char const* kFIELD_HAS_FINAL_STATE = "has_final_state"; // int 0/1, default 0: outputs y[, final_state]
+// Serialized only (not an ONNX attribute): the implementation the builder picked, as a plugin tactic.
+constexpr char const* kFIELD_TACTIC = "tactic"; // int: 1 the CUDA kernel, 2 the Triton kernels, 0 automatic
 
 } // namespace plugin
 } // namespace cm_deploy

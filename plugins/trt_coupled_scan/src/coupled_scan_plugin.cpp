@@ -3,6 +3,7 @@
 #include "logging.h"
 #include "scan_launch.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <exception>
@@ -87,6 +88,28 @@ bool validIoCounts(int32_t nbInputs, int32_t nbOutputs, int32_t expectedOutputs,
     return true;
 }
 
+scan::ActType actOf(DataType t)
+{
+    return t == DataType::kFLOAT ? scan::ActType::kFLOAT32
+                                 : (t == DataType::kHALF ? scan::ActType::kFLOAT16 : scan::ActType::kBFLOAT16);
+}
+
+// Whether Triton kernels are compiled for this type, M, E, N (any batch and L) and run on the current
+// device. dims: u's and A's, -1 where not known yet.
+bool tritonOffered(ScanAttrs const& attrs, DataType act, Dims const& u, Dims const& A)
+{
+    if (u.nbDims != 4 || A.nbDims != 3 || u.d[1] < 1 || u.d[3] < 1 || A.d[2] < 1 || !isActivationType(act))
+    {
+        return false;
+    }
+    scan::DeviceLimits dev;
+    scan::TritonLaunch l;
+    return scan::currentDeviceLimits(dev, nullptr)
+        && scan::chooseTritonLaunch(actOf(act), 1, static_cast<int32_t>(u.d[1]), 1, static_cast<int32_t>(u.d[3]),
+            static_cast<int32_t>(A.d[2]), attrs.deltaSoftplus != 0, attrs.couplingScale, false, dev.ccMajor,
+            dev.ccMinor, dev.smCount, l, nullptr);
+}
+
 template <typename T>
 T readScalar(void const* p)
 {
@@ -151,8 +174,13 @@ bool parseScanFields(PluginFieldCollection const* fc, TensorRTPhase phase, ScanA
         return false;
     }
     ScanAttrs a;
-    bool seen[3] = {false, false, false};
-    char const* const names[3] = {kFIELD_DELTA_SOFTPLUS, kFIELD_COUPLING_SCALE, kFIELD_HAS_FINAL_STATE};
+    // build: automatic until the builder picks; runtime without the field: an engine serialized before
+    // tactics existed, whose workspace was sized for the CUDA kernel only
+    a.tactic = static_cast<int32_t>(runtime ? scan::ScanImpl::kCuda : scan::ScanImpl::kAuto);
+    constexpr int32_t kNbNames = 4;
+    bool seen[kNbNames] = {false, false, false, false};
+    char const* const names[kNbNames] = {kFIELD_DELTA_SOFTPLUS, kFIELD_COUPLING_SCALE, kFIELD_HAS_FINAL_STATE,
+        kFIELD_TACTIC};
     for (int32_t i = 0; i < nb; ++i)
     {
         PluginField const& f = fc->fields[i];
@@ -162,9 +190,9 @@ bool parseScanFields(PluginFieldCollection const* fc, TensorRTPhase phase, ScanA
             return false;
         }
         int32_t which = -1;
-        for (int32_t k = 0; k < 3; ++k)
+        for (int32_t k = 0; k < kNbNames; ++k)
         {
-            if (std::strcmp(f.name, names[k]) == 0)
+            if (std::strcmp(f.name, names[k]) == 0 && (k != 3 || runtime))
             {
                 which = k;
             }
@@ -217,6 +245,24 @@ bool parseScanFields(PluginFieldCollection const* fc, TensorRTPhase phase, ScanA
                     + std::to_string(static_cast<int32_t>(f.type));
                 return false;
             }
+            if (which == 3)
+            {
+                if (v < 0 || v > 2)
+                {
+                    why = "field 'tactic' must be 0 (automatic), 1 (CUDA kernel) or 2 (Triton kernels), got "
+                        + std::to_string(v);
+                    return false;
+                }
+                if (v == static_cast<int64_t>(scan::ScanImpl::kTriton) && scan::kTritonAotSpecCount == 0)
+                {
+                    why = std::string("the engine was built with the Triton tactic, but this plugin library has no "
+                                      "Triton kernels (")
+                        + scan::kTritonAotBuildInfo + ")";
+                    return false;
+                }
+                a.tactic = static_cast<int32_t>(v);
+                continue;
+            }
             if (v != 0 && v != 1)
             {
                 why = "field '" + name + "' must be 0 or 1, got " + std::to_string(v);
@@ -225,7 +271,7 @@ bool parseScanFields(PluginFieldCollection const* fc, TensorRTPhase phase, ScanA
             (which == 0 ? a.deltaSoftplus : a.hasFinalState) = static_cast<int32_t>(v);
         }
     }
-    for (int32_t k = 0; k < 3; ++k)
+    for (int32_t k = 0; k < 3; ++k) // tactic (k = 3) is optional
     {
         bool const required = runtime || k == 1;
         if (!seen[k] && required)
@@ -349,6 +395,9 @@ CoupledScanPlugin::CoupledScanPlugin(CoupledScanPlugin const& other)
     , IPluginV3OneRuntime(other)
     , mAttrs(other.mAttrs)
     , mNbInputs(other.mNbInputs)
+    , mTritonOffered(other.mTritonOffered)
+    , mBuildConfigured(other.mBuildConfigured)
+    , mTritonReserved(other.mTritonReserved)
 {
     rebuildFields(); // the fields point into this object, never into `other`
 }
@@ -364,6 +413,7 @@ void CoupledScanPlugin::rebuildFields()
     mFields.emplace_back(kFIELD_DELTA_SOFTPLUS, &mAttrs.deltaSoftplus, PluginFieldType::kINT32, 1);
     mFields.emplace_back(kFIELD_COUPLING_SCALE, &mAttrs.couplingScale, PluginFieldType::kFLOAT32, 1);
     mFields.emplace_back(kFIELD_HAS_FINAL_STATE, &mAttrs.hasFinalState, PluginFieldType::kINT32, 1);
+    mFields.emplace_back(kFIELD_TACTIC, &mSerialTactic, PluginFieldType::kINT32, 1);
     mFieldCollection.nbFields = static_cast<int32_t>(mFields.size());
     mFieldCollection.fields = mFields.data();
 }
@@ -605,6 +655,12 @@ int32_t CoupledScanPlugin::configurePlugin(
         return -1;
     }
     mNbInputs = nbInputs;
+    mTritonOffered = tritonOffered(mAttrs, in[kU].desc.type, in[kU].desc.dims, in[kA].desc.dims);
+    Dims const& u = in[kU].desc.dims;
+    mTritonReserved = u.d[1] >= 1 && u.d[3] >= 1 && in[kA].desc.dims.d[2] >= 1
+        && scan::tritonCompiled(actOf(in[kU].desc.type), static_cast<int32_t>(u.d[1]), static_cast<int32_t>(u.d[3]),
+            static_cast<int32_t>(in[kA].desc.dims.d[2]), mAttrs.deltaSoftplus != 0, mAttrs.couplingScale);
+    mBuildConfigured = true;
     return 0;
 }
 
@@ -612,19 +668,70 @@ size_t CoupledScanPlugin::getWorkspaceSize(DynamicPluginTensorDesc const* inputs
     DynamicPluginTensorDesc const* /*outputs*/, int32_t /*nbOutputs*/) const noexcept
 {
     CM_TRACE("getWorkspaceSize");
-    // The state lives in registers, chunks in shared memory; the workspace holds only the per-segment
-    // summaries of a launch that splits L (small batch), at most kMaxSegmentRows * E * N float2.
+    // CUDA kernel: the state lives in registers, chunks in shared memory; the workspace holds only the
+    // per-segment summaries of a launch that splits L (small batch), at most kMaxSegmentRows * E * N
+    // float2. Triton kernels (whatever tactic is picked later): their per-program scratch, states and
+    // segment summaries, at the largest batch and L of the profile.
     if (inputs == nullptr || nbInputs <= kA)
     {
         return 0;
     }
-    int64_t const E = inputs[kU].max.nbDims == 4 ? inputs[kU].max.d[3] : -1;
+    Dims const& u = inputs[kU].max;
+    int64_t const E = u.nbDims == 4 ? u.d[3] : -1;
     int64_t const N = inputs[kA].max.nbDims == 3 ? inputs[kA].max.d[2] : -1;
     if (E < 1 || N < 1 || N > scan::kMaxStates)
     {
         return 0;
     }
-    return scan::segmentWorkspaceBytes(E, N);
+    size_t bytes = scan::segmentWorkspaceBytes(E, N);
+    if (isActivationType(inputs[kU].desc.type) && u.d[0] >= 1 && u.d[1] >= 1 && u.d[2] >= 1)
+    {
+        // whatever device builds the engine (TensorRT-RTX builds without one): where the library has the
+        // kernels, the engine may run them (getFieldsToSerialize)
+        bytes = std::max(bytes,
+            scan::tritonWorkspaceBound(actOf(inputs[kU].desc.type), u.d[0], static_cast<int32_t>(u.d[1]), u.d[2],
+                static_cast<int32_t>(E), static_cast<int32_t>(N), mAttrs.deltaSoftplus != 0, mAttrs.couplingScale));
+    }
+    return bytes;
+}
+
+int32_t CoupledScanPlugin::getNbTactics() noexcept
+{
+    CM_TRACE("getNbTactics", mTritonOffered ? "2" : "1");
+    return mTritonOffered ? 2 : 1;
+}
+
+int32_t CoupledScanPlugin::getValidTactics(int32_t* tactics, int32_t nbTactics) noexcept
+{
+    CM_TRACE("getValidTactics");
+    if (tactics == nullptr || nbTactics != getNbTactics())
+    {
+        logError("getValidTactics: expected room for " + std::to_string(getNbTactics()) + " tactics, got "
+            + std::to_string(nbTactics));
+        return -1;
+    }
+    tactics[0] = static_cast<int32_t>(scan::ScanImpl::kCuda);
+    if (mTritonOffered)
+    {
+        tactics[1] = static_cast<int32_t>(scan::ScanImpl::kTriton);
+    }
+    return 0;
+}
+
+int32_t CoupledScanPlugin::setTactic(int32_t tactic) noexcept
+{
+    CM_TRACE("setTactic", std::to_string(tactic));
+    if (tactic == 0)
+    {
+        return 0; // TensorRT's default: keep the serialized pick (or automatic)
+    }
+    if (tactic != static_cast<int32_t>(scan::ScanImpl::kCuda) && tactic != static_cast<int32_t>(scan::ScanImpl::kTriton))
+    {
+        logError("setTactic: unknown tactic " + std::to_string(tactic) + " (1: CUDA kernel, 2: Triton kernels)");
+        return -1;
+    }
+    mAttrs.tactic = tactic;
+    return 0;
 }
 
 int32_t CoupledScanPlugin::onShapeChange(
@@ -711,12 +818,13 @@ int32_t CoupledScanPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTens
             return -1;
         }
 
-        scan::ActType const t = inputDesc[kU].type == DataType::kFLOAT
-            ? scan::ActType::kFLOAT32
-            : (inputDesc[kU].type == DataType::kHALF ? scan::ActType::kFLOAT16 : scan::ActType::kBFLOAT16);
-        // L is split into segments only with a workspace (TensorRT passes the one getWorkspaceSize asked for).
-        scan::ScanGeometry g;
-        if (!scan::runCoupledScan(t, a, workspace, stream, why, &g))
+        scan::ActType const t = actOf(inputDesc[kU].type);
+        // The tactic's implementation (0: Triton where compiled, else CUDA). The workspace TensorRT passes is
+        // the one getWorkspaceSize asked for, which covers both at every shape of the profile; L is split
+        // into segments only with one.
+        scan::ScanPlan plan;
+        if (!scan::planCoupledScan(t, a, static_cast<scan::ScanImpl>(mAttrs.tactic), workspace != nullptr, plan, why)
+            || !scan::runCoupledScan(t, a, plan, workspace, stream, why))
         {
             logError("enqueue: " + why);
             return -1;
@@ -724,10 +832,21 @@ int32_t CoupledScanPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTens
         if (traceEnabled())
         {
             std::ostringstream s;
+            scan::ScanGeometry const& g = plan.geometry;
             s << "launch batch=" << a.batch << " M=" << a.M << " L=" << a.L << " E=" << a.E << " N=" << a.N
-              << " npt=" << g.npt << " lpc=" << g.lpc << " ch=" << g.ch << " threads=" << g.nc << "+" << g.np
-              << " tc=" << g.tc << " smem=" << g.smemBytes << " blocks=" << g.blocks << " segs=" << g.segs
-              << " segLen=" << g.segLen;
+              << " impl=" << scan::implName(plan.impl) << " tactic=" << mAttrs.tactic;
+            if (plan.impl == scan::ScanImpl::kTriton)
+            {
+                scan::TritonPlan const& p = plan.triton.plan;
+                s << " block_e=" << p.blockE << " block_n=" << p.blockN << " T=" << plan.triton.T
+                  << " segs=" << p.nSeg << " segLen=" << p.segLen << " workspace=" << plan.workspaceBytes;
+            }
+            else
+            {
+                s << " npt=" << g.npt << " lpc=" << g.lpc << " ch=" << g.ch << " threads=" << g.nc << "+" << g.np
+                  << " tc=" << g.tc << " smem=" << g.smemBytes << " blocks=" << g.blocks << " segs=" << g.segs
+                  << " segLen=" << g.segLen;
+            }
             traceCall("enqueue", s.str());
         }
         return 0;
@@ -748,6 +867,14 @@ IPluginV3* CoupledScanPlugin::attachToContext(IPluginResourceContext* /*context*
 PluginFieldCollection const* CoupledScanPlugin::getFieldsToSerialize() noexcept
 {
     CM_TRACE("getFieldsToSerialize");
+    // No pick from the builder (one tactic, or a builder that does not time, e.g. TensorRT-RTX without a
+    // GPU): automatic at run time only where getWorkspaceSize reserved the Triton kernels' workspace;
+    // otherwise the CUDA kernel, whatever library loads the engine later.
+    mSerialTactic = mAttrs.tactic;
+    if (mSerialTactic == static_cast<int32_t>(scan::ScanImpl::kAuto) && mBuildConfigured && !mTritonReserved)
+    {
+        mSerialTactic = static_cast<int32_t>(scan::ScanImpl::kCuda);
+    }
     return &mFieldCollection;
 }
 

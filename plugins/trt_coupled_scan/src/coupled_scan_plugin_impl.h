@@ -35,18 +35,20 @@ struct ScanAttrs
     int32_t deltaSoftplus{0};
     float couplingScale{0.f};
     int32_t hasFinalState{0};
+    int32_t tactic{0}; // scan::ScanImpl: the builder's pick (serialized); 0 automatic
 
     bool operator==(ScanAttrs const& o) const
     {
         return deltaSoftplus == o.deltaSoftplus && couplingScale == o.couplingScale
-            && hasFinalState == o.hasFinalState;
+            && hasFinalState == o.hasFinalState && tactic == o.tactic;
     }
 };
 
 // Parses and validates plugin fields. In phase kBUILD (from the ONNX parser or a network builder)
 // delta_softplus and has_final_state default to 0 and coupling_scale is required; in phase kRUNTIME
-// (fields written by getFieldsToSerialize) every field is required. Unknown, duplicate, mistyped or
-// out-of-range fields are refused with a reason.
+// (fields written by getFieldsToSerialize) every field is required, except tactic (engines serialized
+// before tactics existed: 1, the CUDA kernel their workspace was sized for); tactic is a runtime field
+// only. Unknown, duplicate, mistyped or out-of-range fields are refused with a reason.
 bool parseScanFields(nvinfer1::PluginFieldCollection const* fc, nvinfer1::TensorRTPhase phase, ScanAttrs& out,
     std::string& why);
 
@@ -95,6 +97,10 @@ public:
         nvinfer1::DynamicPluginTensorDesc const* out, int32_t nbOutputs) noexcept override;
     size_t getWorkspaceSize(nvinfer1::DynamicPluginTensorDesc const* inputs, int32_t nbInputs,
         nvinfer1::DynamicPluginTensorDesc const* outputs, int32_t nbOutputs) const noexcept override;
+    // Tactics: 1 the CUDA block kernel, always; 2 the Triton kernels, where compiled for the configured
+    // type, M, E, N on this device. TensorRT times each and keeps the faster (setTactic, serialized).
+    int32_t getNbTactics() noexcept override;
+    int32_t getValidTactics(int32_t* tactics, int32_t nbTactics) noexcept override;
 
     // IPluginV3OneRuntime
     int32_t onShapeChange(nvinfer1::PluginTensorDesc const* in, int32_t nbInputs, nvinfer1::PluginTensorDesc const* out,
@@ -103,6 +109,7 @@ public:
         void const* const* inputs, void* const* outputs, void* workspace, cudaStream_t stream) noexcept override;
     nvinfer1::IPluginV3* attachToContext(nvinfer1::IPluginResourceContext* context) noexcept override;
     nvinfer1::PluginFieldCollection const* getFieldsToSerialize() noexcept override;
+    int32_t setTactic(int32_t tactic) noexcept override;
 
 private:
     void rebuildFields();
@@ -113,6 +120,10 @@ private:
     std::vector<nvinfer1::PluginField> mFields;
     nvinfer1::PluginFieldCollection mFieldCollection{};
     int32_t mNbInputs{0}; // 8 or 9 once configured (configurePlugin / onShapeChange)
+    bool mTritonOffered{false};  // configurePlugin: the Triton tactic is valid for the configured shape here
+    bool mBuildConfigured{false}; // configurePlugin ran (build phase)
+    bool mTritonReserved{false};  // ... and getWorkspaceSize covers the Triton kernels (some device has them)
+    int32_t mSerialTactic{0};     // what getFieldsToSerialize writes for the tactic
 };
 
 class CoupledScanCreator final : public nvinfer1::IPluginCreatorV3One

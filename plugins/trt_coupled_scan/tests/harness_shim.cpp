@@ -2,7 +2,8 @@
 // the plugin the way TensorRT does, through the exported getCreators only:
 //   build:   createPlugin(kBUILD, parser-typed fields) -> getNbOutputs -> getOutputDataTypes ->
 //            supportsFormatCombination(every position) -> configurePlugin(dynamic batch and L) ->
-//            getWorkspaceSize -> getFieldsToSerialize
+//            getWorkspaceSize -> getValidTactics -> setTactic(the caller's pick, as the builder's
+//            timing would) -> getFieldsToSerialize
 //   runtime: createPlugin(kRUNTIME, a copy of the serialized fields) -> attachToContext ->
 //            onShapeChange(concrete shapes) -> enqueue(PluginTensorDesc, device pointers, stream)
 // No CUDA calls here: the caller owns memory and streams (torch) and synchronizes.
@@ -10,6 +11,7 @@
 
 #include <NvInferRuntime.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstring>
 #include <memory>
@@ -162,6 +164,7 @@ struct Handle
     bool hasFinal{};
     int64_t shape[5]{};
     size_t workspace{};
+    std::vector<int32_t> tactics; // getValidTactics at build time
 };
 
 template <typename T>
@@ -172,8 +175,10 @@ T* capability(IPluginV3* p, PluginCapabilityType t)
 
 } // namespace
 
+// tactic: 0 leaves the plugin's default (automatic: Triton where compiled, else CUDA); 1 (CUDA kernel)
+// or 2 (Triton kernels) must be among the tactics the plugin offers for the shape.
 CMH_EXPORT void* cmh_create(int dtype, int deltaSoftplus, float couplingScale, int hasInitial, int hasFinal,
-    int64_t const* shape, char* err, int errlen)
+    int64_t const* shape, int tactic, char* err, int errlen)
 {
     finder();
     std::string why;
@@ -258,9 +263,36 @@ CMH_EXPORT void* cmh_create(int dtype, int deltaSoftplus, float couplingScale, i
         return nullptr;
     }
     size_t const workspace = b->getWorkspaceSize(dyn.data(), nbIn, dyn.data() + nbIn, nbOut);
+    int32_t const nbTactics = b->getNbTactics();
+    std::vector<int32_t> tactics(static_cast<size_t>(std::max(nbTactics, 0)));
+    if (nbTactics < 0 || b->getValidTactics(tactics.data(), nbTactics) != 0)
+    {
+        setError(err, errlen, "getValidTactics failed");
+        return nullptr;
+    }
 
-    // Serialize, then deserialize from a copy as an engine file would.
+    // The builder's pick, then serialize and deserialize from a copy as an engine file would.
     auto* rtBuild = capability<IPluginV3OneRuntime>(buildPlugin.get(), PluginCapabilityType::kRUNTIME);
+    if (tactic != 0)
+    {
+        bool offered = false;
+        std::string valid;
+        for (int32_t t : tactics)
+        {
+            offered = offered || t == tactic;
+            valid += (valid.empty() ? "" : ", ") + std::to_string(t);
+        }
+        if (!offered)
+        {
+            setError(err, errlen, "tactic " + std::to_string(tactic) + " is not offered for this shape (valid: " + valid + ")");
+            return nullptr;
+        }
+        if (rtBuild == nullptr || rtBuild->setTactic(tactic) != 0)
+        {
+            setError(err, errlen, "setTactic failed");
+            return nullptr;
+        }
+    }
     PluginFieldCollection const* ser = rtBuild != nullptr ? rtBuild->getFieldsToSerialize() : nullptr;
     if (ser == nullptr)
     {
@@ -309,7 +341,23 @@ CMH_EXPORT void* cmh_create(int dtype, int deltaSoftplus, float couplingScale, i
     h->hasFinal = hasFinal != 0;
     std::memcpy(h->shape, shape, sizeof h->shape);
     h->workspace = workspace;
+    h->tactics = tactics;
     return h.release();
+}
+
+// The tactics the plugin offered at build time (up to `capacity` into `out`); returns how many, -1 on error.
+CMH_EXPORT int cmh_tactics(void* handle, int* out, int capacity)
+{
+    auto* h = static_cast<Handle*>(handle);
+    if (h == nullptr || (out == nullptr && capacity > 0))
+    {
+        return -1;
+    }
+    for (size_t i = 0; i < h->tactics.size() && static_cast<int>(i) < capacity; ++i)
+    {
+        out[i] = h->tactics[i];
+    }
+    return static_cast<int>(h->tactics.size());
 }
 
 CMH_EXPORT long long cmh_workspace_size(void* handle)

@@ -6,12 +6,15 @@
 # 1. builds the plugin and the harness library with CMake for one architecture (sm_90 unless
 #    CUDA_ARCH says otherwise), unless CM_PLUGIN_LIB_DIR names a folder with both prebuilt libraries;
 # 2. runs the CPU unit tests (ctest) when GoogleTest was found;
-# 3. runs tests/gpu/plugin_harness.py: every case and dtype against the PyTorch reference, plus timings (--bench);
+# 3. runs tests/gpu/plugin_harness.py: every case and dtype against the PyTorch reference, plus timings of
+#    both implementations (--bench: the CUDA block kernel and the Triton kernels, the plugin's two
+#    tactics); then every case again with CM_DEPLOY_SCAN_IMPL=triton (--impl triton: the shapes no
+#    Triton kernel takes are listed n/a);
 # 4. runs plugin_harness.py --sanitize under compute-sanitizer memcheck, racecheck, synccheck and initcheck
 #    (the block kernel is warp-specialized: producers and consumers share shared memory through
-#    barriers), one run and one log per tool and block-kernel pass, in $OUT/sanitizer; then racecheck
-#    on racecheck_handoff (the kernel's hand-off alone, with and without a producer named barrier);
-#    step 3 also runs every harness case on the warp-tile kernel.
+#    barriers), one run and one log per tool and block-kernel pass, then per tool on the Triton kernels,
+#    in $OUT/sanitizer; then racecheck on racecheck_handoff (the kernel's hand-off alone, with and
+#    without a producer named barrier).
 #
 # TensorRT headers only are needed (no TensorRT library): TensorRT_ROOT/include/NvInfer.h. Without
 # network access, carry the folder that scripts/fetch_trt_headers.sh wrote here (e.g. .carry/trt).
@@ -107,15 +110,15 @@ else
   "${harness[@]}" "${bench_args[@]}" --out "$out/gpu_harness.json" 2>&1 | tee "$out/gpu_harness.log"
   rc=${PIPESTATUS[0]}
   if [[ $rc -eq 0 ]]; then note "gpu_harness: PASS ($(( $(date +%s) - th )) s)"; else note "FAIL: gpu_harness exit $rc"; status=1; fi
-  # the warp-tile kernel (CM_DEPLOY_SCAN_WARP_TILES=1, read once per process): the same cases and timings
-  note "gpu_harness, warp-tile kernel: correctness of every case and dtype, then timings"
+  # every case on the Triton kernels compiled ahead of time (the plugin's tactic 2)
+  note "gpu_harness, Triton kernels (CM_DEPLOY_SCAN_IMPL=triton): correctness of every case and dtype"
   th=$(date +%s)
-  CM_DEPLOY_SCAN_WARP_TILES=1 "${harness[@]}" --bench --out "$out/gpu_harness_warp.json" 2>&1 | tee "$out/gpu_harness_warp.log"
+  "${harness[@]}" --impl triton --out "$out/gpu_harness_triton.json" 2>&1 | tee "$out/gpu_harness_triton.log"
   rc=${PIPESTATUS[0]}
-  if [[ $rc -eq 0 ]]; then note "gpu_harness (warp tiles): PASS ($(( $(date +%s) - th )) s)"; else note "FAIL: gpu_harness (warp tiles) exit $rc"; status=1; fi
+  if [[ $rc -eq 0 ]]; then note "gpu_harness (Triton kernels): PASS ($(( $(date +%s) - th )) s)"; else note "FAIL: gpu_harness (Triton kernels) exit $rc"; status=1; fi
 fi
 
-# --- 4. compute-sanitizer: every tool on every pass of the block kernel the libraries launch ---------
+# --- 4. compute-sanitizer: every tool on every kernel the libraries launch ---------------------------
 #   fwd      coupledScanKernel<T, NPT, MT, false>: the scan (every --sanitize case; in tiny_segmented it
 #            also combines: each segment starts from the state carried through the summaries)
 #   summary  coupledScanKernel<T, NPT, MT, true>: the segment summaries of a segmented launch
@@ -133,11 +136,13 @@ else
   mkdir -p "$sdir"
   help=$("$san" --help 2>&1)
   note "$("$san" --version 2>&1 | grep -iE "version" | head -n 1)"
-  declare -A filter=([fwd]='regex=coupledScanKernelI.*Lb0EEEv' [summary]='regex=coupledScanKernelI.*Lb1EEEv')
-  passes=(fwd summary)
+  # triton: the Triton kernels compiled into the libraries (_fwd_kernel, _fwd_combine_kernel)
+  declare -A filter=([fwd]='regex=coupledScanKernelI.*Lb0EEEv' [summary]='regex=coupledScanKernelI.*Lb1EEEv'
+                     [triton]='kns=_fwd')
+  passes=(fwd summary triton)
   if ! grep -q "regex" <<< "$help"; then
     note "this compute-sanitizer has no regex kernel filter: both passes in one log per tool ('block')"
-    filter=([block]='kns=coupledScanKernelI'); passes=(block)
+    filter=([block]='kns=coupledScanKernelI' [triton]='kns=_fwd'); passes=(block triton)
   fi
   for tool in memcheck racecheck synccheck initcheck; do
     extra=()
@@ -148,11 +153,12 @@ else
     for pass in "${passes[@]}"; do
       ts=$(date +%s)
       log="$sdir/${tool}_${pass}.log"
-      CM_DEPLOY_SCAN_WARP_TILES=0 timeout "${SANITIZER_TIMEOUT:-100}" "$san" --tool "$tool" --kernel-name "${filter[$pass]}" \
+      impl=cuda; [[ $pass == triton ]] && impl=triton
+      CM_DEPLOY_SCAN_IMPL=$impl timeout "${SANITIZER_TIMEOUT:-100}" "$san" --tool "$tool" --kernel-name "${filter[$pass]}" \
         --print-limit "$limit" --error-exitcode 9 "${extra[@]}" "${harness[@]}" --sanitize > "$log" 2>&1
       rc=$?
       last=$(tail -n 1 "$log")
-      what="compute-sanitizer $tool, block kernel $pass"
+      what="compute-sanitizer $tool, $([[ $pass == triton ]] && echo "Triton kernels" || echo "block kernel $pass")"
       if [[ $rc -eq 0 && $last == *SUMMARY* ]]; then
         note "$what: PASS ${last} ($(( $(date +%s) - ts )) s)"
       elif [[ $rc -eq 124 ]]; then

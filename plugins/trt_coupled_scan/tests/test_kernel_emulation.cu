@@ -51,7 +51,6 @@ struct Case
     int32_t npt; // override, 0 = automatic
     int32_t tc;  // override, 0 = automatic
     int32_t segs{0}; // override of the L segments, 0 = automatic
-    int32_t warp{0}; // 1: the warp-tile kernel (geometry kind 1)
 };
 
 std::string describe(Case const& c)
@@ -59,7 +58,7 @@ std::string describe(Case const& c)
     std::ostringstream s;
     s << "batch=" << c.batch << " M=" << c.M << " L=" << c.L << " E=" << c.E << " N=" << c.N
       << " softplus=" << c.softplus << " kappa=" << c.kappa << " init=" << c.initial << " final=" << c.final
-      << " npt=" << c.npt << " tc=" << c.tc << " segs=" << c.segs << " warp=" << c.warp;
+      << " npt=" << c.npt << " tc=" << c.tc << " segs=" << c.segs;
     return s.str();
 }
 
@@ -226,11 +225,9 @@ Outcome runCase(Case const& c, uint32_t seed, DeviceLimits const& dev, Problem<T
     ov.npt = c.npt;
     ov.tc = c.tc;
     ov.segs = c.segs;
-    ov.warpTiles = c.warp;
     ScanGeometry g;
     std::string why;
     EXPECT_TRUE(chooseGeometry(c.batch, c.M, c.L, c.E, c.N, dev, ov, g, &why)) << why;
-    EXPECT_EQ(g.kind, c.warp) << describe(c); // every test shape has N <= 256: warp tiles fit
     std::vector<T> y(p.u.size());
     std::vector<float> fin(p.init.size(), -12345.f);
     ScanArgs a;
@@ -370,20 +367,12 @@ void runSweep()
         {
             run.L = std::min<int64_t>(c.L, 8); // kappa = 1 grows like M^t: past float16's range soon
         }
-        for (int32_t warp : {0, 1})
+        Outcome const o = runCase<T>(run, seed++, dev);
+        EXPECT_LE(o.yErr, tolerance<T>()) << describe(run) << " npt=" << o.g.npt << " lpc=" << o.g.lpc
+                                          << " tc=" << o.g.tc;
+        if (c.final)
         {
-            if (warp == 1 && (c.npt == 1 || c.npt == 2))
-            {
-                continue; // warp tiles hold 4 or 8 states a lane
-            }
-            run.warp = warp;
-            Outcome const o = runCase<T>(run, seed++, dev);
-            EXPECT_LE(o.yErr, tolerance<T>()) << describe(run) << " npt=" << o.g.npt << " lpc=" << o.g.lpc
-                                              << " tc=" << o.g.tc;
-            if (c.final)
-            {
-                EXPECT_LE(o.finErr, 2e-5) << describe(run); // state math is float32 whatever T
-            }
+            EXPECT_LE(o.finErr, 2e-5) << describe(run); // state math is float32 whatever T
         }
     }
 }
@@ -417,16 +406,16 @@ void runSegmented()
     {
         for (int32_t segs : {2, 3, 7})
         {
-            // {states a thread, kernel}: the block kernel at 0 (automatic), 1 and 8; warp tiles at 4
-            for (auto const& [npt, warp] : {std::pair{0, 0}, std::pair{1, 0}, std::pair{8, 0}, std::pair{4, 1}})
+            // states a thread: 0 (automatic), 1 and 8
+            for (int32_t npt : {0, 1, 8})
             {
-                if (npt > s.N && warp == 0)
+                if (npt > s.N)
                 {
                     continue;
                 }
                 ++i;
                 Case c{s.batch, s.M, s.L, s.E, s.N, i % 2, (i % 3 == 0) ? 1.f : 0.f, (i % 4) < 2, (i % 5) != 0, npt,
-                    (i % 2) ? 3 : 0, segs, warp};
+                    (i % 2) ? 3 : 0, segs};
                 if (!std::is_same<T, float>::value && c.kappa == 1.f)
                 {
                     c.L = std::min<int64_t>(c.L, 8);
@@ -458,38 +447,11 @@ TEST(KernelEmulation, SegmentedAutomaticLongSequence)
 {
     // batch 1 and a long L on a small device: the chooser splits L by itself.
     DeviceLimits const dev = smallDevice();
-    for (int32_t warp : {0, 1})
-    {
-        Case c{1, 3, 700, 8, 16, 1, 0.f, true, true, 0, 0, 0, warp};
-        Outcome const o = runCase<float>(c, 77, dev);
-        EXPECT_GT(o.g.segs, 1) << describe(c);
-        EXPECT_LE(o.yErr, tolerance<float>()) << describe(c);
-        EXPECT_LE(o.finErr, 2e-5) << describe(c);
-    }
-}
-
-TEST(KernelEmulation, WarpTilesPaperShape)
-{
-    // The warp-tile geometry at the paper's N = 64 (by default 4 states a lane, 16 lanes a channel,
-    // 2 channels a warp; with CM_DEPLOY_SCAN_NPT=8: 8, 8, 4) for every activation type, the chunk
-    // length the chooser picks and a short one.
-    DeviceLimits h100;
-    for (int32_t tc : {0, 5})
-    for (int32_t npt : {0, 8})
-    {
-        Case c{2, 3, 40, 12, 64, 1, 0.f, true, true, npt, tc, 0, 1};
-        Outcome const f = runCase<float>(c, 101, h100);
-        EXPECT_EQ(f.g.npt, npt == 0 ? 4 : 8);
-        EXPECT_EQ(f.g.lpc, npt == 0 ? 16 : 8);
-        EXPECT_EQ(f.g.ch, npt == 0 ? 2 : 4);
-        EXPECT_EQ(f.g.mt, 3);
-        EXPECT_LE(f.yErr, tolerance<float>()) << describe(c);
-        EXPECT_LE(f.finErr, 2e-5) << describe(c);
-        Outcome const h = runCase<__half>(c, 102, h100);
-        EXPECT_LE(h.yErr, tolerance<__half>()) << describe(c);
-        Outcome const b = runCase<__nv_bfloat16>(c, 103, h100);
-        EXPECT_LE(b.yErr, tolerance<__nv_bfloat16>()) << describe(c);
-    }
+    Case c{1, 3, 700, 8, 16, 1, 0.f, true, true, 0, 0, 0};
+    Outcome const o = runCase<float>(c, 77, dev);
+    EXPECT_GT(o.g.segs, 1) << describe(c);
+    EXPECT_LE(o.yErr, tolerance<float>()) << describe(c);
+    EXPECT_LE(o.finErr, 2e-5) << describe(c);
 }
 
 TEST(KernelEmulation, TargetGeometryOnH100Limits)

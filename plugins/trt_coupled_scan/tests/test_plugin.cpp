@@ -2,6 +2,7 @@
 #include "coupled_scan_plugin_impl.h"
 #include "logging.h"
 #include "scan_types.h"
+#include "triton_aot.h"
 #include "test_helpers.h"
 
 #include <gtest/gtest.h>
@@ -391,7 +392,7 @@ TEST_F(PluginTest, FieldsRoundTrip)
         ASSERT_NE(p, nullptr);
         PluginFieldCollection const* ser = runtime(p.get())->getFieldsToSerialize();
         ASSERT_NE(ser, nullptr);
-        ASSERT_EQ(ser->nbFields, 3);
+        ASSERT_EQ(ser->nbFields, 4);
         SerializedFields copy(ser);
         p.reset(); // an engine outlives the build-time plugin
         PluginPtr q(coupledScanCreator().createPlugin("layer0", copy.fc(), TensorRTPhase::kRUNTIME));
@@ -400,7 +401,8 @@ TEST_F(PluginTest, FieldsRoundTrip)
         EXPECT_EQ(build(q.get())->getNbOutputs(), 1 + want.hasFinalState);
         // And again from the deserialized plugin: the same bytes.
         PluginFieldCollection const* ser2 = runtime(q.get())->getFieldsToSerialize();
-        for (int32_t i = 0; i < 3; ++i)
+        ASSERT_EQ(ser2->nbFields, 4);
+        for (int32_t i = 0; i < 4; ++i)
         {
             EXPECT_STREQ(ser2->fields[i].name, copy.fc()->fields[i].name);
             EXPECT_EQ(ser2->fields[i].type, copy.fc()->fields[i].type);
@@ -416,6 +418,136 @@ TEST_F(PluginTest, SerializedTypes)
     EXPECT_EQ(ser->fields[0].type, PluginFieldType::kINT32);
     EXPECT_EQ(ser->fields[1].type, PluginFieldType::kFLOAT32);
     EXPECT_EQ(ser->fields[2].type, PluginFieldType::kINT32);
+    EXPECT_STREQ(ser->fields[3].name, "tactic");
+    EXPECT_EQ(ser->fields[3].type, PluginFieldType::kINT32);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Tactics: 1 the CUDA kernel, 2 the Triton kernels (the builder's pick is serialized)
+
+TEST_F(PluginTest, TacticRoundTrip)
+{
+    namespace scan = cm_deploy::scan;
+    std::vector<int32_t> tactics = {0, 1};
+    if (scan::kTritonAotSpecCount > 0)
+    {
+        tactics.push_back(2);
+    }
+    for (int32_t tactic : tactics)
+    {
+        auto p = make(1, 0.5f, 0);
+        ASSERT_EQ(runtime(p.get())->setTactic(tactic), 0) << finder.logger.all();
+        SerializedFields copy(runtime(p.get())->getFieldsToSerialize());
+        p.reset();
+        PluginPtr q(coupledScanCreator().createPlugin("layer0", copy.fc(), TensorRTPhase::kRUNTIME));
+        ASSERT_NE(q, nullptr) << finder.logger.all();
+        EXPECT_EQ(attrsOf(q.get()).tactic, tactic);
+        // TensorRT's setTactic(0) at run time (its default) keeps the serialized pick; a clone carries it
+        EXPECT_EQ(runtime(q.get())->setTactic(0), 0);
+        PluginPtr c(q->clone());
+        EXPECT_EQ(attrsOf(c.get()).tactic, tactic);
+    }
+    auto p = make(1, 0.5f, 0);
+    EXPECT_NE(runtime(p.get())->setTactic(3), 0);
+    EXPECT_NE(runtime(p.get())->setTactic(-1), 0);
+    EXPECT_NE(finder.logger.all().find("unknown tactic 3"), std::string::npos) << finder.logger.all();
+    EXPECT_EQ(attrsOf(p.get()).tactic, 0);
+}
+
+TEST_F(PluginTest, TacticFieldValidated)
+{
+    namespace scan = cm_deploy::scan;
+    auto runtimeFields = [](FieldSet& f) -> FieldSet& {
+        return f.i32("delta_softplus", 1).f32("coupling_scale", 0.5f).i32("has_final_state", 0);
+    };
+    // an engine serialized before tactics existed: the CUDA kernel its workspace was sized for
+    FieldSet old;
+    runtimeFields(old);
+    auto p = create(old, TensorRTPhase::kRUNTIME);
+    ASSERT_NE(p, nullptr) << finder.logger.all();
+    EXPECT_EQ(attrsOf(p.get()).tactic, 1);
+    struct Bad
+    {
+        std::function<void(FieldSet&)> fill;
+        TensorRTPhase phase;
+        char const* expect;
+    };
+    std::vector<Bad> const bad = {
+        {[&](FieldSet& f) { runtimeFields(f).i32("tactic", 3); }, TensorRTPhase::kRUNTIME, "field 'tactic' must be 0"},
+        {[&](FieldSet& f) { runtimeFields(f).i32("tactic", -1); }, TensorRTPhase::kRUNTIME, "field 'tactic' must be 0"},
+        {[&](FieldSet& f) { runtimeFields(f).f32("tactic", 1.f); }, TensorRTPhase::kRUNTIME, "must be an integer"},
+        {[&](FieldSet& f) { runtimeFields(f).i32("tactic", 1).i32("tactic", 1); }, TensorRTPhase::kRUNTIME,
+            "given twice"},
+        // not an ONNX attribute: the parser never passes it
+        {[&](FieldSet& f) { f.f32("coupling_scale", 0.5f).i32("tactic", 1); }, TensorRTPhase::kBUILD,
+            "unknown field 'tactic'"},
+    };
+    for (Bad const& b : bad)
+    {
+        FieldSet f;
+        b.fill(f);
+        EXPECT_EQ(create(f, b.phase), nullptr) << b.expect;
+        EXPECT_NE(finder.logger.all().find(b.expect), std::string::npos) << b.expect << "\n" << finder.logger.all();
+    }
+    // the Triton tactic needs a library with Triton kernels
+    FieldSet triton;
+    runtimeFields(triton).i64("tactic", 2);
+    auto t = create(triton, TensorRTPhase::kRUNTIME);
+    if (scan::kTritonAotSpecCount > 0)
+    {
+        ASSERT_NE(t, nullptr) << finder.logger.all();
+        EXPECT_EQ(attrsOf(t.get()).tactic, 2);
+    }
+    else
+    {
+        EXPECT_EQ(t, nullptr);
+        EXPECT_NE(finder.logger.all().find("has no Triton kernels"), std::string::npos) << finder.logger.all();
+    }
+}
+
+TEST_F(PluginTest, ValidTactics)
+{
+    auto p = make(1, 0.5f, 1);
+    auto* b = build(p.get());
+    // E = 10: no Triton kernel takes it (E % 16 != 0) on any device: the CUDA kernel alone
+    Shape s{2, 3, 11, 10, 16};
+    auto d = cmtest::dynDescs(s, DataType::kFLOAT, true, true, true);
+    ASSERT_EQ(b->configurePlugin(d.data(), 9, d.data() + 9, 2), 0) << finder.logger.all();
+    ASSERT_EQ(b->getNbTactics(), 1);
+    int32_t tactics[2] = {-7, -7};
+    ASSERT_EQ(b->getValidTactics(tactics, 1), 0);
+    EXPECT_EQ(tactics[0], 1);
+    EXPECT_NE(b->getValidTactics(tactics, 2), 0); // not the count it announced
+    EXPECT_NE(b->getValidTactics(nullptr, 1), 0);
+    EXPECT_EQ(b->getWorkspaceSize(d.data(), 9, d.data() + 9, 2), cm_deploy::scan::segmentWorkspaceBytes(10, 16));
+    // no pick from the builder and no Triton workspace reserved: the engine runs the CUDA kernel
+    auto const serialTactic = [&] {
+        PluginFieldCollection const* ser = runtime(p.get())->getFieldsToSerialize();
+        int32_t v = -1;
+        std::memcpy(&v, ser->fields[3].data, sizeof v);
+        return v;
+    };
+    EXPECT_EQ(serialTactic(), 1);
+    // the paper's shape: the Triton tactic too where a kernel is compiled and a device runs it
+    Shape paper{64, 3, 500, 256, 64}; // the Triton scratch (~38 MB) outgrows the CUDA kernel's segments here
+    auto dp = cmtest::dynDescs(paper, DataType::kBF16, true, true, true);
+    ASSERT_EQ(b->configurePlugin(dp.data(), 9, dp.data() + 9, 2), 0) << finder.logger.all();
+    int32_t const nb = b->getNbTactics();
+    ASSERT_TRUE(nb == 1 || nb == 2);
+    ASSERT_EQ(b->getValidTactics(tactics, nb), 0);
+    EXPECT_EQ(tactics[0], 1);
+    if (nb == 2)
+    {
+        EXPECT_EQ(tactics[1], 2);
+    }
+    // where this library has the Triton kernels (on some device) the workspace covers them and, without a
+    // pick from the builder, the engine chooses at run time
+    bool const compiled = cm_deploy::scan::tritonCompiled(cm_deploy::scan::ActType::kBFLOAT16, 3, 256, 64, true, 0.5f);
+    size_t const ws = b->getWorkspaceSize(dp.data(), 9, dp.data() + 9, 2);
+    EXPECT_EQ(ws > cm_deploy::scan::segmentWorkspaceBytes(256, 64), compiled);
+    EXPECT_EQ(serialTactic(), compiled ? 0 : 1);
+    ASSERT_EQ(runtime(p.get())->setTactic(1), 0); // the builder's pick wins
+    EXPECT_EQ(serialTactic(), 1);
 }
 
 TEST_F(PluginTest, CloneIsIndependent)
@@ -883,6 +1015,116 @@ TEST(Geometry, RandomShapesOnSeveralDevices)
         ASSERT_TRUE(chooseGeometry(batch, M, L, E, N, dev, {}, g, &why))
             << why << " batch " << batch << " M " << M << " L " << L << " E " << E << " N " << N;
         expectValid(g, batch, M, L, E, N, dev);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Triton kernels: which run where, the launch choice and its workspace (the planner itself is compared
+// with Python's _plan by tests/test_triton_aot.py)
+
+TEST(TritonAot, ArchCompatibility)
+{
+    using cm_deploy::scan::tritonArchRuns;
+    EXPECT_TRUE(tritonArchRuns(80, 8, 0));
+    EXPECT_TRUE(tritonArchRuns(80, 8, 6));
+    EXPECT_TRUE(tritonArchRuns(80, 8, 9));
+    EXPECT_FALSE(tritonArchRuns(80, 9, 0)); // cubins run within their major version only
+    EXPECT_FALSE(tritonArchRuns(86, 8, 0));
+    EXPECT_TRUE(tritonArchRuns(90, 9, 0)); // sm_90a: exactly that device
+    EXPECT_FALSE(tritonArchRuns(90, 10, 0));
+    EXPECT_FALSE(tritonArchRuns(90, 8, 9));
+}
+
+TEST(TritonAot, ChoiceRefusesWhatTheKernelsDoNotTake)
+{
+    namespace scan = cm_deploy::scan;
+    scan::TritonLaunch l;
+    std::string why;
+    auto bf16 = scan::ActType::kBFLOAT16;
+    EXPECT_FALSE(scan::chooseTritonLaunch(bf16, 4, 3, 100, 250, 64, true, 0.5f, false, 9, 0, 132, l, &why));
+    EXPECT_NE(why.find(scan::kTritonAotSpecCount > 0 ? "E % 16 == 0" : "no Triton kernels"), std::string::npos) << why;
+    EXPECT_FALSE(scan::chooseTritonLaunch(bf16, 4, 3, 100, 256, 64, true, 0.f, false, 9, 0, 132, l, &why));
+    EXPECT_FALSE(scan::chooseTritonLaunch(bf16, 70000, 3, 100, 256, 64, true, 0.5f, false, 9, 0, 132, l, &why));
+    EXPECT_FALSE(scan::chooseTritonLaunch(bf16, 4, 3, 0, 256, 64, true, 0.5f, false, 9, 0, 132, l, &why));
+    EXPECT_FALSE(scan::chooseTritonLaunch(bf16, 4, 3, 100, 256, 48, true, 0.5f, false, 9, 0, 132, l, &why));
+    EXPECT_FALSE(scan::chooseTritonLaunch(bf16, 4, 3, 100, 256, 64, true, 0.5f, false, 7, 5, 40, l, &why)); // sm_75
+}
+
+TEST(TritonAot, WorkspaceLayoutAndBound)
+{
+    namespace scan = cm_deploy::scan;
+    scan::TritonLaunch probe;
+    for (auto type : {scan::ActType::kFLOAT32, scan::ActType::kBFLOAT16})
+    {
+        if (!scan::chooseTritonLaunch(type, 1, 3, 1, 256, 64, true, 1.f / 3, false, 9, 0, 132, probe, nullptr))
+        {
+            GTEST_SKIP() << "no Triton kernel for M=3, N=64 on sm_90 in this build (" << scan::kTritonAotBuildInfo << ")";
+        }
+        int64_t const bMax = 70, lMax = 20000;
+        size_t const bound = scan::tritonWorkspaceBound(type, bMax, 3, lMax, 256, 64, true, 1.f / 3);
+        ASSERT_GT(bound, 0u);
+        // a profile past what the kernels take (batch > 65535, M * L * E > 2^31): the calls they do take
+        {
+            scan::TritonLaunch big;
+            ASSERT_TRUE(scan::chooseTritonLaunch(type, 65535, 3, 2000000, 256, 64, true, 1.f / 3, true, 9, 0, 132, big, nullptr));
+            EXPECT_LE(big.bytes, scan::tritonWorkspaceBound(type, 100000, 3, int64_t{1} << 40, 256, 64, true, 1.f / 3));
+        }
+        EXPECT_EQ(scan::tritonWorkspaceBound(type, bMax, 3, lMax, 250, 64, true, 1.f / 3), 0u); // E % 16 != 0
+        for (int64_t b : {1, 2, 3, 5, 8, 13, 64, 70})
+        {
+            for (int64_t L : {1, 7, 33, 63, 64, 65, 127, 500, 4096, 16384, 20000})
+            {
+                for (int32_t sms : {1, 78, 108, 132, 144, 400})
+                {
+                    for (bool init : {false, true})
+                    {
+                        scan::TritonLaunch l;
+                        std::string why;
+                        ASSERT_TRUE(scan::chooseTritonLaunch(type, b, 3, L, 256, 64, true, 1.f / 3, init, 9, 0, sms, l, &why))
+                            << why;
+                        // the bound TensorRT reserves holds every call of the profile on any device
+                        EXPECT_LE(l.bytes, bound) << "batch " << b << " L " << L << " sms " << sms;
+                        EXPECT_LE(l.bytes, scan::tritonWorkspaceBound(type, b, 3, L, 256, 64, true, 1.f / 3))
+                            << "batch " << b << " L " << L << " sms " << sms;
+                        EXPECT_GE(l.T, l.plan.chunkT);
+                        EXPECT_EQ(l.plan.nSeg > 1, l.summary >= 0 && l.combine >= 0);
+                        // regions: 256-byte aligned, inside the workspace, pairwise disjoint
+                        size_t const f = sizeof(float);
+                        size_t const states = static_cast<size_t>(b) * 256 * 64 * f;
+                        std::vector<std::pair<size_t, size_t>> regions = {
+                            {l.scratch, static_cast<size_t>(l.eBlocks) * b * l.plan.nSeg * (2 + l.yParts) * 3 * l.T
+                                    * l.plan.blockE * f},
+                            {l.final, states}};
+                        if (l.plan.nSeg == 1)
+                        {
+                            regions.push_back({l.c0, states});
+                        }
+                        else
+                        {
+                            for (size_t off : {l.P, l.S, l.c0})
+                            {
+                                regions.push_back({off, states * l.plan.nSeg});
+                            }
+                            if (init)
+                            {
+                                regions.push_back({l.initT, states});
+                            }
+                        }
+                        for (size_t i = 0; i < regions.size(); ++i)
+                        {
+                            EXPECT_EQ(regions[i].first % 256, 0u);
+                            EXPECT_LE(regions[i].first + regions[i].second, l.bytes);
+                            for (size_t j = 0; j < i; ++j)
+                            {
+                                bool const apart = regions[i].first + regions[i].second <= regions[j].first
+                                    || regions[j].first + regions[j].second <= regions[i].first;
+                                EXPECT_TRUE(apart) << "regions " << i << " and " << j;
+                            }
+                        }
+                    }
+                }
+            }
+        }
     }
 }
 
