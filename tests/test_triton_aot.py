@@ -36,8 +36,10 @@ def test_generator_lists_the_default_set():
                        env=_env(), timeout=300)
     assert r.returncode == 0, r.stderr
     names = r.stdout.split()
-    # 3 types x M 1..4 x N {16, 32, 64, 128} x softplus {0, 1} x {scan, summary}, and the combine kernel twice
-    assert len(names) == 3 * 4 * 4 * 2 * 2 + 2 and len(set(names)) == len(names)
+    # 3 types x M 1..4 x N {16, 32, 64, 128} x softplus {0, 1} x {scan, summary}, and the combine kernel
+    # with and without an initial state for 1, 2, 4 .. 512 segment summaries
+    assert len(names) == 3 * 4 * 4 * 2 * 2 + 2 * 10 and len(set(names)) == len(names)
+    assert "combine_c01_s8" in names
     assert "fwd_bf16_m3_n64_e4_t64_w1_yp1_sp1" in names   # the paper's shape as _plan launches it
     assert "fwd_f32_m3_n64_e2_t64_w1_yp1_sp1" in names
 
@@ -58,7 +60,7 @@ def test_generator_compiles_embeddable_kernels(tmp_path):
                        capture_output=True, text=True, env=_env(), timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     man = json.loads((out / "manifest.json").read_text())
-    assert man["archs"] == [80, 90] and len(man["kernels"]) == 4 + 2
+    assert man["archs"] == [80, 90] and len(man["kernels"]) == 4 + 2 * 10   # combine: 1 .. 512 summaries, c0 or not
     specs = (out / "triton_aot_specs.cpp").read_text()
     blobs = (out / "triton_aot_blobs.cpp").read_text()
     for i, k in enumerate(man["kernels"]):
@@ -68,7 +70,7 @@ def test_generator_compiles_embeddable_kernels(tmp_path):
         assert k["extra_ptrs"] in (0, 1, 2) and k["shared"] < 48 * 1024  # Triton's appended null scratch pointers
         assert f"// {k['name']}" in specs and f'.incbin \\"{Path(k["fatbin"]).resolve()}\\"' in blobs
         assert f"cm_triton_aot_{i}_end" in blobs
-    assert "extern int32_t const kTritonAotSpecCount = 6;" in specs
+    assert "extern int32_t const kTritonAotSpecCount = 24;" in specs
     # the scan kernel row: f16 (ActType 1), M 1, N 16, _plan's tile (16-bit, N 16: 16 channels), 64 steps
     assert "{0, 1, 1, 16, 16, 16, 64, 1, 1, 1, 1, 1, 1," in specs
     # a second run with nothing changed rewrites nothing (no rebuild of the libraries)

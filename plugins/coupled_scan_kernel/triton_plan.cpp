@@ -70,7 +70,17 @@ int32_t findSpec(TritonKernelKind kind, ActType act, int32_t M, int32_t N, Trito
         }
         if (kind == TritonKernelKind::kCombine)
         {
-            return i;
+            // one combine kernel per power of two of segment summaries (NSEG, carried in T)
+            int32_t nseg = 1;
+            while (nseg < p.nSeg - 1)
+            {
+                nseg *= 2;
+            }
+            if (s.T == nseg)
+            {
+                return i;
+            }
+            continue;
         }
         if (s.act != static_cast<int32_t>(act) || s.M != M || s.N != N || s.softplus != static_cast<int32_t>(softplus)
             || s.blockE != p.blockE || s.blockN != p.blockN || s.numWarps != p.numWarps

@@ -48,7 +48,12 @@ FWD_PARAMS = ("u_ptr dl_ptr A_ptr B_ptr C_ptr D_ptr z_ptr bias_ptr W_ptr y_ptr c
               "L E N seg_len n_seg chunk n_ck kappa log2_kappa "
               "su0 su1 su2 sd0 sd1 sd2 sz0 sz1 sz2 sb0 sb1 sb2 sc0 sc1 sc2 sy0 sy1 sy2").split()
 COMBINE_PARAMS = "P_ptr S_ptr c0_ptr start_ptr EN n_seg".split()
-COMBINE_BLOCK, COMBINE_WARPS = 1024, 4   # as _forward launches it
+COMBINE_WARPS = 4                        # as _forward launches it
+COMBINE_NSEG = [1 << k for k in range(10)]   # summaries a combine takes: 1 .. 512 (more: the CUDA kernel)
+
+
+def combine_block(nseg):
+    return max(16, min(1024, 4096 // nseg))  # as _forward
 # Divisible by 16 at every call the launcher makes (it checks E % 16 == 0, N is a multiple of 16 and
 # every pointer 16-byte aligned before choosing a Triton kernel): the same hints Triton's JIT derives
 # from such arguments, so loads vectorise as in Python.
@@ -71,11 +76,13 @@ class Spec:
     fast_exp: bool = True
     pf_bc: bool = True
     maxnreg: int = 0
+    cvt_asm: bool = True   # bfloat16 B/C widened by inline PTX (_plan's choice on a GPU)
+    unroll: int = 1        # the step loop's compiler unroll
 
     @property
     def name(self):
         if self.kind == "combine":
-            return f"combine_c0{int(self.has_c0)}"
+            return f"combine_c0{int(self.has_c0)}_s{self.T}"
         return (f"{self.kind}_{self.act}_m{self.M}_n{self.N}_e{self.block_e}_t{self.T}_w{self.num_warps}"
                 f"_yp{self.yp}_sp{int(self.softplus)}")
 
@@ -110,11 +117,15 @@ def specs(dtypes, modalities, states):
                 p = gpu_plan(M, N, elem)
                 base = dict(act=act, M=M, N=N, block_e=p.block_e, block_n=p.block_n, T=p.chunk_t,
                             num_warps=p.num_warps, yp=min(p.y_parts, p.block_n), fast_exp=bool(p.fast_exp),
-                            pf_bc=bool(p.pf_bc), maxnreg=int(p.maxnreg or 0))
+                            pf_bc=bool(p.pf_bc), maxnreg=int(p.maxnreg or 0), cvt_asm=bool(p.cvt_asm),
+                            unroll=int(p.unroll))
                 for sp in (False, True):
                     out.append(Spec("fwd", softplus=sp, has_c0=True, **base))
                     out.append(Spec("summary", softplus=sp, has_c0=False, **base))
-    out += [Spec("combine", "f32", has_c0=c0, block_e=COMBINE_BLOCK, num_warps=COMBINE_WARPS) for c0 in (False, True)]
+    # the combine kernel scans all segment summaries at once: one kernel per power of two of them
+    # (NSEG, carried in T), BLOCK as _forward picks it for that NSEG
+    out += [Spec("combine", "f32", has_c0=c0, T=nseg, block_e=combine_block(nseg), num_warps=COMBINE_WARPS)
+            for c0 in (False, True) for nseg in COMBINE_NSEG]
     return out
 
 
@@ -125,7 +136,7 @@ def _ast_source(spec: Spec):
     if spec.kind == "combine":
         fn = ts._fwd_combine_kernel
         runtime = COMBINE_PARAMS
-        meta = dict(HAS_C0=spec.has_c0, BLOCK=spec.block_e)
+        meta = dict(HAS_C0=spec.has_c0, BLOCK=spec.block_e, NSEG=spec.T)
         ptr_types = {}
     else:
         fn = ts._fwd_kernel
@@ -134,7 +145,7 @@ def _ast_source(spec: Spec):
         meta = dict(M=spec.M, BLOCK_E=spec.block_e, BLOCK_N=spec.block_n, T=spec.T, SOFTPLUS=spec.softplus,
                     HAS_D=not summary, HAS_Z=not summary, HAS_BIAS=True, HAS_C0=spec.has_c0, SAVE_CKPT=False,
                     SUMMARY=summary, FAST_EXP=spec.fast_exp, PF_BC=spec.pf_bc, FOLD=True, YP=spec.yp,
-                    N_C=spec.N, DT_RANK=0)
+                    N_C=spec.N, DT_RANK=0, CVT_ASM=spec.cvt_asm and spec.fast_exp, UNROLL=spec.unroll)
         ptr_types = {n: ty for n in ("u_ptr", "dl_ptr", "B_ptr", "C_ptr", "z_ptr", "y_ptr")}
     names = list(fn.arg_names)
     got = [n for n in names if n not in meta]
