@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..contract import DOMAIN, OP_TYPE, precision_of
+from ..contract import BF16_RUNS_ON, DOMAIN, OP_TYPE, precision_of
 from ..errors import UserError
 from .backend import Backend
 from .native import LIBRARIES, find_library
@@ -114,6 +114,9 @@ class OrtBackend(Backend):
             self.session = ort.InferenceSession(str(self.path), sess_options=opts, providers=providers)
         except Exception as e:
             msg = _one_line(e)
+            if not any((p[0] if isinstance(p, tuple) else p) == "CUDAExecutionProvider" for p in providers) \
+                    and _is_bfloat16(self.path, self.manifest):
+                raise UserError(f"{self.path}: ONNX Runtime's CPU provider cannot run it: {BF16_RUNS_ON}") from None
             if (OP_TYPE in msg or DOMAIN in msg) and self.ort_ops is None:
                 hint = ""
                 role = (self.manifest or {}).get("_role", "tensorrt")
@@ -252,6 +255,18 @@ class OrtBackend(Backend):
     def close(self):
         self._graph_buffers.clear()
         self.session = None
+
+
+def _is_bfloat16(path, manifest) -> bool:
+    """Whether an ONNX file is a bfloat16 graph: its manifest says so, or (without one) its first
+    float input is bfloat16 (read with the onnx package when it is installed)."""
+    if manifest and manifest.get("dtype"):
+        return manifest["dtype"] == "bfloat16"
+    try:
+        from .describe import describe_onnx
+        return describe_onnx(path).get("precision") == "bfloat16"
+    except (ImportError, UserError):
+        return False
 
 
 def op_library_providers(path) -> list[str] | None:
