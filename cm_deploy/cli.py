@@ -222,6 +222,12 @@ def export(checkpoint, output, dtype, opset, batch, lengths, streaming, quiet):
     for role, name in files.items():
         click.echo(f"  {role:15s} {out / name}")
     click.echo(f"  {'manifest':15s} {out / 'manifest.json'}")
+    replaced = (manifest or {}).get("_replaced") or {}
+    for name in replaced.get("removed", []):
+        click.echo(f"  {'removed':15s} {out / name} (the previous export's; this one does not write it)")
+    for e in replaced.get("stale_engines", []):
+        click.echo(f"note: {out / e['engine']} was built from the previous {e['onnx']}: rebuild it with "
+                   f"cm-deploy build {out / e['onnx']} -o {out / e['engine']}")
     if dtype == "bfloat16":
         click.echo(f"note: {BF16_RUNS_ON}")
 

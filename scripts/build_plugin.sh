@@ -11,8 +11,9 @@
 # ONNX Runtime headers: ONNXRUNTIME_ROOT (env) when set, else fetched into BUILD_DIR/ort by
 # scripts/fetch_ort_headers.sh (a pinned Debian package, unpacked, never installed).
 # CM_DEPLOY_CPU_ONLY=1: only the ONNX Runtime library with its CPU kernel (no CUDA, no TensorRT; seconds).
-# The unit tests need no GPU. Output: BUILD_DIR/plugins/trt_coupled_scan/libcoupled_scan_plugin.so and
-# BUILD_DIR/plugins/ort_coupled_scan/libcoupled_scan_ort.so.
+# The unit tests need no GPU. Then `cmake --install` puts what was built in ONE place whatever BUILD_DIR:
+# cm_deploy/lib/libcoupled_scan_plugin.so, cm_deploy/lib/libcoupled_scan_ort.so (where the runtime looks
+# first) and cm_deploy/bin/cm_infer_ort, cm_deploy/bin/cm_infer_trt (the C++ examples).
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -56,4 +57,8 @@ echo "== build (-j $jobs)"
 cmake --build "$build" -j "$jobs"
 echo "== test"
 (cd "$build" && ctest --output-on-failure -j "$jobs")
-echo "== done in $(( $(date +%s) - start )) s: $build/plugins/trt_coupled_scan/libcoupled_scan_plugin.so, $build/plugins/ort_coupled_scan/libcoupled_scan_ort.so"
+echo "== install (cm_deploy/lib, cm_deploy/bin)"
+cmake --install "$build" --prefix "$repo/cm_deploy"
+# what this build installed (cmake --install lists it; a CPU-only build has no plugin, no cm_infer_trt)
+installed=$(sed "s|^$repo/||" "$build/install_manifest.txt" | tr '\n' ' ')
+echo "== done in $(( $(date +%s) - start )) s: installed ${installed:-nothing}"

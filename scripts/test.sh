@@ -5,7 +5,8 @@
 #  2. the native libraries (TensorRT plugin, ONNX Runtime op library; one kernel source) built from
 #     TensorRT's and ONNX Runtime's public headers (fetched: a pip wheel and a Debian package, unpacked
 #     into build/, never installed), and their C++ tests (CTest); GoogleTest from apt (libgtest-dev)
-#     when missing, as root or with passwordless sudo;
+#     when missing, as root or with passwordless sudo; installed into cm_deploy/lib and cm_deploy/bin,
+#     where the docs name them (tests/test_docs.py checks every such path, here without skipping);
 #  3. the Python tests: Triton kernels under TRITON_INTERPRET=1, export, runtime, CLI, model.onnx in
 #     ONNX Runtime with the op library, and the ONNX -> plugin -> engine build with TensorRT-RTX.
 # A part whose tool is missing (nvcc, TensorRT-RTX) is skipped with the reason, never passed silently.
@@ -21,14 +22,14 @@ if command -v nvcc >/dev/null 2>&1 || [[ -x /usr/local/cuda/bin/nvcc ]]; then
     else sudo -n apt-get install -y -q libgtest-dev >/dev/null; fi
   fi
   bash scripts/build_plugin.sh build/ci          # one architecture (80) unless CUDA_ARCHITECTURES says otherwise
-  export CM_DEPLOY_PLUGIN=$PWD/build/ci/plugins/trt_coupled_scan/libcoupled_scan_plugin.so
-  export CM_DEPLOY_ORT_OP_LIBRARY=$PWD/build/ci/plugins/ort_coupled_scan/libcoupled_scan_ort.so
-  export CM_DEPLOY_CPP_EXAMPLE=$PWD/build/ci/examples/cpp/cm_infer_ort
+  export CM_DEPLOY_PLUGIN=$PWD/cm_deploy/lib/libcoupled_scan_plugin.so
 else
   # no CUDA toolkit: the ONNX Runtime library's CPU kernel still builds (no TensorRT plugin, no GPU code)
   echo "SKIPPED: TensorRT plugin build and its C++ tests: nvcc (the CUDA toolkit) is not installed" >&2
   CM_DEPLOY_CPU_ONLY=1 bash scripts/build_plugin.sh build/ci-cpu
-  export CM_DEPLOY_ORT_OP_LIBRARY=$PWD/build/ci-cpu/plugins/ort_coupled_scan/libcoupled_scan_ort.so
-  export CM_DEPLOY_CPP_EXAMPLE=$PWD/build/ci-cpu/examples/cpp/cm_infer_ort
 fi
+# the tests use what the build installed, where the docs name it
+export CM_DEPLOY_ORT_OP_LIBRARY=$PWD/cm_deploy/lib/libcoupled_scan_ort.so
+export CM_DEPLOY_CPP_EXAMPLE=$PWD/cm_deploy/bin/cm_infer_ort
+export CM_DEPLOY_TEST_SH=1
 python -m pytest -q -ra tests
