@@ -72,6 +72,7 @@ FILES = {"tensorrt": "model.onnx", "portable": "model.portable.onnx"}
 STREAM_FILES = {"stream_tensorrt": "model.stream.onnx", "stream_portable": "model.stream.portable.onnx"}
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "cm-deploy-manifest/1"
+SIDECAR_FORMAT = "cm-deploy-engine/1"    # <engine>.json, written by `cm-deploy build` beside an engine
 OUTPUT_NAME = "output"
 LENGTHS_SUFFIX = "_lengths"          # <modality>_lengths: int64 (batch,) valid steps per sample
 STATE_PREFIX, NEXT_STATE_PREFIX = "state.", "next_state."

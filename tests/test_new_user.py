@@ -150,6 +150,8 @@ def test_bfloat16_export_says_what_runs_it(capsys, art, tmp_path, npz):
     rc, _, err = cli(capsys, "parity", art["a"], out / "model.portable.onnx", "--device", "cpu")
     assert rc == 2
     assert_one_line_error(err, BF16_RUNS_ON)
+    rc, stdout, _ = cli(capsys, "inspect", out / "model.onnx")
+    assert rc == 0 and BF16_RUNS_ON in stdout
     # without the manifest, the graph's own input types tell (the onnx package reads them)
     (out / "manifest.json").unlink()
     rc, _, err = cli(capsys, "run", out / "model.portable.onnx", "--inputs", x, "--device", "cpu")

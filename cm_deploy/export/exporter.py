@@ -29,10 +29,9 @@ from .. import __version__
 from ..checkpoint import load_checkpoint
 from ..contract import (BATCH_DIM, CHUNK_DIM, DOMAIN, DOMAIN_VERSION, FILES, MANIFEST_FORMAT, MANIFEST_NAME,
                         MAX_MODALITIES, MAX_STATES, NEXT_STATE_PREFIX, OP_TYPE, OUTPUT_NAME, PLUGIN_VERSION,
-                        STATE_PREFIX, STREAM_FILES, input_names, length_dim)
+                        SIDECAR_FORMAT, STATE_PREFIX, STREAM_FILES, input_names, length_dim)
 from ..errors import UserError
 from ..progress import silent
-from ..runtime.trt import SIDECAR_FORMAT
 from .portable import make_portable
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -417,9 +416,9 @@ def export_checkpoint(ckpt_path, out_dir, *, dtype="float32", opset=None, batch=
     Writes DIR/model.onnx, DIR/model.portable.onnx and DIR/manifest.json; all or nothing. Bad
     input (checkpoint, options, output folder) raises cm_deploy.errors.UserError. Into a folder that
     holds another export: the files its manifest lists and this export does not write (e.g. the
-    streaming graphs) are removed; nothing the manifest does not list is touched. The returned
-    manifest's "_replaced" names them ("removed") and the engines built from the previous files
-    ("stale_engines", left in place).
+    streaming graphs) are removed; nothing the manifest does not list is touched. Then the returned
+    manifest has a key "_replaced" (not in the written file) that names them ("removed") and the
+    engines built from the previous files ("stale_engines", left in place).
     """
     ckpt_path = Path(ckpt_path)
     out_dir = Path(out_dir)
@@ -455,5 +454,7 @@ def export_checkpoint(ckpt_path, out_dir, *, dtype="float32", opset=None, batch=
     except BaseException:
         staging.abort()
         raise
-    # runtime-only keys (as manifest_for's _path, _role): not in the written manifest
-    return dict(manifest, _replaced=_replace_previous(out_dir, owned, {*graphs, MANIFEST_NAME}))
+    replaced = _replace_previous(out_dir, owned, {*graphs, MANIFEST_NAME})
+    if replaced["removed"] or replaced["stale_engines"]:   # a runtime-only key (as manifest_for's _role)
+        return dict(manifest, _replaced=replaced)
+    return manifest

@@ -21,10 +21,9 @@ import threading
 from pathlib import Path
 
 from ..errors import UserError
-from ..contract import OP_TYPE as PLUGIN_NAME, PLUGIN_NAMESPACE, PLUGIN_VERSION
+from ..contract import OP_TYPE as PLUGIN_NAME, PLUGIN_NAMESPACE, PLUGIN_VERSION, SIDECAR_FORMAT
 from .native import LIBRARIES, find_library
 
-SIDECAR_FORMAT = "cm-deploy-engine/1"
 PLUGIN_ENV = LIBRARIES["trt"].env
 MODULE_ENV = "CM_DEPLOY_TRT_MODULE"
 
