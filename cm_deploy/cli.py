@@ -14,10 +14,12 @@ imports no torch: only `export` and checkpoint models load it.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import click
@@ -27,6 +29,7 @@ from . import __version__
 from .errors import CheckFailed, UserError
 
 DEBUG_ENV = "CM_DEPLOY_DEBUG"
+PRECISION_CHOICES = ["float32", "float16", "bfloat16", "fp32", "fp16", "bf16"]
 
 
 def _die_line(msg: str) -> str:
@@ -36,7 +39,8 @@ def _die_line(msg: str) -> str:
 
 # ---------------------------------------------------------------------------- shared options
 
-def _model_options(f):
+def _trt_options(f):
+    """--plugin, --device, --trt-module: where a model runs (build takes these only)."""
     f = click.option("--plugin", type=click.Path(dir_okay=False), default=None,
                      help="CoupledScan plugin library (default: $CM_DEPLOY_PLUGIN, the path recorded at build, "
                           "build/ folders).")(f)
@@ -45,6 +49,12 @@ def _model_options(f):
     f = click.option("--trt-module", default=None, metavar="NAME",
                      help="TensorRT Python module: tensorrt (default, or $CM_DEPLOY_TRT_MODULE), tensorrt_rtx, "
                           "tensorrt_rtx_bindings.")(f)
+    return f
+
+
+def _model_options(f):
+    """_trt_options plus the options of commands that run a model (run, parity, profile)."""
+    f = _trt_options(f)
     # kept in the click context for _open, so that every command takes them without naming them
     f = click.option("--ort-ops", type=click.Path(dir_okay=False), default=None, expose_value=False,
                      callback=_remember, help="CoupledScan ONNX Runtime op library, registered for any ONNX file "
@@ -155,7 +165,8 @@ def cli():
     """Coupled Mamba (NeurIPS 2024) from PyTorch to TensorRT: export, build, run, check, profile.
 
     MODEL is a TensorRT engine (.engine/.plan/.trt), an ONNX file (.onnx, run by ONNX Runtime) or a
-    checkpoint (.pt, run by PyTorch). Exit status: 0 ok, 1 a check failed, 2 bad input or usage.
+    checkpoint (.pt, run by PyTorch). Exit status: 0 ok, 1 a check failed, 2 bad input or usage,
+    3 an internal error (a bug: CM_DEPLOY_DEBUG=1 prints its traceback).
     """
 
 
@@ -165,7 +176,7 @@ def cli():
 @click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
 @click.option("-o", "--output", type=click.Path(file_okay=False), default=None,
               help="Output folder (default: <checkpoint stem>_export beside the checkpoint).")
-@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True,
+@click.option("--dtype", type=click.Choice(PRECISION_CHOICES), default="float32", show_default=True,
               help="Precision of the exported graphs (a TensorRT engine built from them keeps it).")
 @click.option("--opset", type=int, default=None, help="ONNX opset (default: the exporter's).")
 @click.option("--batch", type=click.IntRange(min=1), default=None, help="Fix the batch size (default: dynamic).")
@@ -217,7 +228,9 @@ def export(checkpoint, output, dtype, opset, batch, lengths, streaming, quiet, a
             config, _, _ = read_checkpoint(ckpt)
             every = fixed.pop("*")
             fixed = {**{m: every for m in config.modalities}, **fixed}
+    from .contract import BF16_RUNS_ON, normalize_precision
     from .progress import Progress
+    dtype = normalize_precision(dtype)
     if arch == "coupled-mamba-official":     # docs/bring_your_own_model.md
         from .export.modules import export_official
         manifest = export_official(ckpt, out, norm_eps=1e-5 if norm_eps is None else norm_eps, dtype=dtype,
@@ -230,6 +243,14 @@ def export(checkpoint, output, dtype, opset, batch, lengths, streaming, quiet, a
     for role, name in files.items():
         click.echo(f"  {role:15s} {out / name}")
     click.echo(f"  {'manifest':15s} {out / 'manifest.json'}")
+    replaced = (manifest or {}).get("_replaced") or {}
+    for name in replaced.get("removed", []):
+        click.echo(f"  {'removed':15s} {out / name} (the previous export's; this one does not write it)")
+    for e in replaced.get("stale_engines", []):
+        click.echo(f"note: {out / e['engine']} was built from the previous {e['onnx']}: rebuild it with "
+                   f"cm-deploy build {out / e['onnx']} -o {out / e['engine']}")
+    if dtype == "bfloat16":
+        click.echo(f"note: {BF16_RUNS_ON}")
 
 
 # ---------------------------------------------------------------------------- build
@@ -238,7 +259,7 @@ def export(checkpoint, output, dtype, opset, batch, lengths, streaming, quiet, a
 @click.argument("onnx", type=click.Path(exists=True))
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
               help="Engine file (default: <onnx stem>.engine beside it); <engine>.json describes it.")
-@click.option("--precision", type=click.Choice(["float32", "float16", "bfloat16", "fp32", "fp16", "bf16"]),
+@click.option("--precision", type=click.Choice(PRECISION_CHOICES),
               default=None, help="Default: the ONNX file's (strongly typed network). Another precision needs "
                                  "TensorRT 10's FP16/BF16 builder flags (weak typing).")
 @click.option("--batch", default=None, metavar="MIN:OPT:MAX",
@@ -253,7 +274,7 @@ def export(checkpoint, output, dtype, opset, batch, lengths, streaming, quiet, a
 @click.option("--opt-level", type=click.IntRange(0, 5), default=None, help="Builder optimisation level.")
 @click.option("--quiet", is_flag=True, help="No build progress.")
 @click.option("--verbose", is_flag=True, help="TensorRT's verbose log.")
-@_model_options
+@_trt_options
 def build(onnx, output, precision, batch, lengths, timing_cache, workspace, tf32, opt_level, quiet, verbose,
           plugin, device, trt_module):
     """Build a TensorRT engine from ONNX (a file, or an export folder) with the CoupledScan plugin."""
@@ -339,9 +360,12 @@ def parity(checkpoint, model, inputs_path, batch, lengths, atol, rtol, seed, dty
     """Compare MODEL with CHECKPOINT's PyTorch reference (float32, reference scan). Exit 1 when any
     output is out of tolerance."""
     from .runtime.parity import default_shapes, format_report, run_parity
+    from .contract import STATE_PREFIX
     from .runtime.torch_backend import TorchBackend
+    # a streaming graph (state.* inputs) is compared with the checkpoint's streaming step
     with _open(model, plugin, device, trt_module, dtype) as m, \
-            TorchBackend(checkpoint, device=ref_device, dtype="float32", scan_impl="reference") as ref:
+            TorchBackend(checkpoint, device=ref_device, dtype="float32", scan_impl="reference",
+                         streaming=any(s.name.startswith(STATE_PREFIX) for s in m.inputs)) as ref:
         if inputs_path:
             cases = [(Path(inputs_path).name, _read_npz(inputs_path, m.inputs))]
         else:
@@ -432,8 +456,7 @@ def profile(models, batch, lengths, warmup, iters, timer, cuda_graph, dtype, plo
 @cli.command()
 @click.argument("model", type=click.Path(exists=True, dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
-@_model_options
-def inspect(model, as_json, plugin, device, trt_module):
+def inspect(model, as_json):
     """Describe MODEL without running it: inputs, outputs, precision; ONNX: opsets, CoupledScan
     nodes and their attributes, what runs it; engines: the build's profile (from the sidecar)."""
     from .runtime.describe import describe_file
@@ -531,7 +554,8 @@ def main(argv=None) -> int:
     try:
         if not args:
             args = ["--help"]
-        rv = cli.main(args=args, prog_name=prog, standalone_mode=False)
+        with _notes(prog):
+            rv = cli.main(args=args, prog_name=prog, standalone_mode=False)
         return _exit(rv if isinstance(rv, int) else 0)
     except click.exceptions.Exit as e:
         return _exit(e.exit_code)
@@ -570,6 +594,23 @@ def main(argv=None) -> int:
         click.echo(f"{prog}: internal error (a bug in cm-deploy; please report it with the traceback that "
                    f"{DEBUG_ENV}=1 prints): {type(e).__name__}: {_die_line(e)}", err=True)
         return _exit(3)
+
+
+@contextlib.contextmanager
+def _notes(prog):
+    """The runtime's InputCastWarning (inputs cast to the graph's types) as one stderr line each time."""
+    from .errors import InputCastWarning
+    shown = warnings.showwarning
+
+    def show(message, category, *args, **kw):
+        if issubclass(category, InputCastWarning):
+            click.echo(f"{prog}: note: {_die_line(message)}", err=True)
+        else:
+            shown(message, category, *args, **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", InputCastWarning)
+        warnings.showwarning = show
+        yield
 
 
 def _exit(code) -> int:

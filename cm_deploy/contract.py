@@ -43,6 +43,14 @@ PRECISION_ALIASES = {"fp32": "float32", "f32": "float32", "float": "float32", "f
 FLOAT32_PARAMS = ("A_log", ".D", ".dt_bias")
 
 
+# What runs a bfloat16 graph (said at export, and instead of ONNX Runtime's "Could not find an
+# implementation for Where(16)" when a CPU session cannot load one): ORT's CPU provider has no
+# bfloat16 kernels for the graph's MatMul/Where/Conv.
+BF16_RUNS_ON = ("a bfloat16 graph runs on TensorRT (cm-deploy build, then run the engine) or on ONNX Runtime's "
+                "CUDA provider (onnxruntime-gpu), not on ONNX Runtime's CPU provider; for the CPU, export "
+                "float32 or float16, or run the checkpoint with --dtype bfloat16")
+
+
 def normalize_precision(p: str | None) -> str | None:
     """'fp16' -> 'float16' etc.; None stays None; UserError for anything else."""
     if p is None:
@@ -64,6 +72,7 @@ FILES = {"tensorrt": "model.onnx", "portable": "model.portable.onnx"}
 STREAM_FILES = {"stream_tensorrt": "model.stream.onnx", "stream_portable": "model.stream.portable.onnx"}
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "cm-deploy-manifest/1"
+SIDECAR_FORMAT = "cm-deploy-engine/1"    # <engine>.json, written by `cm-deploy build` beside an engine
 OUTPUT_NAME = "output"
 LENGTHS_SUFFIX = "_lengths"          # <modality>_lengths: int64 (batch,) valid steps per sample
 STATE_PREFIX, NEXT_STATE_PREFIX = "state.", "next_state."

@@ -11,3 +11,8 @@ class UserError(CmDeployError, ValueError):
 
 class CheckFailed(CmDeployError):
     """A check ran and failed (parity out of tolerance). Exit status 1."""
+
+
+class InputCastWarning(UserWarning):
+    """Inputs were cast to the graph's types without changing their values beyond the target's
+    rounding (float64 -> float32, int32 -> int64 lengths). The CLI prints it as one stderr line."""

@@ -379,7 +379,8 @@ class CoupledMamba(nn.Module):
     """CoupledMamba(config)(inputs, lengths=None) -> (batch, num_outputs).
 
     inputs: a dict keyed by modality name, or a list/tuple in config order, of (batch, L_m, F_m).
-    lengths: optional, same keys/order, int tensors (batch,) of valid steps per sample.
+    lengths: optional, same keys/order, int tensors (batch,) of valid steps per sample; a modality
+    left out (or None) is whole, as in the runtime.
     Classification returns logits; regression returns the predicted values.
     """
 
@@ -458,7 +459,7 @@ class CoupledMamba(nn.Module):
             hs = [self._to_length(self.embed[n](x), L) for n, x in zip(self.names, xs)]
             valid = None
         else:
-            lens = [self._lengths(ln, x, batch, n) for ln, x, n in zip(self._ordered(lengths, "lengths"), xs, self.names)]
+            lens = self._all_lengths(lengths, xs, batch)
             common = functools.reduce(torch.maximum, lens)                  # each sample's common length
             st = _StepCache()
             hs = [self._align(self.embed[n](self._zero_padding(x, ln, st)), ln, common, st(*xs), st)
@@ -491,7 +492,7 @@ class CoupledMamba(nn.Module):
         L = max(Ls)
         lens = None
         if lengths is not None:
-            lens = [self._lengths(ln, x, batch, n) for ln, x, n in zip(self._ordered(lengths, "lengths"), xs, self.names)]
+            lens = self._all_lengths(lengths, xs, batch)
         whole = None
         if (lens is not None or len(set(Ls)) > 1) and cfg.length_rule != "pad":
             if lens is None:
@@ -608,7 +609,7 @@ class CoupledMamba(nn.Module):
         if lengths is None:
             lens = [torch.full((batch,), T, dtype=torch.int64, device=xs[0].device) for _ in xs]
         else:
-            lens = [self._lengths(ln, x, batch, n) for ln, x, n in zip(self._ordered(lengths, "lengths"), xs, self.names)]
+            lens = self._all_lengths(lengths, xs, batch)
         common = functools.reduce(torch.maximum, lens)
         st = _StepCache()       # T: one size for every modality
         hs = [self._zero_padding(self.embed[n](self._zero_padding(x, ln, st)), ln, st)
@@ -666,6 +667,19 @@ class CoupledMamba(nn.Module):
         """x with every step at or past the sample's valid length set to 0 (NaN and Inf too)."""
         keep = (steps(x)[None, :] < length[:, None]).unsqueeze(-1)
         return torch.where(keep, x, torch.zeros((), device=x.device, dtype=x.dtype))
+
+    def _all_lengths(self, lengths, xs, batch):
+        """Every modality's valid lengths: a modality left out of the `lengths` dict (or None in a
+        list) is whole, its full length, as in the runtime and the CLI (docs/lengths.md)."""
+        if isinstance(lengths, dict):
+            extra = [k for k in lengths if k not in self.names]
+            if extra:
+                raise ValueError(f"CoupledMamba: lengths keys must be among {self.names}; unexpected {extra}")
+            lengths = [lengths.get(n) for n in self.names]
+        else:
+            lengths = self._ordered(lengths, "lengths")
+        return [torch.full((batch,), x.shape[1], dtype=torch.int64, device=x.device) if ln is None
+                else self._lengths(ln, x, batch, n) for ln, x, n in zip(lengths, xs, self.names)]
 
     def _lengths(self, length, x, batch, name):
         """Per-sample valid lengths of one modality as int64 (batch,) on x's device, checked in eager mode."""

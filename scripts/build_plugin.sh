@@ -14,8 +14,9 @@
 # the active Python imports triton and torch (CMake option CM_DEPLOY_WITH_TRITON_AOT=AUTO|ON|OFF; what is
 # compiled: CM_DEPLOY_TRITON_AOT_ARCHS / _MODALITIES / _STATES / _DTYPES, e.g. -DCM_DEPLOY_TRITON_AOT_STATES=64).
 # CM_DEPLOY_CPU_ONLY=1: only the ONNX Runtime library with its CPU kernel (no CUDA, no TensorRT; seconds).
-# The unit tests need no GPU. Output: BUILD_DIR/plugins/trt_coupled_scan/libcoupled_scan_plugin.so and
-# BUILD_DIR/plugins/ort_coupled_scan/libcoupled_scan_ort.so.
+# The unit tests need no GPU. Then `cmake --install` puts what was built in ONE place whatever BUILD_DIR:
+# cm_deploy/lib/libcoupled_scan_plugin.so, cm_deploy/lib/libcoupled_scan_ort.so (where the runtime looks
+# first) and cm_deploy/bin/cm_infer_ort, cm_deploy/bin/cm_infer_trt (the C++ examples).
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -59,4 +60,8 @@ echo "== build (-j $jobs)"
 cmake --build "$build" -j "$jobs"
 echo "== test"
 (cd "$build" && ctest --output-on-failure -j "$jobs")
-echo "== done in $(( $(date +%s) - start )) s: $build/plugins/trt_coupled_scan/libcoupled_scan_plugin.so, $build/plugins/ort_coupled_scan/libcoupled_scan_ort.so"
+echo "== install (cm_deploy/lib, cm_deploy/bin)"
+cmake --install "$build" --prefix "$repo/cm_deploy"
+# what this build installed (cmake --install lists it; a CPU-only build has no plugin, no cm_infer_trt)
+installed=$(sed "s|^$repo/||" "$build/install_manifest.txt" | tr '\n' ' ')
+echo "== done in $(( $(date +%s) - start )) s: installed ${installed:-nothing}"

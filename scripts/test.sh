@@ -5,7 +5,8 @@
 #  2. the native libraries (TensorRT plugin, ONNX Runtime op library; one kernel source) built from
 #     TensorRT's and ONNX Runtime's public headers (fetched: a pip wheel and a Debian package, unpacked
 #     into build/, never installed), and their C++ tests (CTest); GoogleTest from apt (libgtest-dev)
-#     when missing, as root or with passwordless sudo;
+#     when missing, as root or with passwordless sudo; installed into cm_deploy/lib and cm_deploy/bin,
+#     where the docs name them (tests/test_docs.py checks every such path, here without skipping);
 #  3. a real Triton Inference Server (scripts/fetch_tritonserver.sh) for the live serving tests;
 #  4. the aarch64 (Jetson-class) op library and C++ example, cross-built (g++-aarch64-linux-gnu and
 #     qemu-user from apt when missing, as root or with passwordless sudo) for tests/test_aarch64.py,
@@ -45,16 +46,12 @@ if command -v nvcc >/dev/null 2>&1 || [[ -x /usr/local/cuda/bin/nvcc ]]; then
   # one CUDA architecture (80) unless CUDA_ARCHITECTURES says otherwise; the Triton kernels compiled ahead of
   # time for the paper's M = 3, N = 64 only (~1 min; the default set, 194 kernels, is for GPU machines/releases)
   bash scripts/build_plugin.sh build/ci -DCM_DEPLOY_TRITON_AOT_MODALITIES=3 -DCM_DEPLOY_TRITON_AOT_STATES=64
-  export CM_DEPLOY_PLUGIN=$PWD/build/ci/plugins/trt_coupled_scan/libcoupled_scan_plugin.so
-  export CM_DEPLOY_ORT_OP_LIBRARY=$PWD/build/ci/plugins/ort_coupled_scan/libcoupled_scan_ort.so
-  export CM_DEPLOY_CPP_EXAMPLE=$PWD/build/ci/examples/cpp/cm_infer_ort
+  export CM_DEPLOY_PLUGIN=$PWD/cm_deploy/lib/libcoupled_scan_plugin.so
 else
   # no CUDA toolkit: the ONNX Runtime library's CPU kernel still builds (no TensorRT plugin, no GPU code)
   echo "SKIPPED: TensorRT plugin build and its C++ tests: nvcc (the CUDA toolkit) is not installed" >&2
   native=build/ci-cpu
   CM_DEPLOY_CPU_ONLY=1 bash scripts/build_plugin.sh build/ci-cpu
-  export CM_DEPLOY_ORT_OP_LIBRARY=$PWD/build/ci-cpu/plugins/ort_coupled_scan/libcoupled_scan_ort.so
-  export CM_DEPLOY_CPP_EXAMPLE=$PWD/build/ci-cpu/examples/cpp/cm_infer_ort
 fi
 # aarch64 (Jetson-class boards): the op library's CPU kernel and examples/cpp cross-built, ONNX Runtime's
 # aarch64 library unpacked from its wheel; tests/test_aarch64.py runs them under QEMU
@@ -67,4 +64,8 @@ else
   echo "SKIPPED: aarch64 cross build and its emulated run: g++-aarch64-linux-gnu and qemu-user are not installed" \
        "and not installable here (needs root or passwordless sudo)" >&2
 fi
+# the tests use what the build installed, where the docs name it
+export CM_DEPLOY_ORT_OP_LIBRARY=$PWD/cm_deploy/lib/libcoupled_scan_ort.so
+export CM_DEPLOY_CPP_EXAMPLE=$PWD/cm_deploy/bin/cm_infer_ort
+export CM_DEPLOY_TEST_SH=1
 python -m pytest -q -ra tests

@@ -175,8 +175,8 @@ def _bad_npz(kind, tmp_path):
     elif kind == "missing":
         f.pop("audio")
         np.savez(p, **f)
-    elif kind == "dtype":
-        np.savez(p, **{k: v.astype(np.float64) for k, v in f.items()})
+    elif kind == "dtype":     # integers are no float input (float64 is cast: tests/test_new_user.py)
+        np.savez(p, **{k: v.astype(np.int64) for k, v in f.items()})
     elif kind == "rank":
         np.savez(p, **dict(f, text=f["text"][0]))
     elif kind == "features":
@@ -192,7 +192,7 @@ def _bad_npz(kind, tmp_path):
     ("object", "not a readable .npz archive"),
     ("empty", "holds no arrays"),
     ("missing", "missing 'audio'"),
-    ("dtype", "dtype float64, expected float32"),
+    ("dtype", "dtype int64, expected float32"),
     ("rank", "has rank 2"),
     ("features", "axis 2 is 4, expected 5"),
     ("batch", "dimension 'batch' is 2 in 'text' but 3 in 'vision'"),
@@ -228,6 +228,9 @@ def test_run_engine_without_tensorrt(capsys, npz, tmp_path, monkeypatch):
     if ok:
         pytest.skip("TensorRT is installed: this checks the message when it is not")
     monkeypatch.delenv(T.MODULE_ENV, raising=False)
+    monkeypatch.setattr(T, "_installed", lambda name: False)     # no TensorRT-RTX either
+    from cm_deploy.runtime import cuda as cu
+    monkeypatch.setattr(cu, "gpu_missing", lambda: None)     # a GPU: then the missing TensorRT is the blocker
     e = tmp_path / "m.engine"
     e.write_bytes(b"plan")
     rc, _, err = cli(capsys, "run", e, "--inputs", npz())

@@ -23,6 +23,8 @@ def _binary():
     env = os.environ.get("CM_DEPLOY_CPP_EXAMPLE")
     if env:
         return Path(env)
+    if (REPO / "cm_deploy" / "bin" / "cm_infer_ort").is_file():       # where scripts/build_plugin.sh installs it
+        return REPO / "cm_deploy" / "bin" / "cm_infer_ort"
     hits = sorted(glob.glob(str(REPO / "build" / "*" / "examples" / "cpp" / "cm_infer_ort")), key=os.path.getmtime)
     return Path(hits[-1]) if hits else None
 
@@ -130,3 +132,8 @@ def test_usage_errors(art, tmp_path):
     assert r.returncode == 2 and "--input takes NAME=FILE.npy" in r.stderr
     r = run_cpp(tmp_path / "none.onnx", *args)
     assert r.returncode == 2 and "ONNX Runtime cannot load it" in r.stderr
+    # model.onnx without the op library: ORT's message, plus what to do (as the Python runtime says)
+    r = run_cpp(art["onnx"], *args)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert "not a registered function/op" in lines[0] and "pass --ort-ops" in lines[0] and "model.portable.onnx" in lines[0]

@@ -20,7 +20,7 @@ sys.path.insert(0, str(FIXTURES))
 
 from fake_tensorrt import MAGIC, fake_engine_bytes, host_kernel, make_fake_trt  # noqa: E402
 
-from cm_deploy.errors import UserError  # noqa: E402
+from cm_deploy.errors import InputCastWarning, UserError  # noqa: E402
 from cm_deploy.runtime import cuda as cu  # noqa: E402
 from cm_deploy.runtime import specs as S  # noqa: E402
 from cm_deploy.runtime import native as N  # noqa: E402
@@ -280,8 +280,10 @@ def test_ort_backend_specs_run_and_parity(art):
         assert m.outputs[0].name == "output" and m.config["d_model"] == 16
         y = m.run(feeds_for())["output"]
         assert y.shape == (2, 1) and y.dtype == np.float32
-        with pytest.raises(UserError, match="dtype float64"):
-            m.run(feeds_for(dtype=np.float64))
+        with pytest.warns(InputCastWarning, match="'text' float64 -> float32"):     # cast, said once
+            assert np.array_equal(m.run(feeds_for(dtype=np.float64))["output"], y)
+        with pytest.raises(UserError, match="dtype int32, expected float32"):
+            m.run({k: v.astype(np.int32) for k, v in feeds_for().items()})
         with pytest.raises(UserError, match="needs the CUDA provider"):
             m.run({**feeds_for(), "text": HostCAI(feeds_for()["text"])})
         ref = TorchBackend(art["a"], device="cpu", scan_impl="reference")
@@ -499,6 +501,7 @@ def fake_trt(monkeypatch, tmp_path):
         T._modules.clear()
         T._loaded_plugins.clear()
         return mod
+    monkeypatch.setattr(cu, "gpu_missing", lambda: None)
     monkeypatch.setattr(cu, "set_device", lambda i: None)
     monkeypatch.setattr(cu, "current_device", lambda: 0)
     monkeypatch.setattr(cu, "device_info", lambda i=None: dict(H100))
@@ -697,7 +700,7 @@ def test_engine_run_paths_on_emulated_memory(fake_trt, host_cuda, tmp_path):
     n = sum(1 for c in trt.calls if c[0] == "execute")
     for bad, needle in ((feeds_for(5, (5, 5, 5)), "outside the engine's profile [1, 4]"),
                         (feeds_for(2, (17, 5, 5)), "axis 1 is 17, outside the engine's profile [1, 16]"),
-                        (feeds_for(dtype=np.float16), "dtype float16, expected float32"),
+                        (feeds_for(dtype=np.int32), "dtype int32, expected float32"),
                         ({"text": f1["text"]}, "missing 'audio', 'vision'")):
         with pytest.raises(UserError) as e:
             eng.run(bad)

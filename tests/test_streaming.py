@@ -213,3 +213,28 @@ def test_stream_state_stays_in_ort_values_and_run_fills_zero_state(exported, tmp
     with np.load(tmp_path / "y.npz") as z:
         np.testing.assert_allclose(z["output"], y1, rtol=1e-6, atol=1e-7)
         assert "next_state.count" in z.files and (z["next_state.count"] == 7).all()
+
+
+def test_parity_of_a_streaming_graph(exported, tmp_path, capsys):
+    """cm-deploy parity on model.stream*.onnx runs the checkpoint's streaming step (output and every
+    next state), and fails for another checkpoint's weights."""
+    from cm_deploy.cli import main
+    rc = main(["parity", str(exported["ckpt"]), str(exported["out"] / "model.stream.portable.onnx")])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert "torch[cpu,float32,reference,step]" in out and "next_state.scan.1" in out and "PASS" in out
+    assert "text:" not in out                   # no ragged shapes: a chunk has one T for every modality
+    other = save_checkpoint(_model("pad", seed=1), tmp_path / "other.pt")
+    rc = main(["parity", str(other), str(exported["out"] / "model.stream.portable.onnx")])
+    out, _ = capsys.readouterr()
+    assert rc == 1 and "FAIL" in out
+
+
+def test_stream_expected_inputs_mark_state_optional(exported):
+    from cm_deploy.runtime import load
+    with load(exported["out"] / "model.stream.portable.onnx") as m:
+        n_states = sum(s.name.startswith("state.") for s in m.inputs)
+        with pytest.raises(UserError) as e:
+            m.run({"text": np.zeros((1, 2, 5), np.float32)})
+    assert (f"(missing 'audio'); expected text, audio (optional: text_lengths, audio_lengths, state.* "
+            f"({n_states} tensors, zeros when left out))") in str(e.value)

@@ -29,7 +29,7 @@ from .. import __version__
 from ..checkpoint import load_checkpoint
 from ..contract import (BATCH_DIM, CHUNK_DIM, DOMAIN, DOMAIN_VERSION, FILES, MANIFEST_FORMAT, MANIFEST_NAME,
                         MAX_MODALITIES, MAX_STATES, NEXT_STATE_PREFIX, OP_TYPE, OUTPUT_NAME, PLUGIN_VERSION,
-                        STATE_PREFIX, STREAM_FILES, input_names, length_dim)
+                        SIDECAR_FORMAT, STATE_PREFIX, STREAM_FILES, input_names, length_dim)
 from ..errors import UserError
 from ..progress import silent
 from .portable import make_portable
@@ -366,6 +366,42 @@ class _Staging:
         shutil.rmtree(self.path, ignore_errors=True)
 
 
+def _owned_by_previous_export(out_dir: Path) -> set:
+    """The files the manifest already in `out_dir` lists (plain names of the contract's files only),
+    or an empty set when there is no readable cm-deploy manifest: only these may be removed."""
+    try:
+        old = json.loads((out_dir / MANIFEST_NAME).read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return set()
+    if not isinstance(old, dict) or old.get("format") != MANIFEST_FORMAT or not isinstance(old.get("files"), dict):
+        return set()
+    ours = {*FILES.values(), *STREAM_FILES.values()}
+    return {n for n in old["files"].values() if isinstance(n, str) and n in ours}
+
+
+def _replace_previous(out_dir: Path, owned: set, written: set) -> dict:
+    """After an export into a folder that held another one: remove the files the previous manifest
+    owned that this export did not write (they would pose as part of it), and name the engines built
+    from the previous files (not the manifest's to remove: `cm-deploy build` wrote them)."""
+    removed = []
+    for name in sorted(owned - written):
+        with contextlib.suppress(FileNotFoundError):
+            (out_dir / name).unlink()
+            removed.append(name)
+    stale = []
+    for side in sorted(out_dir.glob("*.json")):
+        try:
+            d = json.loads(side.read_text())
+            src = Path(d["onnx"]["path"])
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+            continue
+        engine = side.with_suffix("")
+        if d.get("format") == SIDECAR_FORMAT and engine.is_file() and src.parent == out_dir.resolve() \
+                and (not src.is_file() or _sha256(src) != d["onnx"].get("sha256")):
+            stale.append({"engine": engine.name, "onnx": src.name})
+    return {"removed": removed, "stale_engines": stale}
+
+
 def _save(proto, path: Path):
     onnx.save_model(proto, str(path))
 
@@ -395,7 +431,11 @@ def export_checkpoint(ckpt_path, out_dir, *, dtype="float32", opset=None, batch=
     streaming: also DIR/model.stream.onnx and DIR/model.stream.portable.onnx (docs/streaming.md).
     progress: called with a short message before each step that can take seconds.
     Writes DIR/model.onnx, DIR/model.portable.onnx and DIR/manifest.json; all or nothing. Bad
-    input (checkpoint, options, output folder) raises cm_deploy.errors.UserError.
+    input (checkpoint, options, output folder) raises cm_deploy.errors.UserError. Into a folder that
+    holds another export: the files its manifest lists and this export does not write (e.g. the
+    streaming graphs) are removed; nothing the manifest does not list is touched. Then the returned
+    manifest has a key "_replaced" (not in the written file) that names them ("removed") and the
+    engines built from the previous files ("stale_engines", left in place).
     """
     ckpt_path = Path(ckpt_path)
     out_dir = Path(out_dir)
@@ -408,6 +448,7 @@ def export_checkpoint(ckpt_path, out_dir, *, dtype="float32", opset=None, batch=
         raise UserError(f"{ckpt_path}: weights do not match the config: {detail}") from None
     _check_options(model.config, dtype, opset, batch, lengths)     # fail before any file exists
     checkpoint = {"path": str(ckpt_path.resolve()), "sha256": _sha256(ckpt_path)}
+    owned = _owned_by_previous_export(out_dir)
     staging = _Staging(out_dir)
     try:
         progress(f"tracing the model into {FILES['tensorrt']} and {FILES['portable']} (torch.export)")
@@ -424,4 +465,7 @@ def export_checkpoint(ckpt_path, out_dir, *, dtype="float32", opset=None, batch=
     except BaseException:
         staging.abort()
         raise
+    replaced = _replace_previous(out_dir, owned, {*graphs, MANIFEST_NAME})
+    if replaced["removed"] or replaced["stale_engines"]:   # a runtime-only key (as manifest_for's _role)
+        return dict(manifest, _replaced=replaced)
     return manifest

@@ -12,7 +12,8 @@ from typing import Mapping
 import numpy as np
 
 from ..errors import UserError
-from .specs import TensorSpec, check_feeds, check_finite, check_lengths, check_nonempty, fill_defaults
+from .specs import (TensorSpec, cast_inputs, check_feeds, check_finite, check_lengths, check_nonempty, fill_defaults,
+                    merge_lengths, warn_casts)
 
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
 ONNX_SUFFIXES = (".onnx",)
@@ -47,11 +48,17 @@ class Backend:
             check_finite(self.name, self.inputs, feeds, infos)
         return infos
 
-    def run(self, feeds: Mapping, **kw) -> dict[str, np.ndarray]:
-        """Outputs for `feeds` (name -> array); `<modality>_lengths` inputs left out mean full length,
-        state.* inputs left out (streaming graphs) mean zero state: the start of a stream."""
-        feeds = fill_defaults(self.inputs, feeds)
+    def run(self, feeds: Mapping, lengths: Mapping | None = None, **kw) -> dict[str, np.ndarray]:
+        """Outputs for `feeds` (name -> array). lengths: {modality: (batch,) valid steps}, the same
+        as `<modality>_lengths` feeds; a modality whose lengths are left out is whole (full length).
+        state.* inputs left out (streaming graphs) mean zero state: the start of a stream. Host
+        arrays of another float or integer type are cast when no value changes (InputCastWarning)."""
+        if not isinstance(feeds, Mapping):
+            raise UserError(f"{self.name}: inputs must be a dict name -> array, got {type(feeds).__name__}")
+        feeds = fill_defaults(self.inputs, merge_lengths(feeds, lengths))
+        feeds, casts = cast_inputs(self.name, self.inputs, feeds)
         infos = self.check(feeds)
+        warn_casts(self.name, casts)
         return self._run(feeds, infos, **kw)
 
     def _run(self, feeds, infos, **kw):   # pragma: no cover - abstract

@@ -33,9 +33,32 @@ def cudart():
                     try:
                         from cuda import cudart as rt
                     except ImportError:
+                        why = gpu_missing()
+                        if why:    # the blocker is the GPU, not the package
+                            raise UserError(f"running on CUDA needs an NVIDIA GPU, and there is none here ({why})"
+                                            ) from None
                         raise UserError("the TensorRT runtime needs cuda-python (pip install cuda-python)") from None
                 _rt = rt
     return _rt
+
+
+def gpu_missing() -> str | None:
+    """Why this machine cannot run CUDA work (no NVIDIA driver, no device), or None when it can.
+    Asks the driver library itself through ctypes: needs neither cuda-python nor torch."""
+    import ctypes
+    import sys
+    name = "nvcuda.dll" if sys.platform == "win32" else "libcuda.so.1"
+    try:
+        drv = ctypes.CDLL(name)
+    except OSError:
+        return f"no NVIDIA driver: {name} not found"
+    err = drv.cuInit(0)
+    count = ctypes.c_int(0)
+    if err == 100 or (err == 0 and (drv.cuDeviceGetCount(ctypes.byref(count)) != 0 or count.value == 0)):
+        return "the NVIDIA driver sees no CUDA device"      # 100: CUDA_ERROR_NO_DEVICE
+    if err != 0:
+        return f"the NVIDIA driver does not start (cuInit error {err})"
+    return None
 
 
 def _err_text(rt, err) -> str:

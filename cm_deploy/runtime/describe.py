@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..contract import BATCH_DIM, DOMAIN, OP_TYPE, OUTPUT_NAME, length_dim
+from ..contract import BATCH_DIM, BF16_RUNS_ON, DOMAIN, OP_TYPE, OUTPUT_NAME, length_dim
 from ..errors import UserError
 from .backend import model_kind
 from .specs import manifest_for
@@ -54,6 +54,8 @@ def describe_onnx(path) -> dict:
                      "TensorRT with the CoupledScan plugin, or ONNX Runtime with the CoupledScan op library"),
          "precision": man.get("dtype") or next((e["dtype"] for e in (_io(onnx, vi) for vi in g.input)
                                                 if e["dtype"] in ("float32", "float16", "bfloat16")), "float32")}
+    if d["precision"] == "bfloat16":
+        d["runs_on"] += f"; {BF16_RUNS_ON}"
     if man:
         d["manifest"] = {"role": man.get("_role"), "config": man.get("config")}
     return d

@@ -60,6 +60,11 @@ class Engine(Backend):
                   file=sys.stderr)
             sidecar = None
         self.sidecar = sidecar or {}
+        why = cu.gpu_missing()
+        if why:     # before TensorRT and cuda-python: without a GPU nothing else matters
+            raise UserError(f"{self.path}: a TensorRT engine runs on an NVIDIA GPU, and there is none here ({why}); "
+                            f"`cm-deploy inspect {self.path}` describes it, and the ONNX file it was built "
+                            "from runs on ONNX Runtime")
         recorded_trt = self.sidecar.get("tensorrt") or {}
         self.trt = trt = import_tensorrt(trt_module or recorded_trt.get("module"))
         if recorded_trt.get("module") and recorded_trt["module"] != trt.__name__:

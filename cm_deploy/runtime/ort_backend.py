@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..contract import DOMAIN, OP_TYPE, precision_of
+from ..contract import BF16_RUNS_ON, DOMAIN, OP_TYPE, precision_of
 from ..errors import UserError
 from .backend import Backend
 from .native import LIBRARIES, find_library
@@ -142,6 +142,8 @@ class OrtBackend(Backend):
         opts.log_severity_level = 3          # errors only: ORT's warnings are not the user's business
         if threads:
             opts.intra_op_num_threads = int(threads)
+        self.on_cuda_provider = any((p[0] if isinstance(p, tuple) else p) == "CUDAExecutionProvider"
+                                    for p in providers)
         self.session, self.ort_ops = self._open_session(opts, providers, ort_ops)
         self.providers = self.session.get_providers()
         self.on_cuda = self.providers[0] == "CUDAExecutionProvider"
@@ -203,6 +205,8 @@ class OrtBackend(Backend):
             raise self._load_error(_one_line(e)) from None
 
     def _load_error(self, msg):
+        if not self.on_cuda_provider and _is_bfloat16(self.path, self.manifest):
+            return UserError(f"{self.path}: ONNX Runtime's CPU provider cannot run it: {BF16_RUNS_ON}")
         if self.cuda_graph and "graph capture" in msg:
             from .placement import predict_cuda_placement
             return UserError(f"{self.path}: ONNX Runtime cannot capture this graph in a CUDA graph ({msg}); "
@@ -440,6 +444,16 @@ def copy_into(value, src, info=None) -> bool:
     else:
         value.update_inplace(a)
     return False
+def _is_bfloat16(path, manifest) -> bool:
+    """Whether an ONNX file is a bfloat16 graph: its manifest says so, or (without one) its first
+    float input is bfloat16 (read with the onnx package when it is installed)."""
+    if manifest and manifest.get("dtype"):
+        return manifest["dtype"] == "bfloat16"
+    try:
+        from .describe import describe_onnx
+        return describe_onnx(path).get("precision") == "bfloat16"
+    except (ImportError, UserError):
+        return False
 
 
 def op_library_providers(path) -> list[str] | None:

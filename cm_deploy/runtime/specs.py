@@ -20,7 +20,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from ..contract import LENGTHS_SUFFIX, MANIFEST_FORMAT, MANIFEST_NAME, STATE_PREFIX
-from ..errors import UserError
+from ..errors import InputCastWarning, UserError
 
 
 def np_dtype(name: str) -> np.dtype:
@@ -157,7 +157,10 @@ def check_feeds(where: str, specs: Sequence[TensorSpec], feeds: Mapping, ranges:
     if not isinstance(feeds, Mapping):
         raise UserError(f"{where}: inputs must be a dict name -> array, got {type(feeds).__name__}")
     names = [s.name for s in specs]
+    optional = optional_inputs(specs)
     missing = [n for n in names if n not in feeds]
+    # an optional input is missing only because its modality is: name what the caller must give
+    missing = [n for n in missing if n not in optional] or missing
     extra = [k for k in feeds if k not in names]
     if missing or extra:
         parts = []
@@ -165,7 +168,7 @@ def check_feeds(where: str, specs: Sequence[TensorSpec], feeds: Mapping, ranges:
             parts.append("missing " + ", ".join(map(repr, missing)))
         if extra:
             parts.append("unexpected " + ", ".join(map(repr, extra)))
-        raise UserError(f"{where}: wrong input names ({'; '.join(parts)}); expected {', '.join(names)}")
+        raise UserError(f"{where}: wrong input names ({'; '.join(parts)}); expected {expected_inputs(specs)}")
     infos, symbols = {}, {}
     for spec in specs:
         info = array_info(feeds[spec.name])
@@ -320,20 +323,126 @@ def check_nonempty(where: str, specs: Sequence[TensorSpec], infos: Mapping) -> N
 def check_finite(where: str, specs: Sequence[TensorSpec], feeds: Mapping, infos: Mapping) -> None:
     """Float host inputs hold no NaN/Inf within their valid steps (padding past a sample's
     <name>_lengths may hold anything). UserError (one line) naming the first bad element."""
-    lens = {m: k for k, m in valid_length_inputs(specs).items()}
     for s in specs:
         if infos[s.name].on_device or infos[s.name].ortvalue or np_dtype(s.dtype).kind not in "fV":
             continue
         a = np.asarray(feeds[s.name])
         a = a.astype(np.float32) if a.dtype.kind == "V" or a.dtype.name == "bfloat16" else a
         bad = ~np.isfinite(a)
-        if s.name in lens and lens[s.name] in feeds and a.ndim >= 2:
-            valid = np.arange(a.shape[1])[None, :] < np.asarray(feeds[lens[s.name]]).reshape(-1, 1)
-            bad &= valid.reshape(valid.shape + (1,) * (a.ndim - 2))
+        valid = _valid_steps(specs, feeds, s.name, a)
+        if valid is not None:
+            bad &= valid
         if bad.any():
             idx = tuple(int(i) for i in np.argwhere(bad)[0])
             raise UserError(f"{where}: input {s.name!r} holds {int(bad.sum())} NaN/Inf value(s) within its valid "
                             f"steps, the first at {idx} (pass --no-check-finite to run anyway)")
+
+
+def optional_inputs(specs: Sequence[TensorSpec]) -> set[str]:
+    """Inputs a caller may leave out (fill_defaults fills them): lengths and stream state."""
+    return set(valid_length_inputs(specs)) | {s.name for s in specs if s.name.startswith(STATE_PREFIX)}
+
+
+def expected_inputs(specs: Sequence[TensorSpec]) -> str:
+    """The inputs for an error message, the optional ones marked as such (state.* counted, not listed)."""
+    optional = optional_inputs(specs)
+    required = [s.name for s in specs if s.name not in optional]
+    lens = [s.name for s in specs if s.name in optional and not s.name.startswith(STATE_PREFIX)]
+    states = len(optional) - len(lens)
+    opt = lens + ([f"{STATE_PREFIX}* ({states} tensors, zeros when left out)"] if states else [])
+    return ", ".join(required) + (f" (optional: {', '.join(opt)})" if opt else "")
+
+
+def merge_lengths(feeds: Mapping, lengths: Mapping | None) -> Mapping:
+    """`feeds` with `lengths` ({modality or <modality>_lengths: (batch,) valid steps}) added as the
+    graph's `<modality>_lengths` inputs: the `run(x, lengths=...)` / `Stream.push(chunk, lengths=...)` form."""
+    if not lengths:
+        return feeds
+    if not isinstance(lengths, Mapping):
+        raise UserError(f"lengths must be a dict modality -> (batch,) valid steps, got {type(lengths).__name__}")
+    out = dict(feeds)
+    for name, v in lengths.items():
+        key = name if name.endswith(LENGTHS_SUFFIX) else name + LENGTHS_SUFFIX
+        if key in feeds:
+            raise UserError(f"{key!r} given twice: in the inputs and in lengths=")
+        out[key] = v
+    return out
+
+
+def _valid_steps(specs: Sequence[TensorSpec], feeds: Mapping, name: str, a: np.ndarray):
+    """Boolean mask of the valid steps of input `name` (broadcastable to `a`), or None when every
+    element counts (no lengths for it, or not a sequence)."""
+    lens = {m: k for k, m in valid_length_inputs(specs).items()}
+    if name not in lens or lens[name] not in feeds or a.ndim < 2:
+        return None
+    valid = np.arange(a.shape[1])[None, :] < np.asarray(feeds[lens[name]]).reshape(-1, 1)
+    return valid.reshape(valid.shape + (1,) * (a.ndim - 2))
+
+
+def cast_inputs(where: str, specs: Sequence[TensorSpec], feeds: Mapping) -> tuple[Mapping, list[str]]:
+    """Host arrays of another dtype than their input's, cast where no value changes beyond the
+    target's rounding: floats to the graph's float type (float64 or float32 to float32, float16,
+    bfloat16), refused when a finite value within the valid steps would overflow it; integers and
+    whole-valued floats to int64 lengths, refused when a value is not whole or out of range.
+    Returns (feeds, ["'text' float64 -> float32", ...]); anything else is left for check_feeds."""
+    by_name = {s.name: s for s in specs}
+    # lengths first: the float inputs' valid steps are read from them
+    order = sorted((k for k in feeds if k in by_name), key=lambda k: np_dtype(by_name[k].dtype).kind in "fV")
+    out, notes = dict(feeds), []
+    for name in order:
+        spec, value = by_name[name], feeds[name]
+        if is_ortvalue(value) or hasattr(value, "__cuda_array_interface__"):
+            continue      # device memory is bound as is, never copied: check_feeds names a wrong dtype
+        try:
+            a = value if isinstance(value, np.ndarray) else np.asarray(value)
+        except Exception:
+            continue
+        have, want = dtype_name(a.dtype), spec.dtype
+        if have == want:
+            continue
+        target = np_dtype(want)
+        if target.kind in "fV" and (a.dtype.kind == "f" or have == "bfloat16"):
+            with np.errstate(over="ignore", invalid="ignore"):
+                cast = a.astype(target)
+            over = np.isfinite(a.astype(np.float64)) & ~np.isfinite(cast.astype(np.float64))
+            valid = _valid_steps(specs, out, name, a)
+            if valid is not None:
+                over &= valid
+            if over.any():
+                idx = tuple(int(i) for i in np.argwhere(over)[0])
+                raise UserError(f"{where}: input {name!r} ({have}) holds {int(over.sum())} value(s) beyond "
+                                f"{want}'s range, the first {float(a[idx]):.6g} at {idx}: casting to the graph's "
+                                f"{want} would change them")
+        elif target.kind in "iu" and a.dtype.kind in "iuf":
+            info = np.iinfo(target)
+            flat = a.reshape(-1)
+            if a.dtype.kind == "f":
+                bad = ~np.isfinite(flat) | (flat != np.round(flat))
+                if bad.any():
+                    i = int(np.flatnonzero(bad)[0])
+                    raise UserError(f"{where}: input {name!r} ({have}) holds {flat[i].item()} at sample {i}: not a "
+                                    f"whole number, so it cannot be cast to {want}")
+            out_of_range = np.zeros(flat.shape, bool)
+            if flat.size:
+                # compare as Python ints/floats: uint64 vs int64 bounds must not wrap
+                out_of_range = np.array([not (info.min <= v <= info.max) for v in flat.tolist()], bool)
+            if out_of_range.any():
+                i = int(np.flatnonzero(out_of_range)[0])
+                raise UserError(f"{where}: input {name!r} ({have}) holds {flat[i].item()} at sample {i}, outside {want}")
+            cast = a.astype(target)
+        else:
+            continue
+        out[name] = cast
+        notes.append(name)
+    return out, [f"{s.name!r} {dtype_name(np.asarray(feeds[s.name]).dtype)} -> {s.dtype}" for s in specs if s.name in notes]
+
+
+def warn_casts(where: str, notes: Sequence[str]) -> None:
+    """One InputCastWarning line for the casts cast_inputs made (the CLI prints it on stderr)."""
+    if notes:
+        import warnings
+        warnings.warn(f"{where}: inputs cast to the graph's types: {', '.join(notes)}", InputCastWarning,
+                      stacklevel=3)
 
 
 def valid_length_inputs(specs: Sequence[TensorSpec]) -> dict[str, str]:

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..contract import LENGTHS_SUFFIX, NEXT_STATE_PREFIX, OUTPUT_NAME, STATE_PREFIX
-from .specs import zero_state
+from .specs import merge_lengths, zero_state
 
 
 class Stream:
@@ -84,9 +84,7 @@ class Stream:
         stray = [k for k in chunk if k.startswith(STATE_PREFIX)]
         if stray:
             raise UserError(f"stream chunk must not hold state ({stray[0]!r}): the Stream carries it")
-        feeds = dict(chunk)
-        for name, v in (lengths or {}).items():
-            feeds[name if name.endswith(LENGTHS_SUFFIX) else name + LENGTHS_SUFFIX] = v
+        feeds = dict(merge_lengths(chunk, lengths))
         for name in self.chunk_inputs:
             if name in feeds and np.shape(feeds[name])[0] != self.batch:
                 raise UserError(f"stream chunk {name!r} has batch {np.shape(feeds[name])[0]}, the stream "

@@ -8,7 +8,9 @@ on the device (device_outputs=True returns torch tensors), and cuda_graph=True r
 per input shape (torch.cuda.CUDAGraph; inputs are copied into the graph's static buffers, one
 device-to-device copy, because a graph's addresses are fixed). chunk=T runs the layers over time
 chunks of T steps with the state carried (CoupledMamba.forward(chunk=)): the same outputs with
-activation memory bounded by T instead of L.
+activation memory bounded by T instead of L. streaming=True runs the checkpoint's streaming step
+(CoupledMamba.step) with the inputs and outputs of the exported streaming graphs (chunks, lengths,
+state.* in; output, next_state.* out): the reference for parity of model.stream*.onnx.
 """
 from __future__ import annotations
 
@@ -18,7 +20,8 @@ import numpy as np
 
 from ..errors import UserError
 from .backend import Backend
-from ..contract import BATCH_DIM, LENGTHS_SUFFIX, OUTPUT_NAME, PRECISIONS, length_dim, normalize_precision
+from ..contract import (BATCH_DIM, CHUNK_DIM, LENGTHS_SUFFIX, NEXT_STATE_PREFIX, OUTPUT_NAME, PRECISIONS,
+                        STATE_PREFIX, length_dim, normalize_precision)
 from .specs import TensorSpec, np_dtype
 
 
@@ -35,7 +38,7 @@ class TorchBackend(Backend):
     kind = "torch"
 
     def __init__(self, path, device=None, dtype="float32", scan_impl="auto", cuda_graph=False,
-                 graph_max_batch: int = 64, chunk: int | None = None):
+                 graph_max_batch: int = 64, chunk: int | None = None, streaming: bool = False):
         torch = _import_torch()
         from ..foreign import load_model_file
         self._torch = torch
@@ -65,23 +68,36 @@ class TorchBackend(Backend):
         cfg = self.model.config
         self.config = cfg.to_dict()
         self._names = None
+        self.streaming = False
+        self._states = {}
         if hasattr(self.model, "tensor_specs"):      # a foreign architecture describes its own inputs
-            if chunk is not None:
-                raise UserError(f"chunk applies to cm-deploy checkpoints, not to {self.path.name}")
+            if chunk is not None or streaming:
+                raise UserError(f"{'chunk' if chunk is not None else 'the streaming step'} applies to cm-deploy "
+                                f"checkpoints, not to {self.path.name}")
             self.inputs, self.outputs = ([TensorSpec(*t) for t in ts] for ts in self.model.tensor_specs(self.precision))
         else:
-            self.inputs = [TensorSpec(n, (BATCH_DIM, length_dim(n), f), self.precision)
-                           for n, f in cfg.modalities.items()]
+            self.inputs = [TensorSpec(n, (BATCH_DIM, length_dim(n), f), self.precision) for n, f in cfg.modalities.items()]
             # per-sample valid lengths, as the exported graphs take them (contract.input_names)
             self.inputs += [TensorSpec(n + LENGTHS_SUFFIX, (BATCH_DIM,), "int64") for n in cfg.modalities]
             self._names = list(cfg.modalities)
             self.outputs = [TensorSpec(OUTPUT_NAME, (BATCH_DIM, cfg.num_outputs), self.precision)]
+            self.streaming = bool(streaming)
+            if self.streaming:
+                if chunk is not None:
+                    raise UserError("chunk does not apply to the streaming step (its chunks are the inputs)")
+                self._states = {k: (shape, str(dt).replace("torch.", "")) for k, (shape, dt) in self.model.state_specs().items()}
+                self.inputs = [TensorSpec(n, (BATCH_DIM, CHUNK_DIM, f), self.precision) for n, f in cfg.modalities.items()]
+                self.inputs += [TensorSpec(n + LENGTHS_SUFFIX, (BATCH_DIM,), "int64") for n in cfg.modalities]
+                self.inputs += [TensorSpec(STATE_PREFIX + k, (BATCH_DIM, *shape), dt) for k, (shape, dt) in self._states.items()]
+                self.outputs += [TensorSpec(NEXT_STATE_PREFIX + k, (BATCH_DIM, *shape), dt)
+                                 for k, (shape, dt) in self._states.items()]
         self.cuda_graph = bool(cuda_graph) and self.device.type == "cuda"
         self.graph_max_batch = graph_max_batch
         self._graphs = {}
         self.graph_stats = {"captures": 0, "replays": 0}
         self.last_input_pointers: dict[str, int] = {}
-        self.name = (f"torch[{self.device},{self.precision},{scan_impl}{f',chunk {chunk}' if chunk else ''}]:"
+        self.name = (f"torch[{self.device},{self.precision},{scan_impl}{f',chunk {chunk}' if chunk else ''}"
+                     f"{',step' if self.streaming else ''}]:"
                      f"{self.path.name}")
 
     # -- conversion
@@ -109,8 +125,9 @@ class TorchBackend(Backend):
                 t = torch.from_numpy(arr)
         if t.device != self.device:
             t = t.to(self.device)
-        if t.dtype != self._tdtype and t.is_floating_point():
-            raise UserError(f"{self.name}: input {spec.name!r} has dtype {t.dtype}, expected {self._tdtype}")
+        want = getattr(self._torch, spec.dtype)
+        if t.dtype != want and t.is_floating_point():
+            raise UserError(f"{self.name}: input {spec.name!r} has dtype {t.dtype}, expected {want}")
         return t
 
     def _to_numpy(self, t):
@@ -125,6 +142,12 @@ class TorchBackend(Backend):
         self.last_input_pointers = {k: int(v.data_ptr()) for k, v in xs.items()}
         batch = next(iter(xs.values())).shape[0]
         with torch.inference_mode():
+            if self.streaming:
+                out, state = self.model.step([xs[n] for n in self._names],
+                                             {k: xs[STATE_PREFIX + k] for k in self._states},
+                                             lengths=[xs[n + LENGTHS_SUFFIX] for n in self._names])
+                res = {OUTPUT_NAME: out, **{NEXT_STATE_PREFIX + k: state[k] for k in self._states}}
+                return res if device_outputs else {k: self._to_numpy(v) for k, v in res.items()}
             if self.cuda_graph and batch <= self.graph_max_batch:
                 out = self._graph_run(xs)
             else:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import importlib
+import importlib.util
 import json
 import os
 import sys
@@ -20,14 +21,14 @@ import threading
 from pathlib import Path
 
 from ..errors import UserError
-from ..contract import OP_TYPE as PLUGIN_NAME, PLUGIN_NAMESPACE, PLUGIN_VERSION
+from ..contract import OP_TYPE as PLUGIN_NAME, PLUGIN_NAMESPACE, PLUGIN_VERSION, SIDECAR_FORMAT
 from .native import LIBRARIES, find_library
 
-SIDECAR_FORMAT = "cm-deploy-engine/1"
 PLUGIN_ENV = LIBRARIES["trt"].env
 MODULE_ENV = "CM_DEPLOY_TRT_MODULE"
 
 _modules: dict = {}
+MODULES = ("tensorrt", "tensorrt_rtx_bindings", "tensorrt_rtx")    # what --trt-module takes
 
 
 def module_name(name: str | None = None) -> str:
@@ -47,10 +48,22 @@ def import_tensorrt(name: str | None = None):
     try:
         mod = importlib.import_module(name)
     except ImportError as e:
+        others = [m for m in MODULES if m != name and _installed(m)]
+        if others:    # e.g. only TensorRT-RTX's wheels (what scripts/test.sh installs)
+            raise UserError(f"TensorRT Python module {name!r} is not importable ({e}), but {others[0]} is installed "
+                            f"here: pass --trt-module {others[0]} (or set {MODULE_ENV}={others[0]})") from None
         raise UserError(f"TensorRT Python module {name!r} is not importable ({e}); install TensorRT "
                         f"(pip install tensorrt) or choose another with --trt-module / {MODULE_ENV}") from None
     _modules[name] = mod
     return mod
+
+
+def _installed(name: str) -> bool:
+    """Whether module `name` is installed, without importing it."""
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):     # a module already in sys.modules without a spec, or set to None
+        return name in sys.modules and sys.modules[name] is not None
 
 
 def _rtx_soname_fix(libs_pkg) -> None:

@@ -149,7 +149,14 @@ int main(int argc, char** argv)
         }
         catch (Ort::Exception const& e) // an unreadable model or op library: the user's input
         {
-            throw InputError(o.model + ": ONNX Runtime cannot load it: " + e.what());
+            std::string const msg = e.what();
+            std::string hint;
+            if (!o.extra.count("--ort-ops")
+                && (msg.find("CoupledScan") != std::string::npos || msg.find("cm_deploy") != std::string::npos))
+                hint = " (this file holds CoupledScan nodes: pass --ort-ops with the CoupledScan op library, "
+                       "cm_deploy/lib/libcoupled_scan_ort.so once scripts/build_plugin.sh has built it, or run "
+                       "model.portable.onnx, which needs none)";
+            throw InputError(o.model + ": ONNX Runtime cannot load it: " + msg + hint);
         }
         Tensor out;
         try
