@@ -219,7 +219,7 @@ class _Builder:
                                     "with plugins=..., registers no CoupledScan creator, so the model will not load")
         else:
             self.o.notes.append(f"{cfg.name}: no {LIBRARIES['trt'].what} found to copy beside the engine; give the "
-                                "server yours with --backend-config=tensorrt,plugins=PATH")
+                                f"server the {PLUGIN_AUTOLOAD} beside yours with --backend-config=tensorrt,plugins=PATH")
         ranges = "; ".join(f"{k} " + " x ".join(str(a) if a == c else f"{a}..{c} (opt {b})"
                                                 for a, b, c in zip(v["min"], v["opt"], v["max"]))
                            for k, v in prof.items())
