@@ -24,6 +24,7 @@ pb = pytest.importorskip("tritonclient.grpc.model_config_pb2", reason="tritoncli
 
 MODS = {"text": 12, "audio": 7, "vision": 5}
 NAME = "cm"
+NAME_DEFAULT = "coupled_mamba"
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
@@ -89,6 +90,8 @@ def test_every_config_parses_and_says_what_its_backend_needs(engine_export, tmp_
     repo = tmp_path / "repo"
     plugin = tmp_path / "libcoupled_scan_plugin.so"
     plugin.write_bytes(b"stand-in plugin")
+    shim = plugin.with_name("libcoupled_scan_plugin_autoload.so")     # built beside the plugin
+    shim.write_bytes(b"stand-in autoload shim")
     rc, out, err = _cli("serve-repo", engine_export, "-o", repo, "--name", NAME, "--max-batch", 32,
                         "--preferred-batch", "4,8", "--queue-delay-us", 250, "--instances", 2, "--gpus", "0,1",
                         "--plugin", plugin, "--server-path", "/models", "--max-sequences", 8)
@@ -122,8 +125,11 @@ def test_every_config_parses_and_says_what_its_backend_needs(engine_export, tmp_
     trt = configs[f"{NAME}_trt"]
     assert trt.backend == "tensorrt" and trt.max_batch_size == 16
     assert (repo / f"{NAME}_trt/1/model.plan").read_bytes() == (engine_export / "model.engine").read_bytes()
-    assert (repo / f"{NAME}_trt" / plugin.name).is_file()
-    assert f"--backend-config=tensorrt,plugins=/models/{NAME}_trt/{plugin.name}" in out
+    # the server only dlopens plugins=...: it names the autoload shim, which loads the plugin beside it
+    assert (repo / f"{NAME}_trt" / plugin.name).read_bytes() == b"stand-in plugin"
+    assert (repo / f"{NAME}_trt" / shim.name).read_bytes() == b"stand-in autoload shim"
+    assert f"--backend-config=tensorrt,plugins=/models/{NAME}_trt/{shim.name}\n" in out
+    assert "registers no CoupledScan creator" not in out
     assert "text 1..16 (opt 8) x 1..1024 (opt 128) x 12;" in (repo / f"{NAME}_trt/config.pbtxt").read_text().splitlines()[1]    # the profile, in a comment
     # python: optional lengths, requests of any lengths in one batch, the runtime's files
     py = configs[f"{NAME}_python"]
@@ -155,6 +161,26 @@ def test_every_config_parses_and_says_what_its_backend_needs(engine_export, tmp_
     assert sp.sequence_batching.oldest.max_candidate_sequences == 8
     assert sp.sequence_batching.control_input[2].control[0].data_type == pb.TYPE_UINT64
     assert "README.md" in {p.name for p in repo.iterdir()}
+
+
+def test_tensorrt_plugin_without_its_autoload_shim(engine_export, tmp_path):
+    plugin = tmp_path / "lib" / "libcoupled_scan_plugin.so"
+    plugin.parent.mkdir()
+    plugin.write_bytes(b"stand-in plugin")
+    rc, out, err = _cli("serve-repo", engine_export, "-o", tmp_path / "r", "--backends", "tensorrt",
+                        "--plugin", plugin, "--json")
+    assert rc == 0, err
+    summary = json.loads(out)
+    assert summary["models"][0]["files"] == ["1/model.plan", "config.pbtxt", plugin.name]
+    assert summary["start"].endswith(f"plugins={(tmp_path / 'r').resolve()}/{NAME_DEFAULT}_trt/{plugin.name}")
+    assert any("no libcoupled_scan_plugin_autoload.so beside" in n and "registers no CoupledScan creator" in n
+               for n in summary["notes"]), summary["notes"]
+    # naming the shim instead of the plugin: one line, nothing written
+    shim = plugin.with_name("libcoupled_scan_plugin_autoload.so")
+    shim.write_bytes(b"stand-in shim")
+    rc, out, err = _cli("serve-repo", engine_export, "-o", tmp_path / "r2", "--backends", "tensorrt", "--plugin", shim)
+    assert rc == 2 and "--plugin: name libcoupled_scan_plugin.so" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "r2").exists()
 
 
 def test_defaults_kind_cpu_and_no_dynamic_batching(export, tmp_path):

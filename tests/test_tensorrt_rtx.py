@@ -86,3 +86,62 @@ def test_exported_model_builds_with_the_plugin(tmp_path, dtype):
     assert r.returncode == 0, (r.returncode, r.stdout[-2000:], r.stderr[-2000:])
     names = [e["name"] for e in json.loads(stream.with_name("stream.engine.json").read_text())["inputs"]]
     assert "state.scan.0" in names and "state.count" in names
+
+
+# ---------------------------------------------------------------------------- registered before
+
+# Runs in a child: TensorRT-RTX imported as Python loads it (RTLD_LOCAL), then the steps in argv[3]
+# ("global": RTX into the global scope as well; "shim": dlopen the autoload shim as tritonserver's
+# TensorRT backend does with plugins=...; "load_library": TensorRT's own loadLibrary; "runtime":
+# cm_deploy.runtime's load_plugin), printing JSON: each step's result and CoupledScan creators after it.
+_CHILD = r"""
+import ctypes, json, os, sys
+import tensorrt_rtx_libs, tensorrt_rtx_bindings as trt
+shim, plugin, steps = sys.argv[1], sys.argv[2], sys.argv[3].split(",")
+reg = trt.get_plugin_registry()
+out = []
+for step in steps:
+    if step == "global":
+        r = ctypes.CDLL(os.path.join(os.path.dirname(tensorrt_rtx_libs.__file__), "libtensorrt_rtx.so.1"),
+                        mode=os.RTLD_NOW | os.RTLD_GLOBAL) is not None
+    elif step == "shim":
+        r = ctypes.CDLL(shim, mode=os.RTLD_NOW | os.RTLD_LOCAL) is not None
+    elif step == "load_library":
+        r = reg.load_library(plugin) is not None
+    else:
+        from cm_deploy.runtime.trt import load_plugin
+        r = load_plugin(trt, plugin)
+    out.append([step, r, sum(c.name == "CoupledScan" for c in reg.all_creators)])
+print(json.dumps(out))
+"""
+
+
+def _steps(steps):
+    plugin = _plugin_library()
+    shim = plugin.with_name("libcoupled_scan_plugin_autoload.so")
+    if "shim" in steps and not shim.is_file():
+        pytest.skip(f"no {shim.name} beside {plugin} (scripts/build_plugin.sh builds it)")
+    env = dict(os.environ, CM_DEPLOY_PLUGIN_TRACE="1", PYTHONPATH=os.pathsep.join(
+        [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    r = subprocess.run([sys.executable, "-c", _CHILD, str(shim), str(plugin), steps],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1]), r.stderr
+
+
+def test_runtime_loads_a_plugin_registered_before():
+    # TensorRT refuses a second registration of the creator (its loadLibrary fails); cm_deploy.runtime
+    # finds CoupledScan registered (e.g. by the autoload shim in a server) and does not ask again.
+    out, err = _steps("load_library,load_library,runtime")
+    assert out[0] == ["load_library", True, 1] and out[1] == ["load_library", False, 1], (out, err)
+    step, info, count = out[2]
+    assert count == 1 and info["registered_before"] is True and info["creator_found"] is True, (out, err)
+
+
+def test_autoload_shim_refuses_tensorrt_rtx():
+    # The shim calls IPluginRegistry through TensorRT 10's vtable; RTX's differs: it must refuse, not crash.
+    out, err = _steps("shim")           # RTX loaded RTLD_LOCAL, not named libnvinfer*: not TensorRT for the shim
+    assert out == [["shim", True, 0]] and "TensorRT is not loaded in this process" in err, (out, err)
+    out, err = _steps("global,shim")
+    assert out == [["global", True, 0], ["shim", True, 0]], (out, err)
+    assert "the TensorRT in the global scope is version 1.7.1, this library was built for TensorRT 10" in err, err

@@ -36,6 +36,11 @@ LIBRARIES = {
                          ("libcoupled_scan_ort.so", "coupled_scan_ort.dll")),
 }
 
+# plugins/trt_coupled_scan/CMakeLists.txt: target coupled_scan_plugin_autoload, built and installed beside
+# the plugin. For hosts that only dlopen plugin libraries (tritonserver's TensorRT backend): loading it
+# hands the plugin beside it to TensorRT's IPluginRegistry::loadLibrary.
+PLUGIN_AUTOLOAD = "libcoupled_scan_plugin_autoload.so"
+
 
 def candidates(kind: str) -> list[Path]:
     """Default locations of library `kind` that exist: the package's lib/ first, then build trees

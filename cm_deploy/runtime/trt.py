@@ -188,6 +188,15 @@ def find_plugin(explicit=None, recorded=None, required: bool = True) -> Path | N
     return find_library("trt", explicit, recorded, required)
 
 
+def _coupled_scan_registered(registry) -> bool:
+    """Whether CoupledScan is in the registry, read from all_creators (get_creator logs an ERROR for a
+    creator it does not find)."""
+    want = (PLUGIN_NAME, PLUGIN_VERSION, PLUGIN_NAMESPACE)
+    return any((getattr(c, "name", None), str(getattr(c, "plugin_version", "")),
+                str(getattr(c, "plugin_namespace", ""))) == want
+               for c in (getattr(registry, "all_creators", None) or ()))
+
+
 _loaded_plugins: dict = {}
 _plugin_lock = threading.Lock()
 
@@ -201,17 +210,21 @@ def load_plugin(trt, path, logger=None) -> dict:
         if key in _loaded_plugins:
             return _loaded_plugins[key]
         registry = trt.get_plugin_registry()
-        try:
-            handle = registry.load_library(str(path))
-        except Exception as e:
-            handle, why = None, " ".join(str(e).split())
-        else:
-            why = None
-        if handle is None:
-            why = why or (logger.last_error() if logger is not None else "no message")
-            raise UserError(f"cannot load plugin library {path}: {why}")
+        # Registered already (e.g. by libcoupled_scan_plugin_autoload.so): TensorRT refuses to register a
+        # creator twice, and its loadLibrary then fails ("plugin creator of CoupledScan exists already").
+        registered_before = _coupled_scan_registered(registry)
+        if not registered_before:
+            try:
+                handle, why = registry.load_library(str(path)), None
+            except Exception as e:
+                handle, why = None, " ".join(str(e).split())
+            if handle is None:
+                why = why or (logger.last_error() if logger is not None else "no message")
+                raise UserError(f"cannot load plugin library {path}: {why}")
         info = {"path": str(path), "sha256": sha256_file(path), "name": PLUGIN_NAME,
                 "version": PLUGIN_VERSION, "namespace": PLUGIN_NAMESPACE, "creator_found": None}
+        if registered_before:
+            info["registered_before"] = True
         creator = None
         for getter in ("get_creator", "get_plugin_creator"):
             fn = getattr(registry, getter, None)

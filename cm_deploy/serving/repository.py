@@ -2,7 +2,8 @@
 (docs/serving.md). One model folder per backend:
 
     <name>_onnx          onnxruntime backend: model.onnx + the CoupledScan op library (model_operations)
-    <name>_trt           tensorrt backend: the engine (model.plan); the plugin is loaded by the server
+    <name>_trt           tensorrt backend: the engine (model.plan); the plugin and its autoload shim
+                         beside it, loaded by the server (--backend-config=tensorrt,plugins=<shim>)
     <name>_python        python backend: the same graph through cm_deploy.runtime (ONNX Runtime)
     <name>_stream_onnx   onnxruntime backend, sequence batching with implicit state (START/READY)
     <name>_stream_python python backend, sequence batching by correlation id (state kept in the model)
@@ -24,7 +25,7 @@ from .. import __version__
 from ..contract import (FILES, LENGTHS_SUFFIX, MANIFEST_NAME, NEXT_STATE_PREFIX, OUTPUT_NAME, STATE_PREFIX,
                         STREAM_FILES)
 from ..errors import UserError
-from ..runtime.native import LIBRARIES, find_library
+from ..runtime.native import LIBRARIES, PLUGIN_AUTOLOAD, find_library
 from ..runtime.specs import read_manifest
 
 BACKENDS = ("onnxruntime", "tensorrt", "python", "stream")
@@ -205,14 +206,20 @@ class _Builder:
         _instances(self.pb, cfg, self.o, force_gpu=True)
         files = {"1/model.plan": engine}
         plugin = find_library("trt", self.o.plugin, recorded=(sc.get("plugin") or {}).get("path"), required=False)
+        if plugin is not None and plugin.name == PLUGIN_AUTOLOAD:
+            raise UserError(f"--plugin: name libcoupled_scan_plugin.so; {PLUGIN_AUTOLOAD} beside it is copied too")
         if plugin is not None:
             files[plugin.name] = plugin
-            self.o.notes.append(f"{cfg.name}: the server dlopens --backend-config=tensorrt,plugins=...; the plugin "
-                                "registers through getCreators (IPluginRegistry::loadLibrary), so this load path "
-                                "is unverified (docs/serving.md)")
+            shim = plugin.with_name(PLUGIN_AUTOLOAD)
+            if shim.is_file():           # the server only dlopens plugins=...: the shim registers the plugin
+                files[shim.name] = shim
+            else:
+                self.o.notes.append(f"{cfg.name}: no {PLUGIN_AUTOLOAD} beside {plugin} (scripts/build_plugin.sh "
+                                    f"builds it): a bare dlopen of {plugin.name}, which is all the server does "
+                                    "with plugins=..., registers no CoupledScan creator, so the model will not load")
         else:
             self.o.notes.append(f"{cfg.name}: no {LIBRARIES['trt'].what} found to copy beside the engine; give the "
-                                "server yours with --backend-config=tensorrt,plugins=PATH")
+                                f"server the {PLUGIN_AUTOLOAD} beside yours with --backend-config=tensorrt,plugins=PATH")
         ranges = "; ".join(f"{k} " + " x ".join(str(a) if a == c else f"{a}..{c} (opt {b})"
                                                 for a, b, c in zip(v["min"], v["opt"], v["max"]))
                            for k, v in prof.items())
@@ -373,8 +380,9 @@ def _check_options(o: RepoOptions):
 
 
 def start_command(plans, server_root) -> str:
-    plugin = next((server_root / p.folder / name for p in plans if p.backend == "tensorrt"
-                   for name in p.files if name.endswith(".so")), None)
+    libs = [server_root / p.folder / name for p in plans if p.backend == "tensorrt"
+            for name in p.files if name.endswith(".so")]
+    plugin = next((p for p in libs if p.name == PLUGIN_AUTOLOAD), libs[0] if libs else None)
     cmd = f"tritonserver --model-repository={server_root}"
     if plugin:
         cmd += f" --backend-config=tensorrt,plugins={plugin}"
