@@ -127,7 +127,8 @@ ScanOverrides const& envOverrides()
     return ov;
 }
 
-bool planCoupledScan(ActType type, ScanArgs const& a, ScanImpl want, bool workspace, ScanPlan& out, std::string& why)
+bool planCoupledScan(
+    ActType type, ScanArgs const& a, ScanImpl want, WorkspaceFor workspace, ScanPlan& out, std::string& why)
 {
     ScanImpl env = ScanImpl::kAuto;
     if (!envScanImpl(env, &why))
@@ -156,10 +157,12 @@ bool planCoupledScan(ActType type, ScanArgs const& a, ScanImpl want, bool worksp
             ok = false;
             no = "the Triton kernels need 16-byte aligned tensors";
         }
-        if (ok && !workspace)
+        if (ok && workspace != WorkspaceFor::kAny)
         {
             ok = false;
-            no = "the Triton kernels need a workspace";
+            no = workspace == WorkspaceFor::kNone
+                ? "the Triton kernels need a workspace"
+                : "the engine's workspace was sized for the CUDA kernel (its tactic is 1)";
         }
         if (ok)
         {
@@ -175,7 +178,7 @@ bool planCoupledScan(ActType type, ScanArgs const& a, ScanImpl want, bool worksp
         }
     }
     ScanOverrides ov = envOverrides();
-    if (!workspace)
+    if (workspace == WorkspaceFor::kNone)
     {
         ov.segs = 1;
     }

@@ -43,9 +43,17 @@ struct ScanPlan
 // implementation for the current device: `want` kCuda or kTriton (a TensorRT tactic) or kAuto (Triton
 // where a kernel is compiled for the shape, type and device, else CUDA); CM_DEPLOY_SCAN_IMPL (auto, cuda,
 // triton), when set, replaces `want` (tests, benchmarks). Triton asked for but not available is an
-// error (with the reason), never a silent fallback. `workspace`: whether the caller can give one (without,
-// auto and the CUDA kernel keep L in one segment). Returns false with one sentence in `why`.
-bool planCoupledScan(ActType type, ScanArgs const& a, ScanImpl want, bool workspace, ScanPlan& out, std::string& why);
+// error (with the reason), never a silent fallback. `workspace`: what the caller can give (kNone: auto and
+// the CUDA kernel keep L in one segment; kCudaOnly: a TensorRT engine sized for the CUDA kernel alone).
+// Returns false with one sentence in `why`.
+enum class WorkspaceFor : int32_t
+{
+    kNone = 0,
+    kCudaOnly = 1,
+    kAny = 2, // plan.workspaceBytes whatever the plan (ONNX Runtime allocates it; a TensorRT engine reserved it)
+};
+bool planCoupledScan(
+    ActType type, ScanArgs const& a, ScanImpl want, WorkspaceFor workspace, ScanPlan& out, std::string& why);
 
 // Launches `plan` on `stream` (workspace: plan.workspaceBytes of device memory, 16-byte aligned, or
 // null for a CUDA plan without segments). No synchronization.

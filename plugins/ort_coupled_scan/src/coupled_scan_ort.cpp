@@ -274,7 +274,8 @@ struct CudaKernel
                 alloc, [](OrtAllocator* p) { Ort::GetApi().ReleaseAllocator(p); });
             std::string why;
             scan::ScanPlan plan;
-            if (!scan::planCoupledScan(type, a, scan::ScanImpl::kAuto, alloc != nullptr, plan, why))
+            auto const room = alloc != nullptr ? scan::WorkspaceFor::kAny : scan::WorkspaceFor::kNone;
+            if (!scan::planCoupledScan(type, a, scan::ScanImpl::kAuto, room, plan, why))
             {
                 throw ScanError(why);
             }

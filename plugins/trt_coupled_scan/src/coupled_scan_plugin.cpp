@@ -820,10 +820,15 @@ int32_t CoupledScanPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTens
 
         scan::ActType const t = actOf(inputDesc[kU].type);
         // The tactic's implementation (0: Triton where compiled, else CUDA). The workspace TensorRT passes is
-        // the one getWorkspaceSize asked for, which covers both at every shape of the profile; L is split
-        // into segments only with one.
+        // the one getWorkspaceSize asked for: it covers the Triton kernels at every shape of the profile where
+        // the library had them, which a tactic of 0 or 2 implies (getFieldsToSerialize); L is split into
+        // segments only with one.
+        bool const cudaOnly = mAttrs.tactic == static_cast<int32_t>(scan::ScanImpl::kCuda)
+            || (mAttrs.tactic == static_cast<int32_t>(scan::ScanImpl::kAuto) && mBuildConfigured && !mTritonReserved);
+        auto const room = workspace == nullptr ? scan::WorkspaceFor::kNone
+                                               : (cudaOnly ? scan::WorkspaceFor::kCudaOnly : scan::WorkspaceFor::kAny);
         scan::ScanPlan plan;
-        if (!scan::planCoupledScan(t, a, static_cast<scan::ScanImpl>(mAttrs.tactic), workspace != nullptr, plan, why)
+        if (!scan::planCoupledScan(t, a, static_cast<scan::ScanImpl>(mAttrs.tactic), room, plan, why)
             || !scan::runCoupledScan(t, a, plan, workspace, stream, why))
         {
             logError("enqueue: " + why);
