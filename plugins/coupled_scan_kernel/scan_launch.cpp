@@ -139,6 +139,10 @@ bool planCoupledScan(
     {
         want = env;
     }
+    else if (want == ScanImpl::kAuto && !tritonOptIn())
+    {
+        want = ScanImpl::kCuda;
+    }
     DeviceLimits dev;
     if (!currentDeviceLimits(dev, &why))
     {

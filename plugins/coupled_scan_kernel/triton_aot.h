@@ -115,9 +115,12 @@ bool tritonCompiled(ActType type, int32_t M, int32_t E, int32_t N, bool softplus
 size_t tritonWorkspaceBound(ActType type, int64_t batchMax, int32_t M, int64_t lMax, int32_t E, int32_t N, bool softplus,
     float kappa);
 
-// Environment override CM_DEPLOY_SCAN_IMPL (auto, cuda, triton; tests and benchmarks), read once.
+// Environment override CM_DEPLOY_SCAN_IMPL (auto, cuda, triton; unset: the CUDA kernel), read once.
 // Returns false with the reason for any other value.
 bool envScanImpl(ScanImpl& out, std::string* why);
+
+// Whether CM_DEPLOY_SCAN_IMPL opts in to the Triton kernels (auto or triton); unset: the CUDA kernel.
+bool tritonOptIn();
 
 } // namespace scan
 } // namespace cm_deploy

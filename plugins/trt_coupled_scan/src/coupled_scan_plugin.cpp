@@ -104,7 +104,7 @@ bool tritonOffered(ScanAttrs const& attrs, DataType act, Dims const& u, Dims con
     }
     scan::DeviceLimits dev;
     scan::TritonLaunch l;
-    return scan::currentDeviceLimits(dev, nullptr)
+    return scan::tritonOptIn() && scan::currentDeviceLimits(dev, nullptr)
         && scan::chooseTritonLaunch(actOf(act), 1, static_cast<int32_t>(u.d[1]), 1, static_cast<int32_t>(u.d[3]),
             static_cast<int32_t>(A.d[2]), attrs.deltaSoftplus != 0, attrs.couplingScale, false, dev.ccMajor,
             dev.ccMinor, dev.smCount, l, nullptr);
