@@ -39,7 +39,7 @@ def compile_fwd(act: str, dt_rank: int, summary: bool = False):
                  "ckpt_ptr": "fp32", "final_ptr": "fp32", "scr_ptr": "fp32"}
     meta = dict(M=3, BLOCK_E=2 if act == "fp32" else 4, BLOCK_N=64, T=64, SOFTPLUS=True, HAS_D=True,
                 HAS_Z=True, HAS_BIAS=True, HAS_C0=False, SAVE_CKPT=False, SUMMARY=summary, FAST_EXP=True,
-                PF_BC=True, FOLD=True, YP=1, N_C=64, DT_RANK=dt_rank, CVT_ASM=True, UNROLL=1)
+                PF_BC=True, FOLD=True, YP=1, N_C=64, DT_RANK=dt_rank, CVT_ASM=False, UNROLL=1)
     # as the JIT specialises at 64 x 500: pointers and the ints that are multiples of 16 (E, N and
     # every stride) get tt.divisibility 16 (vector loads), ints equal to 1 become constants
     ones = {"n_seg": 1, "chunk": 1, "n_ck": 1}

@@ -119,8 +119,9 @@ def main():
         # Triton 3.6, 165 at 168 without spills: 12 warps an SM instead of 9) and shorter segments
         # at batch 1 (the 1x500 step loop is latency bound with ~3 warps an SM)
         items = [("new", "paper", bf16, {}), ("new", "paper", f32, {}),
-                 ("new", "paper", bf16, dict(cvt_asm=False)), ("new", "paper", bf16, dict(unroll=2)),
-                 ("new", "paper", f32, dict(unroll=2)), ("new", "paper", bf16, dict(unroll=2, maxnreg=168))]
+                 ("new", "paper", bf16, dict(cvt_asm=True)), ("new", "paper", bf16, dict(unroll=2)),
+                 ("new", "paper", f32, dict(unroll=2)), ("new", "paper", bf16, dict(unroll=2, maxnreg=168)),
+                 ("new", "paper", bf16, dict(cvt_asm=True, maxnreg=168)), ("new", "paper", bf16, dict(cvt_asm=True, unroll=2))]
         items += [("new", "paper", bf16, dict(maxnreg=168)), ("new", "paper", bf16, dict(maxnreg=128)),
                   ("new", "paper", f32, dict(maxnreg=80)), ("new", "paper", bf16, dict(maxnreg=168, y_parts=2)),
                   ("new", "1x500", f32, {}), ("new", "1x500", bf16, {})]
