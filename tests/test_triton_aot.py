@@ -91,7 +91,8 @@ def _probe():
             cands.append(Path(os.environ[var]).parents[2] / "plugins" / "coupled_scan_kernel" / "triton_plan_probe")
     cands += sorted((REPO / "build").glob("*/plugins/coupled_scan_kernel/triton_plan_probe"),
                     key=lambda p: p.stat().st_mtime, reverse=True)
-    return next((p for p in cands if p.is_file() and os.access(p, os.X_OK)), None)
+    # a cross build's probe (build/*aarch64*) does not run here
+    return next((p for p in cands if p.is_file() and os.access(p, os.X_OK) and "aarch64" not in str(p)), None)
 
 
 def _python_plan(batch, M, L, E, N, elem, sms):

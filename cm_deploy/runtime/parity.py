@@ -101,11 +101,9 @@ def default_shapes(backends: Sequence[Backend], max_batch=DEFAULT_MAX_BATCH, max
             ranges[name] = axes if prev is None else [
                 (max(p[0], a[0]), a[1], min(p[2], a[2])) for p, a in zip(prev, axes)]
     names = [s.name for s in specs]
-    # one symbol for every length (a streaming graph's chunk T): no ragged shapes
-    ragged = len(lens) > 1 and len({next(s.shape[1] for s in specs if s.name == n) for n in lens}) > 1
     if not ranges:
         out = [ShapeChoice(1, {n: 8 for n in lens}), ShapeChoice(2, {n: 33 for n in lens})]
-        if ragged and _ragged_ok(specs, lens):
+        if _ragged_ok(specs, lens):
             out.append(ShapeChoice(3, {n: v for n, v in zip(lens, (24, 17, 9, 30, 12, 5))}))
         return out
     blo, bopt, bhi = _common_range(ranges, names, 0)
@@ -124,7 +122,7 @@ def default_shapes(backends: Sequence[Backend], max_batch=DEFAULT_MAX_BATCH, max
         ShapeChoice(clip(bopt, blo, bhi, max_batch), {n: clip(per[n][1], per[n][0], per[n][2], max_length) for n in lens}),
         ShapeChoice(clip(bhi, blo, bhi, max_batch), {n: clip(per[n][2], per[n][0], per[n][2], max_length) for n in lens}),
     ]
-    if ragged and _ragged_ok(specs, lens):
+    if _ragged_ok(specs, lens):
         rag = {}
         for i, n in enumerate(lens):
             lo, _, hi = per[n]
