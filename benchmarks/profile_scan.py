@@ -14,14 +14,13 @@ import argparse
 import json
 import os
 import sys
-from collections import defaultdict
 
 os.environ.setdefault("TRITON_INTERPRET", "0")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import torch  # noqa: E402
-from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
+from ort_profile import kernels  # noqa: E402
 from tune_triton_fwd import ORDER, inputs  # noqa: E402  (Mamba-like input statistics)
 from cm_deploy.ops import coupled_scan  # noqa: E402
 
@@ -29,17 +28,8 @@ REPS = 10
 
 
 def kernel_times(fn):
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(REPS):
-            fn()
-        torch.cuda.synchronize()
-    per = defaultdict(float)
-    for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA:
-            per[ev.name] += ev.device_time / REPS   # microseconds
+    """{kernel: device microseconds per call}, largest first (ort_profile's CUPTI trace)."""
+    per = {k: ms * 1e3 for k, ms in kernels(fn, REPS).items()}
     return dict(sorted(per.items(), key=lambda kv: -kv[1]))
 
 
