@@ -26,7 +26,7 @@ import tempfile
 from common import emit_text
 
 
-def compile_fwd(act: str, dt_rank: int, summary: bool = False):
+def compile_fwd(act: str, dt_rank: int, summary: bool = False, maxnreg: int = 0, **variant):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -40,6 +40,7 @@ def compile_fwd(act: str, dt_rank: int, summary: bool = False):
     meta = dict(M=3, BLOCK_E=2 if act == "fp32" else 4, BLOCK_N=64, T=64, SOFTPLUS=True, HAS_D=True,
                 HAS_Z=True, HAS_BIAS=True, HAS_C0=False, SAVE_CKPT=False, SUMMARY=summary, FAST_EXP=True,
                 PF_BC=True, FOLD=True, YP=1, N_C=64, DT_RANK=dt_rank, CVT_ASM=False, UNROLL=1)
+    meta.update(variant)
     # as the JIT specialises at 64 x 500: pointers and the ints that are multiples of 16 (E, N and
     # every stride) get tt.divisibility 16 (vector loads), ints equal to 1 become constants
     ones = {"n_seg": 1, "chunk": 1, "n_ck": 1}
@@ -58,7 +59,8 @@ def compile_fwd(act: str, dt_rank: int, summary: bool = False):
             if n not in ("L", "seg_len"):
                 attrs[(i,)] = [["tt.divisibility", 16]]
     return triton.compile(ASTSource(fn=k, signature=sig, constexprs=const, attrs=attrs),
-                          target=GPUTarget("cuda", 90, 32), options={"num_warps": 1})
+                          target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=1, **({"maxnreg": maxnreg} if maxnreg else {})))
 
 
 def stats(compiled, exps_per_step=0) -> dict:
@@ -156,6 +158,14 @@ def main(argv=None):
             s = stats(compile_fwd(act, rank), 3 * (4 if act == "fp32" else 8))
             rows.append(f"{act:5s} {'full delta' if rank == 0 else f'rank-{rank} delta':13s} "
                         + "  ".join(f"{k} {v}" for k, v in s.items()))
+    # the tuning keys of issue 20's round 4 (triton_scan.tuning), full delta: (label, act, variant, maxnreg)
+    for label, act, variant, reg in (("bf16 cvt_asm", "bf16", dict(CVT_ASM=True), 0),
+                                     ("bf16 cvt_asm unroll 2", "bf16", dict(CVT_ASM=True, UNROLL=2), 0),
+                                     ("bf16 maxnreg 168", "bf16", {}, 168),
+                                     ("fp32 unroll 2", "fp32", dict(UNROLL=2), 0)):
+        n = 3 * (4 if act == "fp32" else 8) * variant.get("UNROLL", 1)
+        s = stats(compile_fwd(act, 0, maxnreg=reg, **variant), n)
+        rows.append(f"{label:24s} " + "  ".join(f"{k} {v}" for k, v in s.items()))
     rows.append("# CUDA kernels (plugins/coupled_scan_kernel) compiled by nvcc for sm_90; the block kernel's loop is its "
                 "consumers' (its producers load and gate on the same schedulers; capacity 4 modalities, so at M = 3 a "
                 "quarter of the loop's exp2 are skipped). Issue bound: a model, not a measurement")
