@@ -920,8 +920,8 @@ class _Plan:
 # N=64: forward ~96-127 registers/thread -> 16-21 one-warp programs; backward: 8, the value its
 # segment counts were measured with).
 _WARPS_PER_SM = {False: 21, True: 8}
-# Shortest segment (steps) the planner makes when it splits time.
-_MIN_SEG = {False: 64, True: 64}
+# Shortest segment (steps) the planner makes when it splits time (tuning keys min_seg, bwd_min_seg).
+_MIN_SEG = 64
 
 
 def _plan(batch, M, L, E, N, device, *, bwd, chunk=1, elem_size=4):
@@ -967,7 +967,7 @@ def _plan(batch, M, L, E, N, device, *, bwd, chunk=1, elem_size=4):
         # Segments double the exp work (a summary pass, then the real one): worth it only when
         # the (batch, E-block) grid fills under half the GPU; then aim at ~2 waves.
         if 2 * threads < target:
-            min_seg = int(_OVERRIDES.get(pre + "min_seg", _MIN_SEG[bwd]))
+            min_seg = int(_OVERRIDES.get(pre + "min_seg", _MIN_SEG))
             n_seg = max(1, min(-(-2 * target // threads), L // min_seg))
     n_seg = int(_OVERRIDES.get(pre + "n_seg", n_seg))
     n_seg = max(1, min(n_seg, L))
@@ -984,12 +984,19 @@ def _plan(batch, M, L, E, N, device, *, bwd, chunk=1, elem_size=4):
     y_parts = _pow2(int(_OVERRIDES.get("y_parts", 1)))
     # forward: bfloat16 B and C widened by inline PTX (GPU only: the interpreter runs no asm). Off by
     # default until timed on a GPU (sm_90 SASS of the step loop: 13.3 -> 12.6 instructions per exp2)
-    cvt_asm = bool(_OVERRIDES.get("cvt_asm", False)) and gpu and not _interpreting()
+    cvt_asm = bool(_OVERRIDES.get("cvt_asm", False)) and gpu
     # forward: the step loop unrolled by the compiler (2: the values carried a step ahead need no
     # register moves; costs registers)
     unroll = int(_OVERRIDES.get("unroll", 1))
     return _Plan(block_e, block_n, num_warps, maxnreg, n_seg, seg_len, fast_exp, pf_bc, chunk_t,
                  y_parts, cvt_asm, unroll)
+
+
+def _combine_tile(n_seg):
+    """(NSEG, BLOCK) of the segment combine kernels: the n_seg - 1 summaries padded to a power of two,
+    NSEG x BLOCK of them in registers at once (the AOT generator compiles the same tiles)."""
+    nseg = _pow2(n_seg - 1)
+    return nseg, max(16, min(1024, 4096 // nseg))
 
 
 def _chunk_for(L, n_seg_bwd):
@@ -1078,8 +1085,7 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, init_t, softplus, kappa, save,
                           HAS_D=False, HAS_Z=False, HAS_BIAS=delta_bias is not None,
                           HAS_C0=False, SAVE_CKPT=False, SUMMARY=True, **meta)
         c0 = torch.empty_like(P)
-        nseg = _pow2(p.n_seg - 1)
-        BLK = max(16, min(1024, 4096 // nseg))  # NSEG x BLOCK summaries in registers
+        nseg, BLK = _combine_tile(p.n_seg)
         _fwd_combine_kernel[(triton.cdiv(E * N, BLK), batch)](
             P, S, init_t if init_t is not None else dummy, c0, E * N, p.n_seg,
             HAS_C0=init_t is not None, BLOCK=BLK, NSEG=nseg, num_warps=4)
@@ -1128,8 +1134,7 @@ def _backward(saved, softplus, kappa, chunk, need, dy, dfinal_t):
             *_rows(delta), *_rows(z if z is not None else u), *_rows(C), *_rows(dy),
             HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, **meta)
         g = torch.empty_like(P)
-        nseg = _pow2(p.n_seg - 1)
-        BLK = max(16, min(1024, 4096 // nseg))
+        nseg, BLK = _combine_tile(p.n_seg)
         _bwd_combine_kernel[(triton.cdiv(E * N, BLK), batch)](
             P, R, dfinal if dfinal is not None else dummy, g, E * N, p.n_seg,
             HAS_GL=dfinal is not None, BLOCK=BLK, NSEG=nseg, num_warps=4)

@@ -290,23 +290,28 @@ size_t tritonWorkspaceBound(ActType type, int64_t batchMax, int32_t M, int64_t l
     return std::max(bound, bytesAt(bCap, split));
 }
 
-bool tritonOptIn()
+namespace
 {
-    // Until the Triton kernels compiled into the libraries have run on a GPU (issue 20), the automatic
-    // choice is the CUDA kernel; CM_DEPLOY_SCAN_IMPL=auto (or triton) opts in to them.
-    static bool const optIn = [] {
-        char const* v = std::getenv("CM_DEPLOY_SCAN_IMPL");
-        return v != nullptr && (std::string(v) == "auto" || std::string(v) == "triton");
-    }();
-    return optIn;
-}
-
-bool envScanImpl(ScanImpl& out, std::string* why)
+std::string const& envScanImplValue() // CM_DEPLOY_SCAN_IMPL, read once ("" when unset)
 {
     static std::string const value = [] {
         char const* v = std::getenv("CM_DEPLOY_SCAN_IMPL");
         return std::string(v != nullptr ? v : "");
     }();
+    return value;
+}
+} // namespace
+
+bool tritonOptIn()
+{
+    // Until the Triton kernels compiled into the libraries have run on a GPU (issue 20), the automatic
+    // choice is the CUDA kernel; CM_DEPLOY_SCAN_IMPL=auto (or triton) opts in to them.
+    return envScanImplValue() == "auto" || envScanImplValue() == "triton";
+}
+
+bool envScanImpl(ScanImpl& out, std::string* why)
+{
+    std::string const& value = envScanImplValue();
     if (value.empty() || value == "auto")
     {
         out = ScanImpl::kAuto;

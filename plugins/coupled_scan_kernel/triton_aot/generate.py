@@ -50,10 +50,6 @@ FWD_PARAMS = ("u_ptr dl_ptr A_ptr B_ptr C_ptr D_ptr z_ptr bias_ptr W_ptr y_ptr c
 COMBINE_PARAMS = "P_ptr S_ptr c0_ptr start_ptr EN n_seg".split()
 COMBINE_WARPS = 4                        # as _forward launches it
 COMBINE_NSEG = [1 << k for k in range(10)]   # summaries a combine takes: 1 .. 512 (more: the CUDA kernel)
-
-
-def combine_block(nseg):
-    return max(16, min(1024, 4096 // nseg))  # as _forward
 # Divisible by 16 at every call the launcher makes (it checks E % 16 == 0, N is a multiple of 16 and
 # every pointer 16-byte aligned before choosing a Triton kernel): the same hints Triton's JIT derives
 # from such arguments, so loads vectorise as in Python.
@@ -124,8 +120,9 @@ def specs(dtypes, modalities, states):
                     out.append(Spec("summary", softplus=sp, has_c0=False, **base))
     # the combine kernel scans all segment summaries at once: one kernel per power of two of them
     # (NSEG, carried in T), BLOCK as _forward picks it for that NSEG
-    out += [Spec("combine", "f32", has_c0=c0, T=nseg, block_e=combine_block(nseg), num_warps=COMBINE_WARPS)
-            for c0 in (False, True) for nseg in COMBINE_NSEG]
+    tiles = [_scan_module()._combine_tile(nseg + 1) for nseg in COMBINE_NSEG]   # (NSEG, BLOCK) as _forward's
+    out += [Spec("combine", "f32", has_c0=c0, T=nseg, block_e=block, num_warps=COMBINE_WARPS)
+            for c0 in (False, True) for nseg, block in tiles]
     return out
 
 
