@@ -43,7 +43,6 @@ bash scripts/fetch_tritonserver.sh build/tritonserver \
 if command -v nvcc >/dev/null 2>&1 || [[ -x /usr/local/cuda/bin/nvcc ]]; then
   [[ -f /usr/include/gtest/gtest.h ]] || apt_install libgtest-dev || true   # GoogleTest for the plugin's C++ tests
   native=build/ci
-  export CM_DEPLOY_TRITON_PLAN_PROBE=$PWD/build/ci/plugins/coupled_scan_kernel/triton_plan_probe
   # one CUDA architecture (80) unless CUDA_ARCHITECTURES says otherwise; the Triton kernels compiled ahead of
   # time for the paper's M = 3, N = 64 only (~1 min; the default set, 194 kernels, is for GPU machines/releases)
   bash scripts/build_plugin.sh build/ci -DCM_DEPLOY_TRITON_AOT_MODALITIES=3 -DCM_DEPLOY_TRITON_AOT_STATES=64
